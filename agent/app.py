@@ -1,0 +1,300 @@
+"""Wires the agent together in one TaskGroup: pollers, state, exporters, systemd notify/watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.audit import AuditLog
+from agent.budget import FleetBudget
+from agent.config import AgentConfig, ConfigError, ModbusDevice, SnmpDevice, load_config
+from agent.drivers.base import Driver, driver_class
+from agent.events import EventBus, Severity
+from agent.model import DeviceEvent
+from agent.poller import Poller
+from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.state import POD_DEVICE, StateStore
+
+log = structlog.get_logger("podagent")
+
+
+def build_driver(cfg: Any, *, event_sink: Any = None) -> Driver:
+    cls = driver_class(cfg.kind)
+    params = inspect.signature(cls).parameters
+    if "event_sink" in params and event_sink is not None:
+        driver: Driver = cls(cfg, event_sink=event_sink)
+    else:
+        driver = cls(cfg)
+    return driver
+
+
+def pod_power_devices(config: AgentConfig) -> list[str]:
+    """The PDUs whose power adds up to the pod's (SNMP PDUs; Modbus meters would count twice)."""
+    return [
+        d.id
+        for d in config.device
+        if isinstance(d, SnmpDevice)
+        or (isinstance(d, ModbusDevice) and d.profile == "modbus-pdu" and d.pod_power)
+    ]
+
+
+def loop_gpus(config: AgentConfig) -> dict[str, list[str]]:
+    return {d.id: list(d.gpus) for d in config.device if isinstance(d, ModbusDevice) and d.gpus}
+
+
+class Agent:
+    def __init__(
+        self, config: AgentConfig, *, config_path: Path | None = None, notifier: Notifier | None = None
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.store = StateStore()
+        self.events = EventBus()
+        self.pollers: dict[str, Poller] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.notifier = notifier or Notifier()
+        self.ready = asyncio.Event()
+        self.started_mono = time.monotonic()
+        self.reloads = 0
+        self.audit: AuditLog | None = None
+        self.interlocks: Any = None  # InterlockService when running (agent.interlocks.service)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._children: set[asyncio.Task[Any]] = set()
+        self._recancel_handle: asyncio.TimerHandle | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._extra_services: list[Any] = []
+        self.fleet_budget: FleetBudget | None = None
+        self.budget_listeners: list[Callable[[FleetBudget | None], None]] = []
+        # name -> callable returning a JSON-able summary (interlocks, mqtt link, spool depth...)
+        self.status_providers: dict[str, Callable[[], Any]] = {}
+        # callables returning [(prom name, labels, value, help)] for /metrics
+        self.metric_sources: list[Callable[[], list[tuple[str, list[tuple[str, str]], float, str]]]] = []
+        self._apply_derivations()
+
+    def _apply_derivations(self) -> None:
+        self.store.set_derivations(
+            pod_power_devices=pod_power_devices(self.config), loop_gpus=loop_gpus(self.config)
+        )
+
+    # ------------------------------------------------------------------ devices
+    def on_device_event(self, event: DeviceEvent) -> None:
+        # Called from a driver's thread (NVML event wait): hop onto the loop before touching the bus.
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._device_event, event)
+
+    def _device_event(self, event: DeviceEvent) -> None:
+        detail = dict(event.detail)
+        message = f"{event.device}: {event.kind} " + " ".join(f"{k}={v}" for k, v in detail.items())
+        self.events.emit(event.kind, Severity.WARNING, message, device=event.device, detail=detail)
+
+    def _start_poller(self, cfg: Any) -> None:
+        assert self._tg is not None
+        driver = build_driver(cfg, event_sink=self.on_device_event)
+        poller = Poller(cfg, driver, self.store, self.events)
+        self.pollers[cfg.id] = poller
+        self._tasks[cfg.id] = self._spawn(poller.run(), f"poll[{cfg.id}]")
+
+    async def _stop_poller(self, device: str) -> None:
+        task = self._tasks.pop(device, None)
+        self.pollers.pop(device, None)
+        if task is not None:
+            task.cancel()
+            # Wait for it without swallowing a cancel aimed at us (asyncio.wait never raises it).
+            await asyncio.wait({task}, timeout=30)
+
+    async def reload(self) -> bool:
+        """Re-read the config file: apply it if valid (only changed devices restart), else keep the
+        old one. Returns whether it was applied."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            log.error(
+                "config reload refused; keeping the running config", problems=[str(p) for p in err.problems]
+            )
+            return False
+        old = {d.id: d for d in self.config.device}
+        fresh = {d.id: d for d in new.device}
+        for dev_id, cfg in old.items():
+            if fresh.get(dev_id) != cfg:
+                await self._stop_poller(dev_id)
+        self.config = new
+        self._apply_derivations()
+        for dev_id, cfg in fresh.items():
+            if dev_id not in self.pollers:
+                self._start_poller(cfg)
+        self.reloads += 1
+        changed = sorted(k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k))
+        log.info("config reloaded", changed_devices=changed)
+        return True
+
+    # ------------------------------------------------------------------ views and inputs
+    def summary(self) -> dict[str, Any]:
+        """The pod at a glance: what MQTT's retained ``state``, podctl status and /healthz share."""
+        now = time.monotonic()
+        pod_power = self.store.get(POD_DEVICE, "power_w")
+        devices = {
+            d: {
+                "status": str(h.current_status(now)),
+                "age_s": None if h.last_ok_mono is None else round(now - h.last_ok_mono, 2),
+                "error": h.last_error,
+            }
+            for d, h in self.store.health().items()
+        }
+        out: dict[str, Any] = {
+            "site": self.config.pod.site,
+            "pod": self.config.pod.id,
+            "ready": self.ready.is_set(),
+            "uptime_s": round(now - self.started_mono, 1),
+            "pod_power_w": None if pod_power is None else pod_power.value,
+            "devices": devices,
+            "stale_devices": self.store.stale_devices(now),
+            "fleet_budget": None if self.fleet_budget is None else self.fleet_budget.to_dict(),
+            "unacked_events": len(self.events.unacked()),
+        }
+        for name, provider in self.status_providers.items():
+            out[name] = provider()
+        return out
+
+    def set_fleet_budget(self, budget: FleetBudget | None, *, by: str) -> None:
+        """The fleet's power budget (MQTT ``set_power_budget``): handed to the interlock engine."""
+        self.fleet_budget = budget
+        for listener in self.budget_listeners:
+            listener(budget)
+        if budget is None:
+            self.events.emit(
+                "budget_cleared", Severity.INFO, f"fleet power budget cleared by {by}", detail={"by": by}
+            )
+        else:
+            self.events.emit(
+                "budget_set",
+                Severity.INFO,
+                f"fleet power budget {budget.watts:.0f} W set by {by}",
+                detail={**budget.to_dict(), "by": by},
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_service(self, service: Any) -> None:
+        """Something with ``async run(agent)`` that lives as long as the agent (exporters, MQTT...)."""
+        self._extra_services.append(service)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def polling_healthy(self) -> bool:
+        now = time.monotonic()
+        return all(p.healthy(now) for p in self.pollers.values())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        for sig, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self._on_sighup),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, handler)
+        audit = AuditLog(self.config.paths.state_dir / "audit.jsonl")
+        try:
+            audit.attach(self.events)
+            self.audit = audit
+        except OSError as err:
+            log.error("audit log unavailable", path=str(audit.path), error=str(err))
+        log.info(
+            "podagent starting",
+            version=__version__,
+            site=self.config.pod.site,
+            pod=self.config.pod.id,
+            devices=len(self.config.device),
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for cfg in self.config.device:
+                    self._start_poller(cfg)
+                self._spawn(self._supervise(), "supervisor")
+                if self.config.prometheus.enabled:
+                    from agent.publish.prometheus import PrometheusExporter
+
+                    self._spawn(PrometheusExporter(self).run(), "prometheus")
+                for service in self._extra_services:
+                    self._spawn(service.run(self), type(service).__name__)
+                await self._stop.wait()
+                self.notifier.send("STOPPING=1")
+                log.info("podagent stopping")
+                recancel = loop.call_later(3.0, self._recancel, loop)
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            with contextlib.suppress(UnboundLocalError):
+                recancel.cancel()
+            if self._recancel_handle is not None:
+                self._recancel_handle.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            self._tg = None
+            self.notifier.close()
+            if self.audit is not None:
+                self.audit.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        assert self._tg is not None
+        task = self._tg.create_task(coro, name=name)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+        return task
+
+    def _recancel(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Python 3.11's asyncio.wait_for (inside aiomqtt, pymodbus, pysnmp) can swallow a cancel
+        that lands as its inner future completes; a task that lost its one cancel would hold the
+        shutdown forever. Cancel what is still running again, every few seconds, until it stops."""
+        stuck = [t for t in self._children if not t.done()]
+        if not stuck:
+            return
+        log.warning("tasks still running at shutdown; cancelling again", tasks=[t.get_name() for t in stuck])
+        for task in stuck:
+            task.cancel()
+        self._recancel_handle = loop.call_later(3.0, self._recancel, loop)
+
+    def _on_sighup(self) -> None:
+        if self._tg is not None:
+            self._tg.create_task(self.reload(), name="reload")
+
+    async def _supervise(self) -> None:
+        """READY=1 after the first full poll; WATCHDOG=1 only while every poll loop is alive."""
+        await asyncio.gather(*(p.first_cycle.wait() for p in list(self.pollers.values())))
+        self.ready.set()
+        self.notifier.send(f"READY=1\nSTATUS=polling {len(self.pollers)} devices")
+        log.info(
+            "ready: first poll of every device done",
+            devices=len(self.pollers),
+            stale=self.store.stale_devices(),
+        )
+        interval = watchdog_interval_s() or 5.0
+        while True:
+            if self.polling_healthy():
+                self.notifier.send("WATCHDOG=1")
+            else:
+                stuck = [d for d, p in self.pollers.items() if not p.healthy(time.monotonic())]
+                log.error("poll loop stalled; withholding the watchdog kick", stuck=stuck)
+            await asyncio.sleep(interval)
+
+
+class _Shutdown(Exception):
+    pass

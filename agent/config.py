@@ -1,0 +1,346 @@
+"""Configuration: one TOML file, validated by pydantic. Every validation lives here.
+
+A wrong config names the file, the key path and what was expected (see ``ConfigError``).
+Secrets may come from files: any ``*_file`` key is read at load time into its sibling key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from agent.config_base import Strict
+from agent.control.config import ControlConfig
+from agent.interlocks.config import InterlockConfig
+from agent.power.config import PowerConfig
+from agent.publish.mqtt_config import MqttConfig
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
+DeviceIdStr = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class DeviceBase(Strict):
+    id: DeviceIdStr
+    poll_interval_s: float = Field(1.0, gt=0, le=3600)
+    timeout_s: float = Field(2.0, gt=0, le=60)
+    retries: int = Field(1, ge=0, le=10)
+    # Readings older than stale_after_polls intervals are STALE (design.md: 3 poll intervals).
+    stale_after_polls: float = Field(3.0, ge=1)
+
+
+class NvmlDevice(DeviceBase):
+    kind: Literal["nvml"]
+    # "pynvml" is NVIDIA's binding (nvidia-ml-py); "hwsim" is the simulator's drop-in fake.
+    library: Literal["pynvml", "hwsim"] = "pynvml"
+    # For library = "hwsim": the shared-memory state file of the running simulated pod.
+    hwsim_state: Path | None = None
+    # Device ids given to the GPUs: f"{gpu_prefix}{index}" -> gpu0, gpu1, ...
+    gpu_prefix: str = "gpu"
+    xid_events: bool = True
+
+    @model_validator(mode="after")
+    def _hwsim_needs_state(self) -> NvmlDevice:
+        if self.library == "hwsim" and self.hwsim_state is None:
+            raise ValueError("library = 'hwsim' needs hwsim_state (path of the pod's NVML state file)")
+        return self
+
+
+class SnmpDevice(DeviceBase):
+    kind: Literal["snmp"]
+    profile: str
+    host: str
+    port: int = Field(161, ge=1, le=65535)
+    version: Literal["2c", "3"] = "2c"
+    community: str | None = None
+    community_file: Path | None = None
+    user: str | None = None
+    auth_protocol: Literal["SHA", "SHA256", "MD5"] = "SHA"
+    auth_key: str | None = None
+    auth_key_file: Path | None = None
+    priv_protocol: Literal["AES", "AES256", "DES"] = "AES"
+    priv_key: str | None = None
+    priv_key_file: Path | None = None
+    max_repetitions: int = Field(25, ge=1, le=100)
+    # "auto": net-snmp (netsnmp-cffi, ~10x cheaper) for v2c when installed, pysnmp otherwise and
+    # for v3 (netsnmp-cffi has no SNMPv3).
+    transport: Literal["auto", "pysnmp", "netsnmp"] = "auto"
+    # Walk the profile's slow tables (those with `every` > 1: outlets) every N polls instead of the
+    # profile's N; 1 walks everything every poll.
+    slow_table_every: int | None = Field(None, ge=1, le=3600)
+    # Which GPUs each outlet's server carries, for the interlocks: {"1": ["gpu0", "gpu1"], ...}
+    outlet_gpus: dict[str, list[str]] = Field(default_factory=dict)
+    # Which GPUs the PDU feeds at all (phase overcurrent caps these).
+    gpus: list[str] = Field(default_factory=list)
+    breaker_rating_a: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SnmpDevice:
+        if self.version == "2c" and not (self.community or self.community_file):
+            raise ValueError("SNMP v2c needs community or community_file")
+        if self.version == "3":
+            if not self.user:
+                raise ValueError("SNMP v3 needs user")
+            if not (self.auth_key or self.auth_key_file) or not (self.priv_key or self.priv_key_file):
+                raise ValueError("SNMP v3 (authPriv) needs auth_key(_file) and priv_key(_file)")
+        return self
+
+    @model_validator(mode="after")
+    def _transport_supports_version(self) -> SnmpDevice:
+        if self.transport == "netsnmp" and self.version == "3":
+            raise ValueError("transport 'netsnmp' (netsnmp-cffi) has no SNMPv3: use 'pysnmp' or 'auto'")
+        return self
+
+
+class ModbusDevice(DeviceBase):
+    kind: Literal["modbus"]
+    profile: str
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str | None = None
+    port: int = Field(502, ge=1, le=65535)
+    serial: Path | None = None
+    baudrate: int = 19200
+    parity: Literal["N", "E", "O"] = "N"
+    unit: int = Field(1, ge=0, le=247)
+    # Per-device quirks are config, not code.
+    word_order: Literal["big", "little"] | None = None  # None: the profile's
+    pause_between_requests_s: float = Field(0.0, ge=0, le=5)
+    reconnect_per_poll: bool = False
+    max_registers_per_read: int = Field(60, ge=1, le=125)
+    # A metered PDU or branch meter: does its power_w add to the pod's total? (Meters that measure
+    # PDUs already counted would count twice.)
+    pod_power: bool = False
+    # For a CDU: the flow below which coolant_flow_low trips (None: [interlocks] default).
+    min_flow_lpm: float | None = Field(None, ge=0)
+    # Cooling loop this unit serves (for CDUs) and the GPUs on it.
+    gpus: list[str] = Field(default_factory=list)
+    breaker_rating_a: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _address(self) -> ModbusDevice:
+        if self.transport == "tcp" and not self.host:
+            raise ValueError("transport = 'tcp' needs host")
+        if self.transport == "rtu" and not self.serial:
+            raise ValueError("transport = 'rtu' needs serial (the serial device path)")
+        return self
+
+
+class HostDevice(DeviceBase):
+    kind: Literal["host"]
+    disk_paths: list[str] = Field(default_factory=lambda: ["/"])
+
+
+AnyDevice = Annotated[NvmlDevice | SnmpDevice | ModbusDevice | HostDevice, Field(discriminator="kind")]
+
+
+def profile_path(name: str) -> Path:
+    """``apc-rpdu2`` -> config/profiles/apc-rpdu2.toml (a path with a slash is taken as is)."""
+    if "/" in name or name.endswith(".toml"):
+        return Path(name)
+    return PROFILE_DIR / f"{name}.toml"
+
+
+def read_secret(value: str | None, path: Path | None) -> str | None:
+    if value is not None:
+        return value
+    if path is None:
+        return None
+    return path.read_text().strip()
+
+
+class PodIdentity(Strict):
+    site: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class Paths(Strict):
+    state_dir: Path = Path("/var/lib/podagent")
+    socket: Path = Path("/run/podagent/podagent.sock")
+
+
+class Logging(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "auto": human-friendly on a terminal, JSON lines otherwise (journald).
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Prometheus(Strict):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9400"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9400")
+        return value
+
+
+class AgentConfig(Strict):
+    pod: PodIdentity
+    paths: Paths = Paths()
+    logging: Logging = Logging()
+    prometheus: Prometheus = Prometheus()
+    mqtt: MqttConfig = MqttConfig()
+    control: ControlConfig = ControlConfig()
+    interlocks: InterlockConfig = InterlockConfig()
+    power: PowerConfig = PowerConfig()
+    device: list[AnyDevice] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AgentConfig:
+        seen: set[str] = set()
+        for dev in self.device:
+            if dev.id in seen:
+                raise ValueError(f"duplicate device id {dev.id!r}")
+            seen.add(dev.id)
+        for dev in self.device:
+            if isinstance(dev, SnmpDevice | ModbusDevice) and not profile_path(dev.profile).is_file():
+                raise ValueError(
+                    f"device {dev.id!r}: no profile {dev.profile!r} (looked for {profile_path(dev.profile)})"
+                )
+        return self
+
+    def devices_by_id(self) -> dict[str, AnyDevice]:
+        return {d.id: d for d in self.device}
+
+
+class ConfigProblem(Strict):
+    key: str
+    message: str
+
+
+class ConfigError(Exception):
+    """A config that cannot be used: every problem with its key path, and the file."""
+
+    def __init__(self, path: Path | str, problems: list[ConfigProblem]) -> None:
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
+        lines += [f"{self.path}: {p.key}: {p.message}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _key_path(loc: tuple[int | str, ...], data: object) -> str:
+    """pydantic's loc -> a TOML key path a person recognises: device[2].port (device id "pdu-1")."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and 0 <= item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and "id" in node:
+                    label = f"[{item}](id={node['id']})"
+            parts.append(label)
+            continue
+        if item in ("nvml", "snmp", "modbus", "host") and parts and parts[-1].startswith("["):
+            continue  # the discriminated-union tag pydantic inserts: not a key in the file
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def _message(err: dict[str, object]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        return "unknown key (a typo? see config/example.toml)"
+    if kind == "missing":
+        return "required key is missing"
+    if "input" in err and kind not in ("missing",):
+        shown = repr(err["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"{msg} (got {shown})"
+    return msg
+
+
+def _inline_secrets(data: object, base: Path) -> None:
+    """Read ``*_file`` secrets relative to the config file so errors point at the right key."""
+    if isinstance(data, dict):
+        for key, value in list(data.items()):
+            if isinstance(value, dict | list):
+                _inline_secrets(value, base)
+            elif key.endswith("_file") and isinstance(value, str) and not Path(value).is_absolute():
+                data[key] = str(base / value)
+    elif isinstance(data, list):
+        for item in data:
+            _inline_secrets(item, base)
+
+
+def parse_config(data: dict[str, object], path: Path | str = "<config>") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        problems = [
+            ConfigProblem(key=_key_path(tuple(e["loc"]), data), message=_message(dict(e)))
+            for e in err.errors()
+        ]
+        raise ConfigError(path, problems) from err
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(
+            path, [ConfigProblem(key="(file)", message=f"cannot read: {err.strerror}")]
+        ) from err
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [ConfigProblem(key="(syntax)", message=f"not valid TOML: {err}")]) from err
+    _inline_secrets(data, path.parent)
+    config = parse_config(data, path)
+    problems = _check_secret_files(config)
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
+def _check_secret_files(config: AgentConfig) -> list[ConfigProblem]:
+    problems = []
+    for i, dev in enumerate(config.device):
+        for name in type(dev).model_fields:
+            if not name.endswith("_file"):
+                continue
+            value = getattr(dev, name)
+            if value is None:
+                continue
+            try:
+                Path(value).read_text()
+            except OSError as err:
+                problems.append(
+                    ConfigProblem(
+                        key=f"device[{i}](id={dev.id}).{name}", message=f"cannot read {value}: {err.strerror}"
+                    )
+                )
+    return problems
+
+
+__all__ = [
+    "AgentConfig",
+    "AnyDevice",
+    "ConfigError",
+    "DeviceBase",
+    "HostDevice",
+    "ModbusDevice",
+    "NvmlDevice",
+    "SnmpDevice",
+    "Strict",
+    "ValidationError",
+    "field_validator",
+    "load_config",
+    "parse_config",
+    "profile_path",
+    "read_secret",
+    "tomllib",
+]

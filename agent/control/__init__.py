@@ -1,0 +1,1 @@
+"""The local control API (Unix socket) and podctl, the technician's client."""

@@ -1,0 +1,517 @@
+"""The control socket: podctl's API into the running daemon (a Unix socket, JSON lines, v1).
+
+Reads come straight from the StateStore, the EventBus and the interlock service, inside one
+synchronous step of the loop, so a slow client never holds anything up. Changes (ack, override,
+override clear, poll now, reload) are checked with the caller's SO_PEERCRED credentials by
+``protocol.authorize`` and audited as events, refused ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.config import AgentConfig, ModbusDevice
+from agent.control import protocol as p
+from agent.control.config import ControlConfig
+from agent.events import Event, Severity
+from agent.model import Reading
+from agent.state import POD_DEVICE
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = structlog.get_logger(__name__)
+
+# What `podctl status` shows of each cooling unit, in this order.
+CDU_METRICS = (
+    "supply_temp_c",
+    "return_temp_c",
+    "flow_lpm",
+    "diff_pressure_kpa",
+    "pump_running",
+    "pump_fault",
+    "leak",
+    "setpoint_c",
+    "heat_removed_kw",
+    "gpu_heat_load_kw",
+)
+CHILLER_METRICS = ("supply_temp_c", "return_temp_c", "setpoint_c", "running", "tripped", "load_kw", "alarms")
+FOLLOW_QUEUE = 1000
+
+
+def build_service(config: AgentConfig) -> ControlServer | None:
+    """The factory ``podagent run`` calls (agent/cli.py ``_services``)."""
+    if not config.control.enabled:
+        return None
+    return ControlServer(config.control, config.paths.socket)
+
+
+def peer_credentials(sock: socket.socket) -> p.PeerCred:
+    """SO_PEERCRED (pid, uid, gid) of the process that connected, plus its supplementary groups."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return p.PeerCred(pid=pid, uid=uid, gid=gid, groups=_supplementary_groups(pid, uid))
+
+
+def _supplementary_groups(pid: int, uid: int) -> frozenset[int]:
+    # /proc/<pid>/status "Groups:" is the connecting process's own list; if it is gone (it exited
+    # after connecting), fall back to the group database for its user.
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return frozenset()
+    return frozenset(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def _group_gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def reading_dict(agent: Agent, r: Reading, now: float) -> dict[str, Any]:
+    return {
+        "device": r.device,
+        "metric": r.metric,
+        "value": r.value,
+        "unit": r.unit,
+        "age_s": round(now - r.ts_mono, 2),
+        "quality": str(agent.store.effective_quality(r, now)),
+        "error": r.error,
+        "ts": int(r.ts_wall * 1000),
+    }
+
+
+def jsonable_raw(item: Any) -> Any:
+    """Raw points from a driver's ``poll_raw`` (NamedTuples, (oid, value) pairs) as JSON."""
+    as_dict = getattr(item, "_asdict", None)
+    if callable(as_dict):
+        return {k: jsonable_raw(v) for k, v in as_dict().items()}
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return {"oid": item[0], "value": jsonable_raw(item[1])}
+    if isinstance(item, list | tuple):
+        return [jsonable_raw(v) for v in item]
+    if item is None or isinstance(item, bool | int | float | str):
+        return item
+    return str(item)
+
+
+class ControlServer:
+    def __init__(self, config: ControlConfig, path: Path) -> None:
+        self.config = config
+        self.path = Path(path)
+        self.listening = asyncio.Event()
+        self._agent: Agent | None = None
+        self._handlers: dict[str, Callable[..., Any]] = {
+            "ping": self._ping,
+            "status": self._status,
+            "devices": self._devices,
+            "device": self._device,
+            "interlocks": self._interlocks,
+            "events": self._events,
+            "ack": self._ack,
+            "override": self._override,
+            "override_clear": self._override_clear,
+            "poll": self._poll,
+            "reload": self._reload,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def admin_gids(self) -> frozenset[int]:
+        gid = _group_gid(self.config.admin_group)
+        return frozenset() if gid is None else frozenset({gid})
+
+    async def run(self, agent: Agent) -> None:
+        self._agent = agent
+        self._prepare_path()
+        # limit: the StreamReader refuses a line longer than this (LimitOverrunError), so an endless
+        # request never grows the daemon's memory.
+        server = await asyncio.start_unix_server(
+            self._client, path=str(self.path), limit=self.config.max_request_bytes + 1
+        )
+        self._set_permissions()
+        log.info("control socket listening", path=str(self.path))
+        self.listening.set()
+        try:
+            async with server:
+                await asyncio.Future()  # until the agent's TaskGroup cancels us
+        finally:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(self.path.lstat().st_mode):
+                    self.path.unlink()
+
+    def _prepare_path(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if not self.path.exists() and not self.path.is_symlink():
+            return
+        if not stat.S_ISSOCK(self.path.lstat().st_mode):
+            raise RuntimeError(f"{self.path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            self.path.unlink()  # left behind by a daemon that died
+        else:
+            raise RuntimeError(f"another podagent is serving {self.path}")
+        finally:
+            probe.close()
+
+    def _set_permissions(self) -> None:
+        gid = _group_gid(self.config.read_group)
+        if gid is not None:
+            try:
+                os.chown(self.path, -1, gid)
+            except PermissionError:
+                log.warning("cannot give the control socket its group", group=self.config.read_group)
+        os.chmod(self.path, 0o660)
+
+    # ------------------------------------------------------------------ connections
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as err:
+                    if err.partial.strip():
+                        await self._reply(writer, p.error("request not terminated by a newline"))
+                    break
+                except asyncio.LimitOverrunError:
+                    # The rest of the line is unread: answer and hang up rather than parse garbage.
+                    limit = self.config.max_request_bytes
+                    await self._reply(writer, p.error(f"request too large (the limit is {limit} bytes)"))
+                    break
+                if not line.strip():
+                    continue
+                if not await self._serve(line, peer, reader, writer):
+                    break
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _reply(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+        writer.write(p.encode(obj))
+        await writer.drain()
+
+    async def _serve(
+        self, line: bytes, peer: p.PeerCred, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer one request. False: the connection is done (after a follow)."""
+        agent = self._agent
+        assert agent is not None
+        try:
+            req = p.parse_request(line, max_bytes=self.config.max_request_bytes)
+        except p.ProtocolError as err:
+            await self._reply(writer, p.error(str(err)))
+            return True
+        user = user_name(peer.uid)
+        if not p.authorize(req.op, peer, self.admin_gids()):
+            agent.events.emit(
+                "control_refused",
+                Severity.WARNING,
+                f"control: {req.op} refused for {user} (uid {peer.uid}): "
+                f"not root or in {self.config.admin_group}",
+                detail={"op": req.op, "uid": peer.uid, "user": user, "pid": peer.pid},
+            )
+            await self._reply(
+                writer,
+                p.error(f"permission denied: {req.op} needs root or membership of {self.config.admin_group}"),
+            )
+            return True
+        if isinstance(req, p.Follow):
+            await self._follow(req, reader, writer)
+            return False
+        args = req.model_dump(exclude={"v", "op"})
+        by = f"{user} (uid {peer.uid}) via podctl"
+        try:
+            result = self._handlers[req.op](agent, req, by)
+            if asyncio.iscoroutine(result):
+                result = await result
+            reply: dict[str, Any] = result
+        except _Refused as err:
+            reply = p.error(str(err))
+        except Exception as err:  # a bug answers with an error; the daemon lives on
+            log.exception("control request failed", op=req.op)
+            reply = p.error(f"internal error: {type(err).__name__}: {err}")
+        if req.op in p.WRITE_OPS:
+            outcome = "done" if reply.get("ok") else f"failed: {reply.get('error')}"
+            agent.events.emit(
+                "control_command",
+                Severity.INFO,
+                f"control: {req.op} by {user} (uid {peer.uid}) {outcome}",
+                detail={"op": req.op, "args": args, "uid": peer.uid, "user": user, "pid": peer.pid,
+                        "ok": bool(reply.get("ok")), "error": reply.get("error")},
+            )  # fmt: skip
+        await self._reply(writer, reply)
+        return True
+
+    # ------------------------------------------------------------------ read ops
+    def _ping(self, agent: Agent, _req: p.Ping, _by: str) -> dict[str, Any]:
+        from agent import __version__
+
+        return p.ok(version=__version__, site=agent.config.pod.site, pod=agent.config.pod.id, pid=os.getpid())
+
+    def _status(self, agent: Agent, _req: p.Status, _by: str) -> dict[str, Any]:
+        now = time.monotonic()
+        summary = agent.summary()
+        cooling = []
+        for cfg in agent.config.device:
+            if not isinstance(cfg, ModbusDevice):
+                continue
+            profile = cfg.profile.lower()
+            kind = "cdu" if "cdu" in profile else "chiller" if "chiller" in profile else None
+            if kind is None:
+                continue
+            names = CDU_METRICS if kind == "cdu" else CHILLER_METRICS
+            metrics = {}
+            for m in names:
+                r = agent.store.get(cfg.id, m)
+                if r is not None:
+                    metrics[m] = reading_dict(agent, r, now)
+            cooling.append({"device": cfg.id, "kind": kind, "metrics": metrics})
+        gpus = []
+        for dev in agent.store.devices():
+            temp = agent.store.get(dev, "temp_c")
+            if temp is None or agent.store.get(dev, "power_limit_w") is None:
+                continue
+            row: dict[str, Any] = {"device": dev}
+            for m in ("temp_c", "power_w", "power_limit_w", "default_power_limit_w"):
+                r = agent.store.get(dev, m)
+                row[m] = None if r is None else reading_dict(agent, r, now)
+            gpus.append(row)
+        budget = agent.fleet_budget
+        pod_power = agent.store.get(POD_DEVICE, "power_w")
+        interlocks = getattr(agent, "interlocks", None)
+        return p.ok(
+            status={
+                **summary,
+                "pod_power": None if pod_power is None else reading_dict(agent, pod_power, now),
+                "budget_w": budget.watts if budget is not None and budget.active() else None,
+                "cooling": cooling,
+                "gpus": gpus,
+                # The interlock service's own view (None: not running); replaces its status provider's.
+                "interlocks": None if interlocks is None else interlocks.status(),
+                "ts": int(time.time() * 1000),
+            }
+        )
+
+    def _devices(self, agent: Agent, _req: p.Devices, _by: str) -> dict[str, Any]:
+        now = time.monotonic()
+        health = agent.store.health()
+        kinds = {d.id: d.kind for d in agent.config.device}
+        out = []
+        for dev in sorted(set(agent.store.devices()) | set(health) - {POD_DEVICE}):
+            parent = agent.store.parent_of(dev)
+            h = health.get(parent)
+            readings = agent.store.device_readings(dev)
+            qualities = [str(agent.store.effective_quality(r, now)) for r in readings.values()]
+            out.append(
+                {
+                    "id": dev,
+                    "kind": kinds.get(parent, "derived"),
+                    "parent": None if parent == dev else parent,
+                    "status": "derived" if h is None else str(h.current_status(now)),
+                    "age_s": None if h is None or h.last_ok_mono is None else round(now - h.last_ok_mono, 2),
+                    "error": None if h is None else h.last_error,
+                    "metrics": len(qualities),
+                    "not_good": sum(q != "good" for q in qualities),
+                    "polls": None if h is None else h.polls,
+                    "failures": None if h is None else h.failures,
+                }
+            )
+        return p.ok(devices=out)
+
+    def _device(self, agent: Agent, req: p.DeviceDetail, _by: str) -> dict[str, Any]:
+        now = time.monotonic()
+        readings = agent.store.device_readings(req.id)
+        known = {d.id for d in agent.config.device}
+        if not readings and req.id not in known:
+            raise _Refused(f"no device {req.id!r} (podctl devices lists them)")
+        parent = agent.store.parent_of(req.id)
+        h = agent.store.health().get(parent)
+        return p.ok(
+            device={
+                "id": req.id,
+                "parent": None if parent == req.id else parent,
+                "status": None if h is None else str(h.current_status(now)),
+                "error": None if h is None else h.last_error,
+                "info": dict(agent.store.info(req.id)),
+                "metrics": [reading_dict(agent, r, now) for _, r in sorted(readings.items())],
+            }
+        )
+
+    def _interlocks(self, agent: Agent, _req: p.Interlocks, _by: str) -> dict[str, Any]:
+        service = getattr(agent, "interlocks", None)
+        return p.ok(running=service is not None, interlocks=None if service is None else service.status())
+
+    def _events(self, agent: Agent, req: p.Events, _by: str) -> dict[str, Any]:
+        events = (
+            agent.events.unacked()
+            if req.unacked
+            else agent.events.recent(since_wall=req.since_wall, limit=req.limit)
+        )
+        if req.unacked and req.since_wall is not None:
+            events = [e for e in events if e.ts_wall >= req.since_wall]
+        return p.ok(events=[self._event_dict(agent, e) for e in events[-req.limit :]])
+
+    @staticmethod
+    def _event_dict(agent: Agent, e: Event) -> dict[str, Any]:
+        d = e.to_dict()
+        ack = agent.events.acks.get(e.id)
+        d["acked_by"] = None if ack is None else ack.by
+        return d
+
+    async def _follow(
+        self, req: p.Follow, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        agent = self._agent
+        assert agent is not None
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=FOLLOW_QUEUE)
+        dropped = 0
+
+        def on_event(e: Event) -> None:
+            nonlocal dropped
+            try:
+                queue.put_nowait(e)
+            except asyncio.QueueFull:
+                dropped += 1  # a stalled client loses events, the bus never waits for it
+
+        backlog = [] if req.since_wall is None else agent.events.recent(since_wall=req.since_wall, limit=2000)
+        unsubscribe = agent.events.subscribe(on_event)
+        hangup = asyncio.create_task(reader.read(), name="control-follow-eof")
+        try:
+            await self._reply(writer, p.ok(follow=True))
+            for e in backlog:
+                writer.write(p.encode({"v": p.PROTOCOL_VERSION, "event": self._event_dict(agent, e)}))
+            await writer.drain()
+            while not hangup.done():
+                getter = asyncio.create_task(queue.get(), name="control-follow-get")
+                await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                if dropped:
+                    writer.write(p.encode({"v": p.PROTOCOL_VERSION, "dropped": dropped}))
+                    dropped = 0
+                await self._reply(
+                    writer, {"v": p.PROTOCOL_VERSION, "event": self._event_dict(agent, getter.result())}
+                )
+        finally:
+            unsubscribe()
+            hangup.cancel()
+
+    # ------------------------------------------------------------------ changing ops
+    def _ack(self, agent: Agent, req: p.Ack, by: str) -> dict[str, Any]:
+        event = agent.events.ack(req.id, by=by)
+        if event is None:
+            raise _Refused(f"no event {req.id!r} among the recent ones")
+        return p.ok(ack=event.to_dict())
+
+    def _service(self, agent: Agent) -> Any:
+        service = getattr(agent, "interlocks", None)
+        if service is None:
+            raise _Refused("the interlock service is not running")
+        return service
+
+    def _override(self, agent: Agent, req: p.Override, by: str) -> dict[str, Any]:
+        service = self._service(agent)
+        try:
+            override = service.add_override(
+                req.interlock,
+                req.device,
+                duration_s=req.duration_s,
+                reason=req.reason,
+                by=by,
+                force=req.force,
+            )
+        except ValueError as err:
+            raise _Refused(str(err)) from None
+        return p.ok(override=override)
+
+    def _override_clear(self, agent: Agent, req: p.OverrideClear, by: str) -> dict[str, Any]:
+        service = self._service(agent)
+        try:
+            cleared = service.clear_override(req.id, by=by)
+        except KeyError:
+            raise _Refused(f"no override {req.id!r}") from None
+        return p.ok(override=cleared)
+
+    async def _poll(self, agent: Agent, req: p.Poll, _by: str) -> dict[str, Any]:
+        parent = agent.store.parent_of(req.device)
+        poller = agent.pollers.get(parent)
+        if poller is None:
+            raise _Refused(f"no device {req.device!r} (podctl devices lists them)")
+        now_before = time.monotonic()
+        try:
+            async with asyncio.timeout(poller.budget_s + 1.0):
+                readings = await poller.poll_once()
+        except TimeoutError:
+            raise _Refused(f"{parent}: no answer within {poller.budget_s + 1.0:.1f} s") from None
+        health = agent.store.health().get(parent)
+        failed = health is not None and (health.last_poll_mono or 0) >= now_before and health.last_error
+        if req.device != parent:
+            readings = [r for r in readings if r.device == req.device]
+        now = time.monotonic()
+        raw: Any = None
+        raw_error = None
+        poll_raw = getattr(poller.driver, "poll_raw", None)
+        if req.raw and callable(poll_raw) and not failed:
+            try:
+                async with asyncio.timeout(poller.budget_s):
+                    raw = jsonable_raw(await poll_raw())
+            except Exception as err:  # a raw read is a diagnostic: report why it failed, go on
+                raw_error = f"{type(err).__name__}: {err}"
+        return p.ok(
+            device=req.device,
+            polled=parent,
+            error=health.last_error if failed and health is not None else None,
+            readings=[reading_dict(agent, r, now) for r in readings],
+            raw=raw,
+            raw_error=raw_error,
+        )
+
+    async def _reload(self, agent: Agent, _req: p.Reload, _by: str) -> dict[str, Any]:
+        if agent.config_path is None:
+            raise _Refused("the daemon was started without a config file; nothing to reload")
+        applied = await agent.reload()
+        if not applied:
+            raise _Refused(f"{agent.config_path} is invalid; kept the running config (podctl config check)")
+        return p.ok(applied=True, reloads=agent.reloads)
+
+
+class _Refused(Exception):
+    """A valid request the daemon will not carry out (unknown id, interlocks not running...)."""

@@ -1,0 +1,1 @@
+"""Drivers know protocols, never policy. One module per protocol, registered by kind."""

@@ -1,0 +1,599 @@
+"""Modbus TCP / RTU driver for cooling units (CDU, chiller) and Modbus-metered PDUs.
+
+The register map is data (``config/profiles/<name>.toml``, see ``generic-cdu.toml`` for the
+format): this module knows the protocol, the data types and how to read a map cheaply.
+
+- Reads are coalesced: points of the same table at adjacent addresses become one request, bounded
+  by ``max_registers_per_read`` and split at gaps, because reading a reserved address makes real
+  devices answer exception 2 for the whole block.
+- Several units on one RTU line share ONE serial client and take turns on one ``asyncio.Lock`` per
+  line (the bus is half-duplex: one frame in flight). The lock is held per request, not per poll,
+  and each request has its own timeout, so a dead unit costs one timeout per poll and the other
+  units on the line are only delayed, never failed.
+- A timeout (or a refused connection) is ``DeviceUnavailable``; a Modbus exception answer is
+  ``DeviceError("modbus exception 6 (device busy)")``. A busy unit must never read as 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import time
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from agent.config import ModbusDevice, profile_path
+from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, register
+from agent.model import Quality, Reading, unit_of
+
+log = structlog.get_logger(__name__)
+
+Table = Literal["holding", "input", "coil", "discrete"]
+DataType = Literal["int16", "uint16", "int32", "uint32", "float32", "bool"]
+WordOrder = Literal["big", "little"]
+_Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+
+BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete"})
+# Protocol limits (Modbus application protocol v1.1b3, 6.1-6.4): 125 registers / 2000 bits per read.
+MAX_BITS_PER_READ = 2000
+
+EXCEPTION_NAMES: dict[int, str] = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "device failure",
+    5: "acknowledge",
+    6: "device busy",
+    7: "negative acknowledge",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+_WIDTH: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "bool": 1}
+_INT_RANGE: dict[str, tuple[int, int]] = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+}
+
+
+# --------------------------------------------------------------------------------------- profile
+
+
+class _ProfileModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModbusPoint(_ProfileModel):
+    """One value of the map: where it lives, how it is encoded, what it means."""
+
+    metric: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    table: Table
+    address: int = Field(ge=0, le=0xFFFF)
+    type: DataType = "uint16"
+    scale: float = 1.0
+    unit: str | None = None
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModbusPoint:
+        is_bit = self.table in BIT_TABLES
+        if is_bit != (self.type == "bool"):
+            raise ValueError(f"{self.metric}: type 'bool' goes with coil/discrete tables, and only there")
+        if self.scale == 0 or not math.isfinite(self.scale):
+            raise ValueError(f"{self.metric}: scale must be a finite non-zero number")
+        if self.writable and self.table not in ("holding", "coil"):
+            raise ValueError(f"{self.metric}: only holding registers and coils are writable")
+        if self.address + self.width - 1 > 0xFFFF:
+            raise ValueError(f"{self.metric}: runs past address 65535")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{self.metric}: min > max")
+        return self
+
+    @property
+    def width(self) -> int:
+        """Registers (or bits) the point occupies."""
+        return _WIDTH[self.type]
+
+    @property
+    def end(self) -> int:
+        return self.address + self.width
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit if self.unit is not None else unit_of(self.metric)
+
+
+class ModbusProfile(_ProfileModel):
+    kind: str = ""
+    description: str = ""
+    word_order: WordOrder = "big"
+    points: tuple[ModbusPoint, ...]
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModbusProfile:
+        seen: set[str] = set()
+        used: dict[tuple[str, int], str] = {}
+        for point in self.points:
+            if point.metric in seen:
+                raise ValueError(f"metric {point.metric} mapped twice")
+            seen.add(point.metric)
+            for addr in range(point.address, point.end):
+                other = used.setdefault((point.table, addr), point.metric)
+                if other != point.metric:
+                    raise ValueError(f"{point.metric} overlaps {other} at {point.table} address {addr}")
+        return self
+
+    def point(self, metric: str) -> ModbusPoint:
+        for point in self.points:
+            if point.metric == metric:
+                return point
+        raise KeyError(metric)
+
+
+@lru_cache(maxsize=64)
+def _load_profile_file(path: Path) -> ModbusProfile:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"Modbus profile {path}: {err}") from err
+    device = data.get("device", {})
+    try:
+        return ModbusProfile.model_validate({**device, "points": data.get("points", [])})
+    except ValidationError as err:
+        raise ValueError(f"Modbus profile {path}: {err}") from err
+
+
+def load_profile(name: str) -> ModbusProfile:
+    """``generic-cdu`` -> the parsed, validated ``config/profiles/generic-cdu.toml``."""
+    return _load_profile_file(profile_path(name).resolve())
+
+
+# ------------------------------------------------------------------------------ encode / decode
+
+
+def _decimals(scale: float) -> int | None:
+    """Digits to round a scaled value to (0.1 -> 1), so 301 * 0.1 reads 30.1, not 30.099999."""
+    if scale >= 1 and float(scale).is_integer():
+        return 0
+    digits = -math.floor(math.log10(abs(scale)))
+    return digits if digits > 0 and math.isclose(scale * 10**digits, round(scale * 10**digits)) else None
+
+
+def _order(words: list[int], word_order: WordOrder) -> list[int]:
+    return words if word_order == "big" else words[::-1]
+
+
+def encode_value(point: ModbusPoint, value: float, word_order: WordOrder = "big") -> list[int]:
+    """Engineering value -> register words (or one 0/1 for a bit). ValueError if it does not fit."""
+    if point.type == "bool":
+        return [1 if value else 0]
+    raw = value / point.scale
+    if point.type == "float32":
+        (word,) = struct.unpack(">I", struct.pack(">f", raw))
+        return _order([word >> 16, word & 0xFFFF], word_order)
+    if not math.isfinite(raw):
+        raise ValueError(f"{point.metric}: {value} cannot be encoded")
+    integer = round(raw)
+    lo, hi = _INT_RANGE[point.type]
+    if not lo <= integer <= hi:
+        raise ValueError(f"{point.metric}: {value} does not fit {point.type} at scale {point.scale}")
+    if point.width == 1:
+        return [integer & 0xFFFF]
+    word = integer & 0xFFFFFFFF
+    return _order([word >> 16, word & 0xFFFF], word_order)
+
+
+def decode_value(point: ModbusPoint, words: list[int], word_order: WordOrder = "big") -> float:
+    """Register words (big-endian 16-bit each, as on the wire) -> engineering value."""
+    if len(words) != point.width:
+        raise ValueError(f"{point.metric}: needs {point.width} registers, got {len(words)}")
+    if point.type == "bool":
+        return 1.0 if words[0] else 0.0
+    if point.width == 2:
+        hi, lo = _order(list(words), word_order)
+        word = (hi << 16) | lo
+        if point.type == "float32":
+            (raw_f,) = struct.unpack(">f", struct.pack(">I", word))
+            return float(raw_f) * point.scale
+        raw = word - (1 << 32) if point.type == "int32" and word & 0x80000000 else word
+    else:
+        raw = words[0] - (1 << 16) if point.type == "int16" and words[0] & 0x8000 else words[0]
+    value = raw * point.scale
+    digits = _decimals(point.scale)
+    return round(value, digits) if digits is not None else value
+
+
+# ---------------------------------------------------------------------------------- coalescing
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBlock:
+    """One read request: ``count`` registers (or bits) of ``table`` from ``address``."""
+
+    table: Table
+    address: int
+    count: int
+    points: tuple[ModbusPoint, ...]
+
+
+def plan_reads(points: Iterable[ModbusPoint], max_registers: int) -> list[ReadBlock]:
+    """Coalesce points into as few reads as possible without reading an unmapped address.
+
+    Only exactly adjacent points share a read: a gap may be a reserved address the device answers
+    with exception 2 (which would fail the whole block). Register reads hold at most
+    ``max_registers``; bit reads carry as many bytes (``16 * max_registers`` bits, at most 2000).
+    """
+    blocks: list[ReadBlock] = []
+    by_table: dict[str, list[ModbusPoint]] = {}
+    for point in points:
+        by_table.setdefault(point.table, []).append(point)
+    for table in ("coil", "discrete", "holding", "input"):
+        members = sorted(by_table.get(table, []), key=lambda p: p.address)
+        limit = min(MAX_BITS_PER_READ, 16 * max_registers) if table in BIT_TABLES else max_registers
+        current: list[ModbusPoint] = []
+        for point in members:
+            if point.width > limit:
+                raise ValueError(f"{point.metric} is wider than max_registers_per_read={limit}")
+            if current and point.address == current[-1].end and point.end - current[0].address <= limit:
+                current.append(point)
+                continue
+            if current:
+                blocks.append(_block(current))
+            current = [point]
+        if current:
+            blocks.append(_block(current))
+    return blocks
+
+
+def _block(points: list[ModbusPoint]) -> ReadBlock:
+    first = points[0]
+    return ReadBlock(first.table, first.address, points[-1].end - first.address, tuple(points))
+
+
+# ------------------------------------------------------------------------------- shared lines
+
+
+@dataclass(eq=False)
+class _Line:
+    """One Modbus connection (a TCP socket, or a serial line shared by several units)."""
+
+    key: str
+    client: _Client
+    loop: asyncio.AbstractEventLoop
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    settings: tuple[object, ...] = ()
+
+
+# Serial path -> the line's one client and lock. An entry made in another (finished) event loop is
+# replaced, not reused: its client and lock belong to that loop.
+_RTU_LINES: dict[str, _Line] = {}
+
+
+class RawPoint(NamedTuple):
+    """What ``podctl poll`` shows a technician: the registers as read, and what they mean."""
+
+    metric: str
+    address: int
+    raw: list[int]
+    table: str
+    value: float | None
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+
+@register("modbus")
+class ModbusDriver:
+    """One Modbus unit (TCP device or one unit id on an RTU line), mapped by its profile."""
+
+    def __init__(self, cfg: ModbusDevice) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.id
+        self.profile = load_profile(cfg.profile)
+        self.word_order: WordOrder = cfg.word_order or self.profile.word_order
+        self.blocks = plan_reads(self.profile.points, cfg.max_registers_per_read)
+        self._line: _Line | None = None
+        self._available = True  # for logging state changes only
+        self.requests_sent = 0
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        if self._line is not None:
+            return
+        if self.cfg.transport == "tcp":
+            assert self.cfg.host is not None  # guaranteed by ModbusDevice validation
+            client = AsyncModbusTcpClient(
+                self.cfg.host,
+                port=self.cfg.port,
+                timeout=self.cfg.timeout_s,
+                retries=0,  # retries are ours (cfg.retries), each with its own timeout
+                reconnect_delay=0,  # no background reconnect task: we reconnect on the next request
+                name=self.cfg.id,
+            )
+            self._line = _Line(key=f"tcp:{self.cfg.host}:{self.cfg.port}", client=client, loop=_loop())
+        else:
+            self._line = self._shared_rtu_line()
+        self._line.users += 1
+
+    def _shared_rtu_line(self) -> _Line:
+        assert self.cfg.serial is not None
+        key = str(self.cfg.serial)
+        settings = (self.cfg.baudrate, self.cfg.parity)
+        line = _RTU_LINES.get(key)
+        if line is not None and (line.loop is not _loop() or line.loop.is_closed()):
+            line = None
+        if line is None:
+            client = AsyncModbusSerialClient(
+                key,
+                baudrate=self.cfg.baudrate,
+                parity=self.cfg.parity,
+                timeout=self.cfg.timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                name=f"rtu:{key}",
+            )
+            line = _Line(key=f"rtu:{key}", client=client, loop=_loop(), settings=settings)
+            _RTU_LINES[key] = line
+        elif line.settings != settings:
+            raise ValueError(
+                f"{self.cfg.id}: serial line {key} already open at {line.settings}, not {settings}"
+            )
+        return line
+
+    async def close(self) -> None:
+        line, self._line = self._line, None
+        if line is None:
+            return
+        line.users -= 1
+        if line.users <= 0:
+            line.client.close()
+            if _RTU_LINES.get(line.key.removeprefix("rtu:")) is line:
+                del _RTU_LINES[line.key.removeprefix("rtu:")]
+
+    # -- polling
+
+    async def poll(self) -> list[Reading]:
+        """Read every point of the profile. Partial failures (exception on one block) give ERROR
+        readings for that block; no answer at all, or an exception on every block, raises."""
+        if self.cfg.reconnect_per_poll and self.cfg.transport == "tcp":
+            await self._reconnect()
+        now_mono, now_wall = time.monotonic(), time.time()
+        readings: list[Reading] = []
+        errors: list[DriverError] = []
+        good = 0
+
+        def failed(block: ReadBlock, err: DriverError) -> None:
+            readings.extend(
+                Reading(
+                    device=self.device_id,
+                    metric=p.metric,
+                    value=None,
+                    unit=p.unit_name,
+                    ts_mono=now_mono,
+                    ts_wall=now_wall,
+                    quality=Quality.ERROR,
+                    error=err.reason,
+                )
+                for p in block.points
+            )
+
+        for i, block in enumerate(self.blocks):
+            try:
+                words = await self._read_block(block)
+            except DeviceUnavailable as err:
+                # Stop here: more requests to a silent unit would each cost a timeout (and hold
+                # a shared RTU line). Keep what this cycle already read.
+                if not good:
+                    self._mark(available=False, reason=err.reason)
+                    raise
+                for rest in self.blocks[i:]:
+                    failed(rest, err)
+                errors.append(err)
+                break
+            except DeviceError as err:
+                errors.append(err)
+                failed(block, err)
+                continue
+            good += 1
+            readings.extend(
+                Reading(
+                    device=self.device_id,
+                    metric=point.metric,
+                    value=value,
+                    unit=point.unit_name,
+                    ts_mono=now_mono,
+                    ts_wall=now_wall,
+                )
+                for point, value in self._decode_block(block, words)
+            )
+        if not good and errors:
+            self._mark(available=False, reason=errors[0].reason)
+            raise errors[0]
+        self._mark(available=True)
+        return readings
+
+    async def poll_raw(self) -> list[RawPoint]:
+        """Every point with its raw registers and scaled value (for ``podctl poll``)."""
+        out: list[RawPoint] = []
+        for block in self.blocks:
+            words = await self._read_block(block)
+            for point in block.points:
+                off = point.address - block.address
+                raw = words[off : off + point.width]
+                out.append(
+                    RawPoint(
+                        point.metric,
+                        point.address,
+                        raw,
+                        point.table,
+                        decode_value(point, raw, self.word_order),
+                    )
+                )
+        return out
+
+    def _decode_block(self, block: ReadBlock, words: list[int]) -> list[tuple[ModbusPoint, float]]:
+        out = []
+        for point in block.points:
+            off = point.address - block.address
+            out.append((point, decode_value(point, words[off : off + point.width], self.word_order)))
+        return out
+
+    async def _read_block(self, block: ReadBlock) -> list[int]:
+        dev = self.cfg.unit
+
+        def call(client: _Client) -> Awaitable[ModbusPDU]:
+            if block.table == "holding":
+                return client.read_holding_registers(block.address, count=block.count, device_id=dev)
+            if block.table == "input":
+                return client.read_input_registers(block.address, count=block.count, device_id=dev)
+            if block.table == "coil":
+                return client.read_coils(block.address, count=block.count, device_id=dev)
+            return client.read_discrete_inputs(block.address, count=block.count, device_id=dev)
+
+        response = await self._request(f"read {block.table} {block.address}+{block.count}", call)
+        if block.table in BIT_TABLES:
+            bits = list(response.bits)[: block.count]
+            words = [1 if b else 0 for b in bits]
+        else:
+            words = list(response.registers)
+        if len(words) != block.count:
+            raise DeviceError(
+                self.device_id,
+                f"short answer to {block.table} {block.address}+{block.count}: {len(words)} values",
+            )
+        return words
+
+    # -- actuation
+
+    async def write_point(self, metric: str, value: float) -> float:
+        """Write a writable point (a setpoint, an outlet coil) and return the value read back.
+
+        Range and writability are checked against the profile before any I/O (ValueError).
+        """
+        try:
+            point = self.profile.point(metric)
+        except KeyError:
+            raise ValueError(f"{self.device_id}: no point {metric!r} in profile {self.cfg.profile}") from None
+        if not point.writable:
+            raise ValueError(f"{self.device_id}: {metric} is not writable")
+        if not math.isfinite(value):
+            raise ValueError(f"{self.device_id}: {metric} = {value} is not a number")
+        if point.type == "bool" and value not in (0, 1):
+            raise ValueError(f"{self.device_id}: {metric} takes 0 or 1, not {value}")
+        if point.min is not None and value < point.min:
+            raise ValueError(f"{self.device_id}: {metric} = {value} below {point.min}")
+        if point.max is not None and value > point.max:
+            raise ValueError(f"{self.device_id}: {metric} = {value} above {point.max}")
+        words = encode_value(point, value, self.word_order)
+        dev = self.cfg.unit
+
+        def call(client: _Client) -> Awaitable[ModbusPDU]:
+            if point.table == "coil":
+                return client.write_coil(point.address, bool(words[0]), device_id=dev)
+            if len(words) == 1:
+                return client.write_register(point.address, words[0], device_id=dev)
+            return client.write_registers(point.address, words, device_id=dev)
+
+        await self._request(f"write {metric}", call)
+        log.info("modbus write", device=self.device_id, metric=metric, value=value)
+        block = ReadBlock(point.table, point.address, point.width, (point,))
+        readback = await self._read_block(block)
+        return decode_value(point, readback, self.word_order)
+
+    # -- one request on the line
+
+    async def _request(self, what: str, call: Callable[[_Client], Awaitable[ModbusPDU]]) -> ModbusPDU:
+        """One request, retried ``cfg.retries`` times on no answer (each try with its own timeout;
+        the line's lock is released between tries so the other units of an RTU line go first)."""
+        attempts = 1 + self.cfg.retries
+        for attempt in range(attempts):
+            try:
+                return await self._request_once(what, call)
+            except DeviceUnavailable:
+                if attempt + 1 >= attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _request_once(self, what: str, call: Callable[[_Client], Awaitable[ModbusPDU]]) -> ModbusPDU:
+        line = self._line
+        if line is None:
+            await self.open()
+            line = self._line
+            assert line is not None
+        # The lock is taken before the timeout starts: waiting for the bus is not the device's fault.
+        async with line.lock:
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    if not line.client.connected and not await line.client.connect():
+                        raise DeviceUnavailable(self.device_id, f"cannot connect ({line.key})")
+                    self.requests_sent += 1
+                    response = await call(line.client)
+            except TimeoutError:
+                raise DeviceUnavailable(self.device_id, f"timeout ({what})") from None
+            except (ConnectionException, ModbusIOException, OSError) as err:
+                raise DeviceUnavailable(self.device_id, f"{what}: {err}") from err
+            except ModbusException as err:
+                raise DeviceError(self.device_id, f"{what}: {err}") from err
+            finally:
+                # Quirk of some units (slow RTU gateways): a quiet time after each answer.
+                if self.cfg.pause_between_requests_s:
+                    await asyncio.sleep(self.cfg.pause_between_requests_s)
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            raise DeviceError(
+                self.device_id, f"modbus exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+            )
+        return response
+
+    async def _reconnect(self) -> None:
+        line = self._line
+        if line is None:
+            return
+        async with line.lock:
+            line.client.close()
+
+    def _mark(self, *, available: bool, reason: str = "") -> None:
+        if available == self._available:
+            return
+        self._available = available
+        if available:
+            log.info("device recovered", device=self.device_id)
+        else:
+            log.warning("device unavailable", device=self.device_id, reason=reason)
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+__all__ = [
+    "EXCEPTION_NAMES",
+    "ModbusDriver",
+    "ModbusPoint",
+    "ModbusProfile",
+    "RawPoint",
+    "ReadBlock",
+    "decode_value",
+    "encode_value",
+    "load_profile",
+    "plan_reads",
+]

@@ -1,0 +1,592 @@
+"""SNMP PDUs (APC rPDU2, Raritan PDU2, ... as profiles): v2c or v3 authPriv, tables by GETBULK.
+
+What to read is data: ``config/profiles/<profile>.toml`` lists tables (a conceptual row OID, the
+columns the metrics need, how often to walk them) and metrics (column, index pattern, scale or
+decimal-digits column, enum map) and the outlet control object. This module knows SNMP, not PDUs.
+
+Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
+- Transport per device (``agent/drivers/snmp_transport.py``): v2c goes through net-snmp's C library
+  (netsnmp-cffi) when it is installed, ~10-20x cheaper per value than pysnmp; v3 (and v2c without
+  netsnmp-cffi, or ``transport = "pysnmp"``) through pysnmp with MIB lookup off.
+- Cadence per table, as real pollers do: the tables interlocks read (device, phases) every poll,
+  the big outlet tables every ``every`` polls (profile; ``slow_table_every`` in the device config
+  overrides it). A table not walked this poll is not re-emitted: the store keeps its last readings
+  with their own timestamps, so their age is honest. A SET or ``refresh_all()`` makes the next poll
+  walk everything.
+- Each table is one GETBULK walk with all its columns in every request, and max-repetitions adapts
+  to the rows the table had last time (+1 to see its end), so an agent's answer carries few values
+  past the table's end (the device table of 1 row x 3 columns: 6 varbinds, not 3 x 25).
+- Configuration tables (Raritan decimal digits) are read once per session.
+
+Isolation: every driver has its own transport (own UDP socket), and every request is awaited under
+``asyncio.timeout``: a dead PDU costs its own poller a timeout, nobody else anything. The first
+failure after a session has worked rebuilds the transport on the next poll, so that SNMPv3 engine
+discovery and boots/time sync start afresh (a rebooted PDU has a new engineBoots, a replaced card a
+new engineID: an engine that cached the old ones gets no answers). A transport that never had an
+answer cached nothing, so a long outage costs one rebuild (~60-100 ms of CPU for pysnmp, which loads
+its MIB modules), not one per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pysnmp.hlapi.v3arch.asyncio import CommunityData, UsmUserData
+
+from agent.config import SnmpDevice, profile_path, read_secret
+from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, register
+from agent.drivers.snmp_transport import (
+    AUTH_PROTOCOLS,
+    PRIV_PROTOCOLS,
+    NetsnmpTransport,
+    PysnmpTransport,
+    Response,
+    Special,
+    Transport,
+    TransportAuthError,
+    TransportError,
+    TransportTimeout,
+    Value,
+    error_status_name,
+    netsnmp_available,
+    resolve,
+)
+from agent.model import Quality, Reading, unit_of
+
+log = structlog.get_logger(__name__)
+
+Oid = tuple[int, ...]
+Rows = dict[tuple[str, int], dict[Oid, Value]]  # (table, column) -> row index -> raw value
+CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
+
+# Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
+TIMEOUT_MARGIN_S = 0.5
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    entry: Oid
+    columns: tuple[int, ...]
+    static: bool = False
+    every: int = 1  # walked every N-th poll (1: every poll)
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str  # may contain "{n}"
+    table: str
+    column: int
+    index: tuple[int | None, ...]  # None = the channel
+    scale: float = 1.0
+    unit: str = ""
+    digits: tuple[str, int] | None = None  # (table, column) holding decimal digits, same index
+    value_map: dict[int, float] | None = None
+    optional: bool = False  # absent on some firmware: no reading rather than an ERROR one
+
+    def match(self, index: Oid) -> int | None:
+        """The channel if ``index`` fits this metric's pattern (0 when it has no channel), else None."""
+        if len(index) != len(self.index):
+            return None
+        channel = 0
+        for want, got in zip(self.index, index, strict=True):
+            if want is None:
+                channel = got
+            elif want != got:
+                return None
+        return channel
+
+    def index_for(self, channel: int) -> Oid:
+        return tuple(channel if x is None else x for x in self.index)
+
+    def metric_name(self, channel: int) -> str:
+        return self.name.replace("{n}", str(channel)) if self.index.count(None) else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    oid: Oid
+    index: tuple[int | None, ...]
+    on: int
+    off: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnmpProfile:
+    name: str
+    tables: dict[str, Table]
+    metrics: tuple[Metric, ...]
+    control: Control | None = None
+    description: str = ""
+
+
+def _oid(text: object, where: str) -> Oid:
+    if not isinstance(text, str):
+        raise ProfileError(f"{where}: expected an OID string like '1.3.6.1...'")
+    try:
+        oid = tuple(int(x) for x in text.strip(".").split("."))
+    except ValueError:
+        raise ProfileError(f"{where}: {text!r} is not a numeric OID") from None
+    if len(oid) < 2:
+        raise ProfileError(f"{where}: OID {text!r} too short")
+    return oid
+
+
+def _index(raw: object, where: str, *, need_channel: bool) -> tuple[int | None, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ProfileError(f'{where}.index: expected a non-empty list of integers and/or "n"')
+    out: list[int | None] = []
+    for x in raw:
+        if x == CHANNEL:
+            out.append(None)
+        elif isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+            out.append(x)
+        else:
+            raise ProfileError(f'{where}.index: {x!r} is neither a sub-identifier nor "n"')
+    if out.count(None) > 1:
+        raise ProfileError(f'{where}.index: at most one "n"')
+    if need_channel and out.count(None) != 1:
+        raise ProfileError(f'{where}.index: needs exactly one "n"')
+    return tuple(out)
+
+
+def load_profile(name: str) -> SnmpProfile:
+    """Read and validate an SNMP profile (``apc-rpdu2`` or a path); ProfileError names what is wrong."""
+    path = profile_path(name)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ProfileError(f"SNMP profile {path}: {err}") from err
+    where = str(path)
+
+    tables: dict[str, Table] = {}
+    for tname, t in (data.get("tables") or {}).items():
+        tw = f"{where}: tables.{tname}"
+        cols = t.get("columns")
+        if not isinstance(cols, list) or not cols or not all(isinstance(c, int) and c > 0 for c in cols):
+            raise ProfileError(f"{tw}.columns: expected a non-empty list of column numbers")
+        every = t.get("every", 1)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ProfileError(f"{tw}.every: expected a positive integer (walk every N-th poll)")
+        tables[tname] = Table(
+            tname, _oid(t.get("entry"), f"{tw}.entry"), tuple(cols), bool(t.get("static")), every
+        )
+    if not tables:
+        raise ProfileError(f"{where}: no [tables.*]")
+
+    metrics: list[Metric] = []
+    for i, m in enumerate(data.get("metrics") or []):
+        mw = f"{where}: metrics[{i}]"
+        mname = m.get("name")
+        if not isinstance(mname, str) or not mname:
+            raise ProfileError(f"{mw}.name: required")
+        mw = f"{where}: metrics[{i}] ({mname})"
+        table = tables.get(m.get("table", ""))
+        if table is None:
+            raise ProfileError(f"{mw}.table: {m.get('table')!r} is not one of {sorted(tables)}")
+        column = m.get("column")
+        if column not in table.columns:
+            raise ProfileError(f"{mw}.column: {column!r} is not in tables.{table.name}.columns")
+        index = _index(m.get("index"), mw, need_channel="{n}" in mname)
+        if None in index and "{n}" not in mname:
+            raise ProfileError(f'{mw}.name: an index with "n" needs "{{n}}" in the name')
+        digits = None
+        if "digits" in m:
+            d = m["digits"]
+            dt = tables.get(d.get("table", "")) if isinstance(d, dict) else None
+            if dt is None or d.get("column") not in dt.columns:
+                raise ProfileError(f"{mw}.digits: needs {{ table, column }} of a listed table column")
+            digits = (dt.name, int(d["column"]))
+        value_map = None
+        if "map" in m:
+            try:
+                value_map = {int(k): float(v) for k, v in m["map"].items()}
+            except (AttributeError, TypeError, ValueError):
+                raise ProfileError(f'{mw}.map: expected {{ "raw" = value, ... }}') from None
+        scale = m.get("scale", 1.0)
+        if not isinstance(scale, int | float) or isinstance(scale, bool):
+            raise ProfileError(f"{mw}.scale: expected a number")
+        unit = m.get("unit", unit_of(mname))
+        metrics.append(
+            Metric(
+                name=mname,
+                table=table.name,
+                column=int(column),
+                index=index,
+                scale=float(scale),
+                unit=str(unit),
+                digits=digits,
+                value_map=value_map,
+                optional=bool(m.get("optional", False)),
+            )
+        )
+    if not metrics:
+        raise ProfileError(f"{where}: no [[metrics]]")
+
+    control = None
+    if "control" in data:
+        c = data["control"]
+        cw = f"{where}: control"
+        if not isinstance(c.get("on"), int) or not isinstance(c.get("off"), int):
+            raise ProfileError(f"{cw}: needs integer on and off values")
+        control = Control(_oid(c.get("oid"), f"{cw}.oid"), _index(c.get("index"), cw, need_channel=True),
+                          c["on"], c["off"])  # fmt: skip
+    desc = str((data.get("device") or {}).get("description", ""))
+    return SnmpProfile(path.stem, tables, tuple(metrics), control, desc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def choose_transport(cfg: SnmpDevice) -> str:
+    """``"netsnmp"`` or ``"pysnmp"`` for this device (auto: netsnmp for v2c when importable)."""
+    if cfg.transport == "pysnmp" or cfg.version == "3":
+        return "pysnmp"  # netsnmp-cffi 0.2 has no SNMPv3 (config refuses transport=netsnmp with v3)
+    if cfg.transport == "netsnmp":
+        if not netsnmp_available():
+            raise ValueError(f"{cfg.id}: transport = 'netsnmp' but netsnmp-cffi is not installed")
+        return "netsnmp"
+    return "netsnmp" if netsnmp_available() else "pysnmp"
+
+
+@register("snmp")
+class SnmpDriver:
+    """One SNMP PDU. ``poll()`` walks the profile's due tables; ``set_outlet()`` switches an outlet."""
+
+    def __init__(self, cfg: SnmpDevice) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.id
+        self.profile = load_profile(cfg.profile)
+        self.transport_name = choose_transport(cfg)
+        self._transport: Transport | None = None
+        self._rebuild = False
+        self._session_ok = False  # the current transport has had an answer (so it caches state)
+        self._healthy: bool | None = None
+        # Static tables (decimal digits), read once per session: (table, column) -> index -> value.
+        self._static: dict[tuple[str, int], dict[Oid, int]] | None = None
+        # Channels seen per table in its last good walk: what to report as ERROR when it fails.
+        self._last_rows: dict[str, Rows] = {}
+        self._by_table: dict[str, list[Metric]] = {}
+        for m in self.profile.metrics:
+            self._by_table.setdefault(m.table, []).append(m)
+        self._dynamic = [t for t in self.profile.tables.values() if not t.static]
+        slow = cfg.slow_table_every
+        self.table_every: dict[str, int] = {
+            t.name: t.every if t.every == 1 or slow is None else slow for t in self._dynamic
+        }
+        self._poll_no = 0
+        self._next_due: dict[str, int] = {}  # table -> poll number it is due at (absent: now)
+        # max-repetitions per table: rows seen last walk + 1, capped by the config's.
+        self._reps: dict[str, int] = {}
+        # Guards against a transport hang: the transport's own timeout fires first.
+        self._request_timeout_s = cfg.timeout_s * (cfg.retries + 1) + TIMEOUT_MARGIN_S
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        await self._connect()
+
+    async def close(self) -> None:
+        self._drop_transport()
+
+    def _drop_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _auth(self) -> CommunityData | UsmUserData:
+        cfg = self.cfg
+        if cfg.version == "3":
+            return UsmUserData(
+                cfg.user,
+                authKey=read_secret(cfg.auth_key, cfg.auth_key_file),
+                privKey=read_secret(cfg.priv_key, cfg.priv_key_file),
+                authProtocol=AUTH_PROTOCOLS[cfg.auth_protocol],
+                privProtocol=PRIV_PROTOCOLS[cfg.priv_protocol],
+            )
+        return CommunityData(read_secret(cfg.community, cfg.community_file), mpModel=1)
+
+    async def _connect(self) -> None:
+        self._drop_transport()
+        cfg = self.cfg
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                if self.transport_name == "netsnmp":
+                    address = await resolve(cfg.host, cfg.port)
+                    community = read_secret(cfg.community, cfg.community_file) or ""
+                    transport: Transport = NetsnmpTransport.create(
+                        address, cfg.port, community, cfg.timeout_s, cfg.retries
+                    )
+                else:
+                    transport = await PysnmpTransport.create(
+                        cfg.host, cfg.port, self._auth(), cfg.timeout_s, cfg.retries
+                    )
+        except (TransportError, TimeoutError) as err:
+            raise DeviceUnavailable(self.device_id, str(err) or f"cannot reach {cfg.host}") from err
+        self._transport = transport
+        self._static = None
+        self._session_ok = False
+        self._rebuild = False
+
+    async def _ensure_transport(self) -> Transport:
+        if self._transport is None or self._rebuild:
+            await self._connect()
+        assert self._transport is not None
+        return self._transport
+
+    # -- requests: the one place where transport outcomes become driver errors
+
+    def _failed(self) -> None:
+        """A request got no usable answer: rebuild the transport next time if it has state to lose."""
+        if self._session_ok:
+            self._rebuild = True
+
+    async def _request(self, what: str, send: Callable[[Transport], Awaitable[Response]]) -> Response:
+        transport = await self._ensure_transport()
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                resp = await send(transport)
+        except (TimeoutError, TransportTimeout):
+            self._failed()
+            raise DeviceUnavailable(self.device_id, f"{what}: timeout") from None
+        except TransportAuthError as err:
+            self._failed()
+            raise AuthError(self.device_id, f"{what}: {err}") from err
+        except TransportError as err:
+            self._failed()
+            raise DeviceError(self.device_id, f"{what}: {err}") from err
+        self._session_ok = True  # an answer, even an error status: the session is in sync
+        if resp.error_status:
+            at = ""
+            if 0 < resp.error_index <= len(resp.varbinds):
+                at = " at " + ".".join(map(str, resp.varbinds[resp.error_index - 1][0]))
+            raise DeviceError(self.device_id, f"{what}: {error_status_name(resp.error_status)}{at}")
+        return resp
+
+    async def _walk(self, table: Table) -> Rows:
+        """All rows of the table's columns, by GETBULK with every column in each request.
+
+        A column ends at its first OID outside the column (or endOfMibView); the walk ends when
+        every column has.
+        """
+        roots = [(*table.entry, c) for c in table.columns]
+        out: Rows = {(table.name, c): {} for c in table.columns}
+        last = list(roots)
+        active = list(range(len(roots)))
+        reps = self._reps.get(table.name, self.cfg.max_repetitions)
+        what = f"walk {table.name}"
+        while active:
+            oids = [last[i] for i in active]
+            resp = await self._request(what, lambda t, oids=oids: t.bulk(oids, reps))  # type: ignore[misc]
+            if not resp.varbinds:
+                break
+            r = len(active)
+            done: set[int] = set()
+            for pos, (oid, value) in enumerate(resp.varbinds):
+                col = active[pos % r]
+                if col in done:
+                    continue
+                root = roots[col]
+                if value is Special.END_OF_MIB_VIEW or oid[: len(root)] != root:
+                    done.add(col)
+                    continue
+                if oid <= last[col]:
+                    raise DeviceError(
+                        self.device_id, f"{what}: OID not increasing at {'.'.join(map(str, oid))}"
+                    )
+                last[col] = oid
+                out[(table.name, table.columns[col])][oid[len(root) :]] = value
+            active = [c for c in active if c not in done]
+        rows = max((len(v) for v in out.values()), default=0)
+        self._reps[table.name] = max(1, min(self.cfg.max_repetitions, rows + 1))
+        return out
+
+    async def _fetch_static(self) -> dict[tuple[str, int], dict[Oid, int]]:
+        if self._static is None:
+            static: dict[tuple[str, int], dict[Oid, int]] = {}
+            for table in self.profile.tables.values():
+                if table.static:
+                    for key, rows in (await self._walk(table)).items():
+                        static[key] = {i: v for i, v in rows.items() if isinstance(v, int)}
+            self._static = static
+        return self._static
+
+    # -- Driver protocol
+
+    async def poll(self) -> list[Reading]:
+        try:
+            readings = await self._poll()
+        except (DeviceUnavailable, DeviceError) as err:
+            if self._healthy is not False:
+                log.warning("snmp device unavailable", device=self.device_id, reason=err.reason)
+            self._healthy = False
+            raise
+        if self._healthy is False:
+            log.info("snmp device recovered", device=self.device_id)
+        self._healthy = True
+        return readings
+
+    def refresh_all(self) -> None:
+        """Make the next poll walk every table (after a SET, or for a ``poll_now`` command)."""
+        self._next_due.clear()
+
+    def metric_every(self, metric: str) -> int:
+        """Every how many polls ``metric`` (e.g. ``outlet3_on``) is refreshed: its staleness scale."""
+        for m in self.profile.metrics:
+            head, _, tail = m.name.partition("{n}")
+            if m.name == metric or (
+                _ and metric.startswith(head) and metric.endswith(tail)
+                and metric[len(head) : len(metric) - len(tail)].isdigit()
+            ):  # fmt: skip
+                return self.table_every[m.table]
+        return 1
+
+    async def _poll(self) -> list[Reading]:
+        n = self._poll_no
+        self._poll_no += 1
+        static = await self._fetch_static()
+        readings: list[Reading] = []
+        first_error: DeviceError | None = None
+        any_good = False
+        walked: list[str] = []
+        for table in self._dynamic:
+            if n < self._next_due.get(table.name, 0):
+                continue  # not due: its last readings stay in the store with their own age
+            walked.append(table.name)
+            metrics = self._by_table.get(table.name, [])
+            try:
+                rows = await self._walk(table)
+            except AuthError:
+                raise
+            except DeviceError as err:
+                # The PDU answered, but not for this table: the others may still be good.
+                first_error = first_error or err
+                readings.extend(self._error_readings(table.name, metrics, err.reason))
+                continue
+            any_good = True
+            self._last_rows[table.name] = rows
+            readings.extend(self._readings(metrics, rows, static))
+        if not any_good and first_error is not None:
+            raise first_error
+        # Only now: a poll that raised half-way returned nothing, so its tables stay due.
+        for name in walked:
+            self._next_due[name] = n + self.table_every[name]
+        return readings
+
+    def _readings(
+        self, metrics: list[Metric], rows: Rows, static: dict[tuple[str, int], dict[Oid, int]]
+    ) -> list[Reading]:
+        now_mono, now_wall = time.monotonic(), time.time()
+        out: list[Reading] = []
+        for m in metrics:
+            col = rows.get((m.table, m.column), {})
+            found: list[tuple[int, Oid, Value]] = []
+            for index, raw in col.items():
+                ch = m.match(index)
+                if ch is not None:
+                    found.append((ch, index, raw))
+            if not found and None not in m.index and not m.optional:
+                out.append(
+                    self._reading(m, 0, None, mono=now_mono, wall=now_wall, error="not in the PDU's table")
+                )
+                continue
+            for ch, index, raw in sorted(found, key=lambda f: f[0]):
+                value, error = self._convert(m, index, raw, static)
+                out.append(self._reading(m, ch, value, mono=now_mono, wall=now_wall, error=error))
+        return out
+
+    def _convert(
+        self, m: Metric, index: Oid, raw: Value, static: dict[tuple[str, int], dict[Oid, int]]
+    ) -> tuple[float | None, str | None]:
+        if not isinstance(raw, int):
+            return None, f"not a number: {raw.value if isinstance(raw, Special) else raw!r}"
+        if m.value_map is not None:
+            if raw not in m.value_map:
+                return None, f"unexpected value {raw}"
+            return m.value_map[raw], None
+        value = raw * m.scale
+        if m.digits is not None:
+            digits = static.get(m.digits, {}).get(index)
+            if digits is None:
+                return None, "no decimal digits for this sensor"
+            value /= 10**digits
+        return value, None
+
+    def _reading(
+        self, m: Metric, ch: int, value: float | None, *, mono: float, wall: float, error: str | None
+    ) -> Reading:
+        return Reading(
+            device=self.device_id,
+            metric=m.metric_name(ch),
+            value=value,
+            unit=m.unit,
+            ts_mono=mono,
+            ts_wall=wall,
+            quality=Quality.GOOD if error is None else Quality.ERROR,
+            error=error,
+        )
+
+    def _error_readings(self, table: str, metrics: list[Metric], reason: str) -> list[Reading]:
+        now_mono, now_wall = time.monotonic(), time.time()
+        last = self._last_rows.get(table, {})
+        out: list[Reading] = []
+        for m in metrics:
+            channels = sorted(
+                {ch for i in last.get((m.table, m.column), {}) if (ch := m.match(i)) is not None}
+            )
+            for ch in channels or ([0] if None not in m.index else []):
+                out.append(self._reading(m, ch, None, mono=now_mono, wall=now_wall, error=reason))
+        return out
+
+    # -- extras: raw values (podctl poll) and outlet switching (actuator)
+
+    async def poll_raw(self) -> list[tuple[str, object]]:
+        """Every (OID, raw value) the profile's tables hold, static ones included."""
+        out: list[tuple[str, object]] = []
+        for table in self.profile.tables.values():
+            for (_t, col), rows in (await self._walk(table)).items():
+                base = ".".join(map(str, (*table.entry, col)))
+                for index, raw in sorted(rows.items()):
+                    val: object = raw.value if isinstance(raw, Special) else raw
+                    out.append((f"{base}.{'.'.join(map(str, index))}", val))
+        return out
+
+    async def set_outlet(self, outlet: int, on: bool) -> None:
+        """Switch an outlet by SNMP SET; DeviceError if the PDU refuses."""
+        control = self.profile.control
+        if control is None:
+            raise DeviceError(self.device_id, f"profile {self.profile.name} has no outlet control")
+        if outlet < 1:
+            raise DeviceError(self.device_id, f"no outlet {outlet}")
+        oid = (*control.oid, *(outlet if x is None else x for x in control.index))
+        value = control.on if on else control.off
+        await self._request(f"set outlet {outlet}", lambda t: t.set_integer(oid, value))
+        self.refresh_all()  # the next poll reads the switched state back, slow tables included
+        log.info("pdu outlet switched", device=self.device_id, outlet=outlet, on=on)
+
+
+__all__ = [
+    "Control",
+    "Metric",
+    "ProfileError",
+    "SnmpDriver",
+    "SnmpProfile",
+    "Table",
+    "choose_transport",
+    "load_profile",
+]

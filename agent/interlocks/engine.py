@@ -1,0 +1,785 @@
+"""The interlock engine: a deterministic function of (state snapshot, time, config, overrides, budget).
+
+``Engine.step(snapshot, now, ...)`` reads nothing else: no clock, no I/O, no randomness. It keeps its own
+memory (when a condition began, hold timers, the ramp) in the Engine object, so a sequence of steps
+with the same inputs always gives the same caps and events. The service calls it on every new
+reading of an input and on a 1 s tick (for hold times and ramps).
+
+Rules (design.md; every number is config):
+- gpu_overtemp / gpu_runaway: per GPU; cap that GPU.
+- coolant_supply_high / coolant_flow_low / coolant_leak: per CDU; cap every GPU on its loop.
+- pdu_phase_overcurrent: per PDU; cap the GPUs it feeds, tightening until under clear_pct.
+- sensor_stale: per input device; a fail-safe cap on the GPUs that input protects.
+- shed (off by default): coolant critical after caps -> switch off the hottest servers' outlets.
+The lowest cap wins (interlocks, external caps such as the fleet budget); overrides suppress one
+interlock on one device. A cap rises only by the ramp: +release_step of the default every interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.events import Event, Severity
+from agent.interlocks.config import InterlockConfig
+from agent.model import Quality, Reading
+
+Snapshot = Mapping[tuple[str, str], Reading]
+
+
+# ---------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class GpuLimits:
+    min_w: float
+    max_w: float
+    default_w: float
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What protects what: built from the agent config (and the GPUs' NVML constraints)."""
+
+    gpus: tuple[str, ...]
+    loops: Mapping[str, tuple[str, ...]]  # CDU id -> GPUs it cools
+    pdus: Mapping[str, tuple[str, ...]]  # PDU id -> GPUs it feeds
+    pdu_rating_a: Mapping[str, float]
+    min_flow_lpm: Mapping[str, float]  # CDU id -> threshold (when its device config sets one)
+    stale_after_s: Mapping[str, float]  # input device (or GPU) -> staleness limit
+    outlet_gpus: Mapping[str, Mapping[int, tuple[str, ...]]] = field(default_factory=dict)  # for shed
+
+
+@dataclass(frozen=True)
+class Override:
+    id: str
+    interlock: str
+    device: str
+    reason: str
+    by: str
+    created_wall: float
+    expires_wall: float
+    forced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "interlock": self.interlock,
+            "device": self.device,
+            "reason": self.reason,
+            "by": self.by,
+            "created_wall": self.created_wall,
+            "expires_wall": self.expires_wall,
+            "forced": self.forced,
+        }
+
+
+@dataclass(frozen=True)
+class Action:
+    """A discrete action for the actuators besides power caps."""
+
+    kind: str  # "outlet_off", "cdu_setpoint"
+    device: str
+    value: float | int
+    reason: str
+    event_id: str
+
+
+@dataclass
+class Decision:
+    caps: dict[str, float]  # GPU -> the power limit it should have now (ramped), W
+    events: list[Event]
+    actions: list[Action]
+    inputs_changed: bool = True
+
+
+# ---------------------------------------------------------------------------------- memory
+@dataclass
+class Instance:
+    """One interlock on one device: its condition timers and, while tripped, its caps."""
+
+    interlock: str
+    device: str
+    gpus: tuple[str, ...]
+    cond_since: float | None = None  # when the trip condition began (for sustain)
+    tripped_since: float | None = None
+    clear_since: float | None = None  # when the clear condition began (for hold)
+    caps: dict[str, float] = field(default_factory=dict)  # per-GPU cap while tripped
+    trip_event: str | None = None
+    last_tighten: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+    shed_done: bool = False
+    setpoint_lowered: bool = False
+
+    @property
+    def tripped(self) -> bool:
+        return self.tripped_since is not None
+
+
+@dataclass
+class GpuMemory:
+    temps: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))  # (ts, C)
+    applied_w: float | None = None  # the cap the engine last asked for (ramped)
+    last_raise: float = -math.inf
+
+
+class _LazyLimits(dict[str, "GpuLimits | None"]):
+    """A GPU's NVML constraints, read from the snapshot the first time a rule asks this step."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        super().__init__()
+        self._snap = snap
+
+    def __missing__(self, gpu: str) -> GpuLimits | None:
+        value = Engine._limits(self._snap, gpu)
+        self[gpu] = value
+        return value
+
+    def get(self, gpu: str, default: object = None) -> GpuLimits | None:  # type: ignore[override]
+        return self[gpu]
+
+
+class Engine:
+    def __init__(
+        self,
+        config: InterlockConfig,
+        topology: Topology,
+        *,
+        started: float,
+        initial_limits: Mapping[str, float] | None = None,
+    ) -> None:
+        self.config = config
+        self.topology = topology
+        self.started = started
+        self.instances: dict[tuple[str, str], Instance] = {}
+        self.gpu_mem: dict[str, GpuMemory] = {g: GpuMemory() for g in topology.gpus}
+        # Reconcile after a restart: a GPU already below its default keeps that cap until the ramp
+        # (or a still-justified interlock) decides otherwise.
+        for gpu, limit in (initial_limits or {}).items():
+            if gpu in self.gpu_mem:
+                self.gpu_mem[gpu].applied_w = limit
+                self.gpu_mem[gpu].last_raise = started  # the first raise waits one release interval
+        self._seq = 0
+        self._transitions: list[Instance] = []
+        self._inputs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] | None = None
+        self.last_caps: dict[str, float] = {}
+        self._step_limits: _LazyLimits = _LazyLimits({})
+
+    # ------------------------------------------------------------------ helpers
+    def _event_id(self, now_wall: float) -> str:
+        self._seq += 1
+        return f"il-{int(now_wall * 1000):x}-{self._seq}"
+
+    def _instance(self, interlock: str, device: str, gpus: Sequence[str]) -> Instance:
+        key = (interlock, device)
+        inst = self.instances.get(key)
+        if inst is None:
+            inst = self.instances[key] = Instance(interlock=interlock, device=device, gpus=tuple(gpus))
+        return inst
+
+    def _fresh(
+        self, snap: Snapshot, device: str, metric: str, now: float, stale_device: str | None = None
+    ) -> float | None:
+        r = snap.get((device, metric))
+        if r is None or r.value is None or r.quality is not Quality.GOOD:
+            return None
+        limit = self.topology.stale_after_s.get(stale_device or device)
+        if limit is not None and now - r.ts_mono > limit:
+            return None
+        return r.value
+
+    @staticmethod
+    def _limits(snap: Snapshot, gpu: str) -> GpuLimits | None:
+        def v(metric: str) -> float | None:
+            r = snap.get((gpu, metric))
+            return None if r is None or r.value is None else r.value
+
+        lo, hi, default = v("min_power_limit_w"), v("max_power_limit_w"), v("default_power_limit_w")
+        if lo is None or hi is None or default is None:
+            return None
+        return GpuLimits(min_w=lo, max_w=hi, default_w=default)
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self,
+        snap: Snapshot,
+        now: float,
+        now_wall: float,
+        *,
+        overrides: Sequence[Override] = (),
+        external_caps: Mapping[str, tuple[float, str]] | None = None,
+        acked: frozenset[str] | set[str] = frozenset(),
+        changed: Collection[str] | None = None,
+    ) -> Decision:
+        """One evaluation. ``changed``: the devices with new readings since the last step; the rules
+        of other devices are left as they were (a cheap step for one PDU's poll in a 576-GPU pod).
+        None evaluates everything: the caller does that at least every second, for hold times,
+        ramps and staleness, which move with time alone."""
+        cfg = self.config
+        events: list[Event] = []
+        actions: list[Action] = []
+        suppressed = {(o.interlock, o.device) for o in overrides if o.expires_wall > now_wall}
+        limits = self._step_limits = _LazyLimits(snap)
+        topo = self.topology
+        gpus: Sequence[str] = topo.gpus
+        loops, pdus = topo.loops, topo.pdus
+        affected: set[str] | None = None
+        if changed is not None:
+            ch = set(changed)
+            gpus = [g for g in topo.gpus if g in ch]
+            loops = {c: g for c, g in topo.loops.items() if c in ch}
+            pdus = {p: g for p, g in topo.pdus.items() if p in ch}
+            affected = set(gpus)
+            for group in (*loops.values(), *pdus.values()):
+                affected.update(group)
+        self._transitions = []
+        if cfg.enabled:
+            self._gpu_rules(snap, now, limits, gpus)
+            self._loop_rules(snap, now, acked, loops)
+            self._pdu_rule(snap, now, limits, pdus)
+            self._stale_rule(snap, now, None if changed is None else set(changed))
+
+        # Transitions -> events (and shed actions), then caps.
+        for inst in self._transitions:
+            if affected is not None:
+                affected.update(inst.gpus)
+            was = inst.detail.pop("_transition", None)
+            if was == "trip":
+                inst.trip_event = self._event_id(now_wall)
+                events.append(self._trip_event(inst, now_wall, suppressed))
+            elif was == "clear":
+                events.append(
+                    Event(
+                        kind="interlock_clear",
+                        severity=Severity.INFO,
+                        message=f"{inst.interlock} cleared on {inst.device}",
+                        device=inst.device,
+                        detail={"interlock": inst.interlock, "trip_event": inst.trip_event, **inst.detail},
+                        id=self._event_id(now_wall),
+                        ts_wall=now_wall,
+                    )
+                )
+                inst.trip_event = None
+        if cfg.shed.enabled:
+            self._shed(snap, now, now_wall, suppressed, acked, events, actions)
+        self._setpoint_actions(now_wall, actions)
+
+        if external_caps and affected is not None:
+            affected.update(g for g, (w, _) in external_caps.items() if self.last_caps.get(g) != w)
+        self.last_caps.update(self._combine(now, limits, suppressed, external_caps or {}, affected))
+        return Decision(caps=dict(self.last_caps), events=events, actions=actions)
+
+    def _trip_event(self, inst: Instance, now_wall: float, suppressed: set[tuple[str, str]]) -> Event:
+        critical = inst.interlock in ("coolant_leak", "coolant_flow_low", "shed")
+        overridden = (inst.interlock, inst.device) in suppressed
+        return Event(
+            kind="interlock_trip",
+            severity=Severity.CRITICAL if critical else Severity.WARNING,
+            message=(
+                f"{inst.interlock} tripped on {inst.device}"
+                + (f": capping {len(inst.gpus)} GPU(s)" if inst.caps else "")
+                + (" (overridden: no cap applied)" if overridden else "")
+            ),
+            device=inst.device,
+            detail={
+                "interlock": inst.interlock,
+                "gpus": list(inst.gpus),
+                "caps_w": {g: round(w, 1) for g, w in inst.caps.items()},
+                "overridden": overridden,
+                **inst.detail,
+            },
+            needs_ack=inst.interlock in ("coolant_leak", "shed"),
+            id=inst.trip_event or self._event_id(now_wall),
+            ts_wall=now_wall,
+        )
+
+    # ------------------------------------------------------------------ generic trip/clear
+    def _update(
+        self,
+        inst: Instance,
+        now: float,
+        *,
+        trip_now: bool,
+        cond: bool,
+        sustain_s: float,
+        clear_cond: bool,
+        clear_hold_s: float,
+        caps: Mapping[str, float] | None,
+        detail: dict[str, Any],
+        extra_clear_ok: bool = True,
+    ) -> None:
+        """The shared state machine: trip on (cond sustained for sustain_s) or trip_now; clear after
+        clear_cond held for clear_hold_s. While tripped, caps never rise (only tighten)."""
+        if not inst.tripped:
+            inst.cond_since = (
+                (inst.cond_since if inst.cond_since is not None else now) if cond or trip_now else None
+            )
+            if trip_now or (cond and inst.cond_since is not None and now - inst.cond_since >= sustain_s):
+                inst.tripped_since = now
+                inst.clear_since = None
+                inst.caps = dict(caps or {})
+                inst.detail = {**detail, "_transition": "trip"}
+                self._transitions.append(inst)
+            return
+        # Tripped: tighten caps only, never raise them.
+        if caps:
+            for g, w in caps.items():
+                inst.caps[g] = min(inst.caps.get(g, w), w)
+        if clear_cond and extra_clear_ok:
+            inst.clear_since = inst.clear_since if inst.clear_since is not None else now
+            if now - inst.clear_since >= clear_hold_s:
+                inst.detail = {
+                    "tripped_for_s": round(now - (inst.tripped_since or now), 1),
+                    **detail,
+                    "_transition": "clear",
+                }
+                self._transitions.append(inst)
+                inst.tripped_since = None
+                inst.cond_since = None
+                inst.clear_since = None
+                inst.caps = {}
+                inst.shed_done = False
+        else:
+            inst.clear_since = None
+
+    @staticmethod
+    def _pct_cap(limits: GpuLimits | None, pct: float) -> float | None:
+        if limits is None:
+            return None
+        return max(limits.min_w, min(limits.max_w, limits.default_w * pct / 100.0))
+
+    # ------------------------------------------------------------------ rules
+    def _gpu_rules(
+        self, snap: Snapshot, now: float, limits: Mapping[str, GpuLimits | None], gpus: Sequence[str]
+    ) -> None:
+        ot, ra = self.config.gpu_overtemp, self.config.gpu_runaway
+        for gpu in gpus:
+            r = snap.get((gpu, "temp_c"))
+            temp = self._fresh(snap, gpu, "temp_c", now)
+            mem = self.gpu_mem[gpu]
+            if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] != r.ts_mono):
+                mem.temps.append((r.ts_mono, temp))
+            lim = limits.get(gpu)
+            if ot.enabled:
+                inst = self._instance("gpu_overtemp", gpu, (gpu,))
+                cap = self._pct_cap(lim, ot.cap_pct)
+                if temp is not None:
+                    self._update(
+                        inst,
+                        now,
+                        trip_now=temp >= ot.trip_c,
+                        cond=False,
+                        sustain_s=0.0,
+                        clear_cond=temp <= ot.clear_c,
+                        clear_hold_s=ot.clear_hold_s,
+                        caps={gpu: cap} if cap is not None else None,
+                        detail={
+                            "inputs": {"temp_c": round(temp, 2)},
+                            "thresholds": {
+                                "trip_c": ot.trip_c,
+                                "clear_c": ot.clear_c,
+                                "clear_hold_s": ot.clear_hold_s,
+                                "cap_pct": ot.cap_pct,
+                            },
+                        },
+                    )
+            if ra.enabled:
+                inst = self._instance("gpu_runaway", gpu, (gpu,))
+                rate = self._rate(mem.temps, ra.window_s)
+                cap = self._pct_cap(lim, ra.cap_pct)
+                if temp is not None:
+                    self._update(
+                        inst,
+                        now,
+                        trip_now=rate is not None and rate >= ra.rate_c_per_s and temp >= ra.min_temp_c,
+                        cond=False,
+                        sustain_s=0.0,
+                        clear_cond=temp <= ra.clear_c,
+                        clear_hold_s=ra.clear_hold_s,
+                        caps={gpu: cap} if cap is not None else None,
+                        detail={
+                            "inputs": {
+                                "temp_c": round(temp, 2),
+                                "rate_c_per_s": None if rate is None else round(rate, 2),
+                            },
+                            "thresholds": {
+                                "rate_c_per_s": ra.rate_c_per_s,
+                                "window_s": ra.window_s,
+                                "min_temp_c": ra.min_temp_c,
+                                "clear_c": ra.clear_c,
+                                "cap_pct": ra.cap_pct,
+                            },
+                        },
+                    )
+
+    @staticmethod
+    def _rate(temps: deque[tuple[float, float]], window_s: float) -> float | None:
+        """Average slope over the last window_s of samples (C/s); None without enough history."""
+        if len(temps) < 2:
+            return None
+        t_last, v_last = temps[-1]
+        first = None
+        for t, v in temps:
+            if t_last - t <= window_s + 1e-6:
+                first = (t, v)
+                break
+        if first is None:
+            return None
+        span = t_last - first[0]
+        if span < 0.6 * window_s:
+            return None
+        return (v_last - first[1]) / span
+
+    def _loop_rules(
+        self,
+        snap: Snapshot,
+        now: float,
+        acked: frozenset[str] | set[str],
+        loops: Mapping[str, tuple[str, ...]],
+    ) -> None:
+        cfg = self.config
+        for cdu, gpus in loops.items():
+            caps_by: dict[str, dict[str, float]] = {}
+            for name, pct in (
+                ("coolant_supply_high", cfg.coolant_supply_high.cap_pct),
+                ("coolant_flow_low", cfg.coolant_flow_low.cap_pct),
+            ):
+                caps_by[name] = {}
+                for g in gpus:
+                    lim = self._step_limits[g]
+                    c = self._pct_cap(lim, pct)
+                    if c is not None:
+                        caps_by[name][g] = c
+            supply = self._fresh(snap, cdu, "supply_temp_c", now)
+            sh = cfg.coolant_supply_high
+            if sh.enabled and supply is not None:
+                self._update(
+                    self._instance("coolant_supply_high", cdu, gpus),
+                    now,
+                    trip_now=False,
+                    cond=supply >= sh.trip_c,
+                    sustain_s=sh.sustain_s,
+                    clear_cond=supply <= sh.clear_c,
+                    clear_hold_s=sh.clear_hold_s,
+                    caps=caps_by["coolant_supply_high"],
+                    detail={
+                        "inputs": {"supply_temp_c": round(supply, 2)},
+                        "thresholds": {
+                            "trip_c": sh.trip_c,
+                            "sustain_s": sh.sustain_s,
+                            "clear_c": sh.clear_c,
+                            "clear_hold_s": sh.clear_hold_s,
+                            "cap_pct": sh.cap_pct,
+                        },
+                    },
+                )
+            fl = cfg.coolant_flow_low
+            flow = self._fresh(snap, cdu, "flow_lpm", now)
+            fault = self._fresh(snap, cdu, "pump_fault", now)
+            min_flow = self.topology.min_flow_lpm.get(cdu, fl.min_flow_lpm)
+            if fl.enabled and flow is not None:
+                bad = flow < min_flow or bool(fault)
+                self._update(
+                    self._instance("coolant_flow_low", cdu, gpus),
+                    now,
+                    trip_now=False,
+                    cond=bad,
+                    sustain_s=fl.sustain_s,
+                    clear_cond=not bad,
+                    clear_hold_s=fl.clear_hold_s,
+                    caps=caps_by["coolant_flow_low"],
+                    detail={
+                        "inputs": {"flow_lpm": round(flow, 2), "pump_fault": fault},
+                        "thresholds": {
+                            "min_flow_lpm": min_flow,
+                            "sustain_s": fl.sustain_s,
+                            "clear_hold_s": fl.clear_hold_s,
+                            "cap_pct": fl.cap_pct,
+                        },
+                    },
+                )
+            lk = cfg.coolant_leak
+            leak = self._fresh(snap, cdu, "leak", now)
+            if lk.enabled and leak is not None:
+                inst = self._instance("coolant_leak", cdu, gpus)
+                mins = {g: lim.min_w for g in gpus if (lim := self._step_limits[g]) is not None}
+                self._update(
+                    inst,
+                    now,
+                    trip_now=bool(leak),
+                    cond=False,
+                    sustain_s=0.0,
+                    clear_cond=not leak,
+                    clear_hold_s=0.0,
+                    caps=mins,
+                    extra_clear_ok=inst.trip_event is not None and inst.trip_event in acked,
+                    detail={
+                        "inputs": {"leak": leak},
+                        "thresholds": {"cap": "minimum limit", "clears": "dry detector and manual ack"},
+                    },
+                )
+
+    def _pdu_rule(
+        self,
+        snap: Snapshot,
+        now: float,
+        limits: Mapping[str, GpuLimits | None],
+        pdus: Mapping[str, tuple[str, ...]],
+    ) -> None:
+        oc = self.config.pdu_phase_overcurrent
+        if not oc.enabled:
+            return
+        for pdu, gpus in pdus.items():
+            rating = self.topology.pdu_rating_a.get(pdu, oc.default_rating_a or 0.0)
+            if not rating:
+                continue
+            currents = [self._fresh(snap, pdu, f"phase{p}_current_a", now) for p in (1, 2, 3)]
+            known = [c for c in currents if c is not None]
+            if not known:
+                continue
+            worst = max(known)
+            pct = 100.0 * worst / rating
+            inst = self._instance("pdu_phase_overcurrent", pdu, gpus)
+            caps: dict[str, float] = {}
+            if not inst.tripped and pct >= oc.trip_pct:
+                # Aim for target_pct: scale each GPU's present draw by target/actual.
+                scale = oc.target_pct / pct if pct > 0 else 1.0
+                for g in gpus:
+                    lim = limits.get(g)
+                    power = self._fresh(snap, g, "power_w", now, stale_device=g)
+                    if lim is None:
+                        continue
+                    base = power if power is not None else lim.default_w
+                    caps[g] = max(lim.min_w, min(lim.default_w, base * scale))
+            elif pct >= oc.clear_pct and now - inst.last_tighten >= oc.tighten_interval_s:
+                for g in gpus:
+                    lim = limits.get(g)
+                    if lim is None or g not in inst.caps:
+                        continue
+                    caps[g] = max(lim.min_w, inst.caps[g] - lim.default_w * oc.tighten_step_pct / 100.0)
+                inst.last_tighten = now
+            self._update(
+                inst,
+                now,
+                trip_now=pct >= oc.immediate_pct,
+                cond=pct >= oc.trip_pct,
+                sustain_s=oc.sustain_s,
+                clear_cond=pct < oc.clear_pct,
+                clear_hold_s=oc.clear_hold_s,
+                caps=caps,
+                detail={
+                    "inputs": {
+                        "phase_current_a": [None if c is None else round(c, 2) for c in currents],
+                        "worst_pct_of_rating": round(pct, 1),
+                        "rating_a": rating,
+                    },
+                    "thresholds": {
+                        "trip_pct": oc.trip_pct,
+                        "sustain_s": oc.sustain_s,
+                        "immediate_pct": oc.immediate_pct,
+                        "clear_pct": oc.clear_pct,
+                        "clear_hold_s": oc.clear_hold_s,
+                    },
+                },
+            )
+            if inst.tripped and inst.detail.get("_transition") == "trip":
+                inst.last_tighten = now
+
+    def _stale_inputs(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """(device, metrics, GPUs protected) for every interlock input."""
+        if self._inputs is not None:
+            return self._inputs
+        out: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+        for gpu in self.topology.gpus:
+            out.append((gpu, ("temp_c",), (gpu,)))
+        for cdu, gpus in self.topology.loops.items():
+            out.append((cdu, ("supply_temp_c", "flow_lpm"), gpus))
+        for pdu, gpus in self.topology.pdus.items():
+            out.append((pdu, ("phase1_current_a", "phase2_current_a", "phase3_current_a"), gpus))
+        self._inputs = out
+        return out
+
+    def _stale_rule(self, snap: Snapshot, now: float, changed: set[str] | None) -> None:
+        st = self.config.sensor_stale
+        if not st.enabled:
+            return
+        in_grace = now - self.started < st.startup_grace_s
+        for device, metrics, gpus in self._stale_inputs():
+            if changed is not None and device not in changed:
+                continue
+            missing = [m for m in metrics if self._fresh(snap, device, m, now) is None]
+            # Right after start, an input that has simply not arrived yet is not (yet) stale.
+            stale = any(not (in_grace and snap.get((device, m)) is None) for m in missing)
+            caps = {g: c for g in gpus if (c := self._pct_cap(self._step_limits[g], st.cap_pct)) is not None}
+            reasons = {}
+            for m in missing:
+                r = snap.get((device, m))
+                reasons[m] = (
+                    "never received"
+                    if r is None
+                    else (r.error or str(r.quality))
+                    if r.quality is not Quality.GOOD or r.value is None
+                    else f"{now - r.ts_mono:.1f} s old"
+                )
+            self._update(
+                self._instance("sensor_stale", device, gpus),
+                now,
+                trip_now=stale,
+                cond=False,
+                sustain_s=0.0,
+                clear_cond=not missing,
+                clear_hold_s=st.fresh_hold_s,
+                caps=caps,
+                detail={
+                    "inputs": reasons or dict.fromkeys(metrics, "fresh"),
+                    "thresholds": {
+                        "stale_after_s": self.topology.stale_after_s.get(device),
+                        "fresh_hold_s": st.fresh_hold_s,
+                        "cap_pct": st.cap_pct,
+                    },
+                },
+            )
+
+    def _shed(
+        self,
+        snap: Snapshot,
+        now: float,
+        now_wall: float,
+        suppressed: set[tuple[str, str]],
+        acked: frozenset[str] | set[str],
+        events: list[Event],
+        actions: list[Action],
+    ) -> None:
+        """Manual clear only: a shed stays until a person acknowledges its event (and the outlets
+        stay off until a person switches them on: restoring power is a human decision)."""
+        sh = self.config.shed
+        for cdu, gpus in self.topology.loops.items():
+            done = self.instances.get(("shed", cdu))
+            if done is not None and done.shed_done and done.trip_event in acked:
+                done.shed_done = False
+                done.tripped_since = None
+                done.trip_event = None
+            capped = [
+                i
+                for i in (
+                    self.instances.get((n, cdu))
+                    for n in ("coolant_supply_high", "coolant_flow_low", "coolant_leak")
+                )
+                if i and i.tripped
+            ]
+            supply = self._fresh(snap, cdu, "supply_temp_c", now)
+            inst = self._instance("shed", cdu, gpus)
+            if not capped or supply is None or supply < sh.critical_c or inst.shed_done:
+                continue
+            since = min(i.tripped_since or now for i in capped)
+            if now - since < sh.after_caps_s or ("shed", cdu) in suppressed:
+                continue
+            hottest = sorted(
+                gpus, key=lambda g: -(self._fresh(snap, g, "temp_c", now, stale_device=g) or -1e9)
+            )
+            chosen: list[tuple[str, int]] = []
+            servers_done: list[tuple[str, ...]] = []
+            for g in hottest:
+                for pdu, outlets in self.topology.outlet_gpus.items():
+                    for outlet, og in outlets.items():
+                        if g in og and (pdu, outlet) not in chosen:
+                            if og not in servers_done and len(servers_done) >= sh.servers:
+                                continue
+                            chosen.append((pdu, outlet))
+                            if og not in servers_done:
+                                servers_done.append(og)
+                if len(servers_done) >= sh.servers:
+                    break
+            inst.shed_done = True
+            inst.tripped_since = now
+            inst.trip_event = self._event_id(now_wall)
+            for pdu, outlet in chosen:
+                actions.append(
+                    Action("outlet_off", pdu, outlet, f"shed: {cdu} supply {supply:.1f} C", inst.trip_event)
+                )
+            events.append(
+                Event(
+                    kind="interlock_trip",
+                    severity=Severity.CRITICAL,
+                    message=f"shed on {cdu}: supply {supply:.1f} C >= {sh.critical_c} C "
+                    f"{now - since:.0f} s after caps; "
+                    f"switching off {len(chosen)} outlet(s)",
+                    device=cdu,
+                    needs_ack=True,
+                    id=inst.trip_event,
+                    ts_wall=now_wall,
+                    detail={
+                        "interlock": "shed",
+                        "inputs": {"supply_temp_c": round(supply, 2)},
+                        "thresholds": {"critical_c": sh.critical_c, "after_caps_s": sh.after_caps_s},
+                        "outlets": [{"pdu": p, "outlet": o} for p, o in chosen],
+                        "servers": [list(s) for s in servers_done],
+                    },
+                )
+            )
+
+    def _setpoint_actions(self, now_wall: float, actions: list[Action]) -> None:
+        sp = self.config.coolant_supply_high.setpoint_on_trip_c
+        if sp is None:
+            return
+        for (name, cdu), inst in self.instances.items():
+            if name != "coolant_supply_high":
+                continue
+            if inst.tripped and not inst.setpoint_lowered:
+                actions.append(
+                    Action("cdu_setpoint", cdu, sp, "coolant_supply_high tripped", inst.trip_event or "")
+                )
+                inst.setpoint_lowered = True
+            elif not inst.tripped and inst.setpoint_lowered:
+                actions.append(Action("cdu_setpoint_restore", cdu, 0, "coolant_supply_high cleared", ""))
+                inst.setpoint_lowered = False
+
+    # ------------------------------------------------------------------ combine + ramp
+    def caps_by_gpu(self, suppressed: set[tuple[str, str]]) -> dict[str, list[tuple[float, str]]]:
+        out: dict[str, list[tuple[float, str]]] = {}
+        for inst in self.instances.values():
+            if not inst.tripped or (inst.interlock, inst.device) in suppressed:
+                continue
+            for g, w in inst.caps.items():
+                out.setdefault(g, []).append((w, inst.interlock))
+        return out
+
+    def _combine(
+        self,
+        now: float,
+        limits: Mapping[str, GpuLimits | None],
+        suppressed: set[tuple[str, str]],
+        external: Mapping[str, tuple[float, str]],
+        affected: set[str] | None = None,
+    ) -> dict[str, float]:
+        by_gpu = self.caps_by_gpu(suppressed)
+        step_pct = self.config.release_step_pct
+        out: dict[str, float] = {}
+        gpus = self.topology.gpus if affected is None else [g for g in self.topology.gpus if g in affected]
+        for gpu in gpus:
+            lim = limits.get(gpu)
+            mem = self.gpu_mem[gpu]
+            if lim is None:
+                continue  # constraints unknown (GPU never read): nothing safe to ask for
+            desired = lim.default_w
+            for w, _ in by_gpu.get(gpu, ()):
+                desired = min(desired, w)
+            if gpu in external:
+                desired = min(desired, external[gpu][0])
+            desired = max(lim.min_w, min(lim.max_w, desired))
+            applied = mem.applied_w if mem.applied_w is not None else lim.default_w
+            applied = max(lim.min_w, min(lim.max_w, applied))
+            if desired < applied:
+                applied = desired  # lower at once
+                mem.last_raise = now
+            elif desired > applied and now - mem.last_raise >= self.config.release_interval_s:
+                applied = min(desired, applied + lim.default_w * step_pct / 100.0)  # ramped release
+                mem.last_raise = now
+            mem.applied_w = applied
+            out[gpu] = applied
+        return out
+
+    # ------------------------------------------------------------------ views
+    def active(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.tripped]

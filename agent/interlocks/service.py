@@ -1,0 +1,625 @@
+"""The interlock service: runs the pure engine on every new interlock input, applies its decisions.
+
+The engine loop never awaits the network, a publisher or an actuator: it hands the desired caps to
+the actuator task through a one-slot mailbox (latest wins) and goes on. The actuator sets NVML power
+limits (clamped, read back, verified; a refused or failed set is an event and is retried), switches
+PDU outlets for ``shed`` and writes CDU setpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.config import AgentConfig, ModbusDevice, SnmpDevice
+from agent.drivers.base import DriverError
+from agent.events import Event, Severity
+from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
+from agent.interlocks.engine import Action, Engine, Override, Topology
+from agent.model import Reading
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = structlog.get_logger(__name__)
+
+INPUT_METRICS = frozenset(
+    {
+        "temp_c",
+        "supply_temp_c",
+        "flow_lpm",
+        "pump_fault",
+        "leak",
+        "phase1_current_a",
+        "phase2_current_a",
+        "phase3_current_a",
+        "power_w",
+    }
+)
+CAP_TOLERANCE_W = 1.0  # NVML limits are whole mW; anything under a watt is the same limit
+
+
+@dataclass
+class Timing:
+    """One cap change, for the latency benchmark: input arrival -> decision -> set issued -> done."""
+
+    gpu: str
+    cap_w: float
+    trigger_mono: float
+    decided_mono: float
+    issued_mono: float | None = None
+    done_mono: float | None = None
+    ok: bool | None = None
+
+
+@dataclass
+class GpuActuation:
+    requested_w: float | None = None  # what we last set successfully
+    in_flight_w: float | None = None  # a set submitted, not yet read back
+    failing_since: float | None = None
+    next_try: float = 0.0
+    last_error: str | None = None
+
+
+@dataclass
+class _Mailbox:
+    caps: dict[str, float] = field(default_factory=dict)
+    trigger_mono: float = 0.0
+    decided_mono: float = 0.0
+    actions: list[Action] = field(default_factory=list)
+
+
+class InterlockService:
+    def __init__(self, config: InterlockConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.agent: Agent | None = None
+        self._overrides: dict[str, Override] = {}
+        self._ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._trigger_mono = 0.0
+        self._mailbox = _Mailbox()
+        self._mail = asyncio.Event()
+        self.caps: dict[str, float] = {}
+        self.actuation: dict[str, GpuActuation] = {}
+        self.timings: deque[Timing] = deque(maxlen=4096)
+        self.steps = 0
+        self.step_durations: deque[float] = deque(maxlen=2048)
+        self.cap_sources: list[Callable[[], Mapping[str, tuple[float, str]]]] = []
+        self._cdu_setpoints: dict[str, float] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._changed: set[str] = set()
+        self._last_full = 0.0
+        self._full_next = True  # overrides, acks and budgets change the picture for every GPU
+
+    # ------------------------------------------------------------------ wiring
+    async def run(self, agent: Agent) -> None:
+        self.agent = agent
+        agent.interlocks = self
+        agent.status_providers["interlocks"] = self.status
+        agent.metric_sources.append(self.metrics)
+        await agent.ready.wait()
+        self.engine = self._build_engine(agent)
+        unsubscribe = agent.store.subscribe(self._on_batch)
+        log.info(
+            "interlocks armed",
+            gpus=len(self.engine.topology.gpus),
+            loops=len(self.engine.topology.loops),
+            pdus=len(self.engine.topology.pdus),
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._actuate_loop(), name="interlocks.actuate")
+                await self._engine_loop()
+        finally:
+            unsubscribe()
+            if self.config.restore_defaults_on_stop:
+                await self._restore_defaults()
+
+    def _build_engine(self, agent: Agent) -> Engine:
+        cfg = agent.config
+        store = agent.store
+        gpus: list[str] = []
+        stale: dict[str, float] = {}
+        for poller in agent.pollers.values():
+            if poller.cfg.kind == "nvml":  # type: ignore[attr-defined]
+                limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
+                for g in sorted(poller.sub_devices, key=_natural):
+                    gpus.append(g)
+                    stale[g] = limit
+            else:
+                stale[poller.cfg.id] = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
+        topo = topology_from_config(cfg, gpus, stale)
+        initial = {}
+        for g in gpus:
+            limit_r, default_r = store.get(g, "power_limit_w"), store.get(g, "default_power_limit_w")
+            if limit_r and default_r and limit_r.value is not None and default_r.value is not None:
+                if limit_r.value < default_r.value - CAP_TOLERANCE_W:
+                    initial[g] = limit_r.value
+                self.actuation[g] = GpuActuation(requested_w=limit_r.value)
+        if initial:
+            agent.events.emit(
+                "reconciled",
+                Severity.WARNING,
+                f"{len(initial)} GPU(s) found capped at start; "
+                "keeping the caps still justified, ramping the rest",
+                detail={"caps_w": {g: round(w, 1) for g, w in initial.items()}},
+            )
+        return Engine(self.config, topo, started=time.monotonic(), initial_limits=initial)
+
+    def _on_batch(self, batch: Sequence[Reading]) -> None:
+        # Cheap: runs inside StateStore.update for every batch; the engine re-evaluates only the
+        # devices with new inputs (and everything at least once a second).
+        changed = {r.device for r in batch if r.metric in INPUT_METRICS}
+        if not changed:
+            return
+        self._changed |= changed
+        if not self._wake.is_set():
+            self._trigger_mono = batch[0].ts_mono
+            self._wake.set()
+
+    # ------------------------------------------------------------------ engine loop
+    async def _engine_loop(self) -> None:
+        assert self.agent is not None and self.engine is not None
+        agent, engine = self.agent, self.engine
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # hold times, ramps and staleness need a clock
+                    await self._wake.wait()
+            self._wake.clear()
+            trigger = self._trigger_mono or time.monotonic()
+            self._trigger_mono = 0.0
+            t0 = time.monotonic()
+            full = t0 - self._last_full >= 1.0 or self._full_next
+            changed, self._changed = self._changed, set()
+            if full:
+                self._last_full = t0
+                self._full_next = False
+            now_wall = time.time()
+            self._expire_overrides(now_wall)
+            external: dict[str, tuple[float, str]] = {}
+            for source in self.cap_sources:
+                for g, (w, why) in source().items():
+                    if g not in external or w < external[g][0]:
+                        external[g] = (w, why)
+            decision = engine.step(
+                agent.store.readings(),
+                t0,
+                now_wall,
+                overrides=list(self._overrides.values()),
+                external_caps=external,
+                acked=frozenset(agent.events.acks),
+                changed=None if full else changed,
+            )
+            decided = time.monotonic()
+            self.steps += 1
+            self.step_durations.append(decided - t0)
+            for event in decision.events:
+                agent.events.publish(event)
+                log.warning(event.message, interlock=event.detail.get("interlock"), device=event.device)
+            self.caps = decision.caps
+            self._dispatch_caps(decision.caps, trigger, decided)
+            if decision.actions:
+                self._mailbox.actions.extend(decision.actions)
+                self._mail.set()
+
+    # ------------------------------------------------------------------ actuation
+    def _nvml_for(self, gpu: str) -> Any:
+        assert self.agent is not None
+        parent = self.agent.store.parent_of(gpu)
+        poller = self.agent.pollers.get(parent)
+        return None if poller is None else poller.driver
+
+    def _dispatch_caps(self, caps: Mapping[str, float], trigger: float, decided: float) -> None:
+        """Submit every needed power-limit change now, without awaiting: the NVML driver's
+        actuation thread starts on it at once; a task collects the read-backs."""
+        now = time.monotonic()
+        todo: dict[Any, dict[str, float]] = {}  # driver -> {gpu: cap}
+        for gpu, cap in caps.items():
+            act = self.actuation.setdefault(gpu, GpuActuation())
+            target = act.in_flight_w if act.in_flight_w is not None else act.requested_w
+            if (
+                target is not None
+                and abs(target - cap) <= CAP_TOLERANCE_W / 2
+                and (act.failing_since is None or act.in_flight_w is not None)
+            ):
+                continue
+            if act.failing_since is not None and now < act.next_try:
+                continue
+            act.in_flight_w = cap
+            todo.setdefault(self._nvml_for(gpu), {})[gpu] = cap
+        for driver, batch in todo.items():
+            future = None
+            submitted = time.monotonic()
+            if driver is not None and hasattr(driver, "submit_power_limits"):
+                try:
+                    future = driver.submit_power_limits(batch)
+                except DriverError as err:
+                    for gpu, cap in batch.items():
+                        self._record(gpu, cap, None, err.reason, Timing(gpu, cap, trigger, decided, now, now))
+                    continue
+            assert self._tg is not None
+            self._tg.create_task(
+                self._set_caps(driver, batch, trigger, decided, future, submitted), name="interlocks.set"
+            )
+
+    async def _actuate_loop(self) -> None:
+        """Discrete actions (shed, CDU setpoint), in order."""
+        while True:
+            await self._mail.wait()
+            self._mail.clear()
+            actions, self._mailbox.actions = self._mailbox.actions, []
+            for action in actions:
+                await self._act(action)
+
+    async def _set_caps(
+        self,
+        driver: Any,
+        batch: dict[str, float],
+        trigger: float,
+        decided: float,
+        future: Any = None,
+        submitted: float | None = None,
+    ) -> None:
+        """Collect one driver's batch of cap changes (submitted already when ``future`` is given)."""
+        issued = submitted if future is not None and submitted is not None else time.monotonic()
+        results: dict[str, float | str] = {}
+        if driver is None or not hasattr(driver, "set_power_limit"):
+            results = dict.fromkeys(batch, "no NVML driver for this GPU")
+        else:
+            try:
+                if future is not None:
+                    async with asyncio.timeout(max(1.0, getattr(driver.cfg, "timeout_s", 2.0))):
+                        raw = await asyncio.shield(future)
+                    results = {g: (v.reason if isinstance(v, DriverError) else v) for g, v in raw.items()}
+                elif hasattr(driver, "set_power_limits"):
+                    raw = await driver.set_power_limits(batch)
+                    results = {g: (v.reason if isinstance(v, DriverError) else v) for g, v in raw.items()}
+                else:
+                    for gpu, cap in batch.items():
+                        try:
+                            results[gpu] = await driver.set_power_limit(gpu, cap)
+                        except DriverError as err:
+                            results[gpu] = err.reason
+            except (DriverError, TimeoutError) as err:
+                results = dict.fromkeys(batch, getattr(err, "reason", None) or "timed out")
+            except Exception as err:  # an actuator bug is a failed action, never a dead engine
+                log.exception("power limit set crashed")
+                results = dict.fromkeys(batch, f"{type(err).__name__}: {err}")
+        done = time.monotonic()
+        for gpu, cap in batch.items():
+            self.actuation.setdefault(gpu, GpuActuation()).in_flight_w = None
+            outcome = results.get(gpu, "no result")
+            timing = Timing(gpu, cap, trigger, decided, issued, done)
+            if isinstance(outcome, str):
+                self._record(gpu, cap, None, outcome, timing)
+            else:
+                self._record(gpu, cap, outcome, None, timing)
+
+    def _record(
+        self, gpu: str, cap: float, readback: float | None, error: str | None, timing: Timing
+    ) -> None:
+        assert self.agent is not None
+        events = self.agent.events
+        act = self.actuation.setdefault(gpu, GpuActuation())
+        if error is None and readback is not None and abs(readback - cap) > max(CAP_TOLERANCE_W, 0.01 * cap):
+            # The driver clamps to the GPU's constraints; anything else is a device that did not obey.
+            error = f"read back {readback:.1f} W after setting {cap:.1f} W"
+        timing.ok = error is None
+        self.timings.append(timing)
+        if error is None:
+            previous = act.requested_w
+            act.requested_w = readback if readback is not None else cap
+            if act.failing_since is not None:
+                events.emit(
+                    "actuation_recovered",
+                    Severity.INFO,
+                    f"{gpu}: power limit set to {cap:.0f} W after earlier failures",
+                    device=gpu,
+                    detail={"cap_w": round(cap, 1)},
+                )
+            act.failing_since = None
+            act.last_error = None
+            events.emit(
+                "cap_applied",
+                Severity.INFO,
+                f"{gpu}: power limit {previous if previous is None else round(previous)} -> {cap:.0f} W "
+                f"(read back {act.requested_w:.0f} W)",
+                device=gpu,
+                detail={
+                    "cap_w": round(cap, 1),
+                    "previous_w": None if previous is None else round(previous, 1),
+                    "readback_w": None if readback is None else round(readback, 1),
+                    "by": self._cap_reasons(gpu),
+                    "latency_ms": round(((timing.done_mono or 0.0) - timing.trigger_mono) * 1000, 1),
+                },
+            )
+            return
+        first = act.failing_since is None
+        act.failing_since = act.failing_since or time.monotonic()
+        act.next_try = time.monotonic() + self.config.retry_s
+        if first or error != act.last_error:
+            events.emit(
+                "actuation_failed",
+                Severity.CRITICAL,
+                f"{gpu}: could not set power limit {cap:.0f} W: {error} "
+                f"(retrying every {self.config.retry_s:g} s)",
+                device=gpu,
+                detail={"cap_w": round(cap, 1), "error": error, "by": self._cap_reasons(gpu)},
+            )
+        act.last_error = error
+
+    async def _act(self, action: Action) -> None:
+        assert self.agent is not None
+        events = self.agent.events
+        poller = self.agent.pollers.get(action.device)
+        driver = None if poller is None else poller.driver
+        try:
+            if action.kind == "outlet_off":
+                if driver is None or not hasattr(driver, "set_outlet"):
+                    raise DriverError(action.device, "no SNMP driver with outlet control")
+                await driver.set_outlet(int(action.value), False)
+            elif action.kind in ("cdu_setpoint", "cdu_setpoint_restore"):
+                if driver is None or not hasattr(driver, "write_point"):
+                    raise DriverError(action.device, "no Modbus driver with writable points")
+                if action.kind == "cdu_setpoint":
+                    current = self.agent.store.value(action.device, "setpoint_c")
+                    if current is not None:
+                        self._cdu_setpoints.setdefault(action.device, current)
+                    await driver.write_point("setpoint_c", float(action.value))
+                elif action.device in self._cdu_setpoints:
+                    await driver.write_point("setpoint_c", self._cdu_setpoints.pop(action.device))
+        except (DriverError, ValueError) as err:
+            events.emit(
+                "actuation_failed",
+                Severity.CRITICAL,
+                f"{action.device}: {action.kind} failed: {err}",
+                device=action.device,
+                detail={
+                    "action": action.kind,
+                    "value": action.value,
+                    "reason": action.reason,
+                    "error": str(err),
+                },
+            )
+            return
+        events.emit(
+            "action",
+            Severity.WARNING,
+            f"{action.device}: {action.kind} {action.value} ({action.reason})",
+            device=action.device,
+            detail={
+                "action": action.kind,
+                "value": action.value,
+                "reason": action.reason,
+                "trip_event": action.event_id,
+            },
+        )
+
+    async def _restore_defaults(self) -> None:
+        assert self.agent is not None
+        for gpu in list(self.caps):
+            default = self.agent.store.value(gpu, "default_power_limit_w")
+            driver = self._nvml_for(gpu)
+            if default is None or driver is None:
+                continue
+            with contextlib.suppress(Exception):
+                await driver.set_power_limit(gpu, default)
+        log.info("power limits restored to defaults on stop", gpus=len(self.caps))
+
+    def _cap_reasons(self, gpu: str) -> list[str]:
+        if self.engine is None:
+            return []
+        suppressed = {(o.interlock, o.device) for o in self._overrides.values()}
+        return sorted({name for _, name in self.engine.caps_by_gpu(suppressed).get(gpu, [])})
+
+    # ------------------------------------------------------------------ overrides
+    def add_override(
+        self, interlock: str, device: str, *, duration_s: float, reason: str, by: str, force: bool = False
+    ) -> dict[str, Any]:
+        if interlock not in INTERLOCKS:
+            raise ValueError(f"unknown interlock {interlock!r} (known: {', '.join(INTERLOCKS)})")
+        if not reason.strip():
+            raise ValueError("an override needs a reason")
+        if not 0 < duration_s <= self.config.max_override_s:
+            raise ValueError(
+                f"duration must be between 0 and {self.config.max_override_s:g} s (got {duration_s:g})"
+            )
+        if interlock in FORCE_ONLY and not force:
+            raise ValueError(f"{interlock} can only be overridden with force")
+        known = self._known_devices()
+        if device not in known:
+            raise ValueError(f"unknown device {device!r} for interlocks")
+        now = time.time()
+        ov = Override(
+            id=f"ov-{next(self._ids)}",
+            interlock=interlock,
+            device=device,
+            reason=reason.strip(),
+            by=by,
+            created_wall=now,
+            expires_wall=now + duration_s,
+            forced=force,
+        )
+        self._overrides[ov.id] = ov
+        assert self.agent is not None
+        self.agent.events.emit(
+            "override_set",
+            Severity.WARNING,
+            f"{interlock} on {device} overridden by {by} for {duration_s:.0f} s: {reason}",
+            device=device,
+            detail=ov.to_dict(),
+        )
+        self._full_next = True
+        self._wake.set()
+        return ov.to_dict()
+
+    def clear_override(self, override_id: str, *, by: str) -> dict[str, Any]:
+        ov = self._overrides.pop(override_id)  # KeyError: unknown id
+        assert self.agent is not None
+        self.agent.events.emit(
+            "override_cleared",
+            Severity.INFO,
+            f"override {ov.id} ({ov.interlock} on {ov.device}) cleared by {by}",
+            device=ov.device,
+            detail={**ov.to_dict(), "cleared_by": by},
+        )
+        self._full_next = True
+        self._wake.set()
+        return ov.to_dict()
+
+    def overrides(self) -> list[dict[str, Any]]:
+        return [o.to_dict() for o in self._overrides.values()]
+
+    def _expire_overrides(self, now_wall: float) -> None:
+        for ov in [o for o in self._overrides.values() if o.expires_wall <= now_wall]:
+            del self._overrides[ov.id]
+            if self.agent is not None:
+                self.agent.events.emit(
+                    "override_expired",
+                    Severity.INFO,
+                    f"override {ov.id} ({ov.interlock} on {ov.device}) expired",
+                    device=ov.device,
+                    detail=ov.to_dict(),
+                )
+
+    def _known_devices(self) -> set[str]:
+        if self.engine is None:
+            return set()
+        t = self.engine.topology
+        return set(t.gpus) | set(t.loops) | set(t.pdus)
+
+    # ------------------------------------------------------------------ views
+    def status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"armed": False, "active": [], "caps": {}, "overrides": self.overrides()}
+        suppressed = {(o.interlock, o.device) for o in self._overrides.values()}
+        active = []
+        for inst in self.engine.active():
+            active.append(
+                {
+                    "id": inst.trip_event,
+                    "interlock": inst.interlock,
+                    "device": inst.device,
+                    "since_wall": time.time() - (time.monotonic() - (inst.tripped_since or time.monotonic())),
+                    "cap_w": min(inst.caps.values()) if inst.caps else None,
+                    "gpus": list(inst.gpus),
+                    "overridden": (inst.interlock, inst.device) in suppressed,
+                    "detail": {k: v for k, v in inst.detail.items() if not k.startswith("_")},
+                }
+            )
+        caps = {}
+        by_gpu = self.engine.caps_by_gpu(suppressed)
+        for gpu, cap in self.caps.items():
+            default = self.agent.store.value(gpu, "default_power_limit_w") if self.agent else None
+            if default is None:
+                continue
+            reasons = sorted({n for _, n in by_gpu.get(gpu, [])})
+            if cap >= default - CAP_TOLERANCE_W and not reasons:
+                continue
+            act = self.actuation.get(gpu)
+            lowest = min((w for w, _ in by_gpu.get(gpu, [])), default=default)
+            caps[gpu] = {
+                "cap_w": round(cap, 1),
+                "default_w": default,
+                "by": reasons,
+                "applied_w": None if act is None or act.requested_w is None else round(act.requested_w, 1),
+                "state": "capped" if reasons and cap <= lowest + CAP_TOLERANCE_W else "ramping",
+                "error": None if act is None else act.last_error,
+            }
+        return {
+            "armed": True,
+            "active": active,
+            "caps": caps,
+            "overrides": self.overrides(),
+            "config_hash": config_hash(self.config),
+        }
+
+    def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+        out: list[tuple[str, list[tuple[str, str]], float, str]] = []
+        if self.engine is None:
+            return out
+        for inst in self.engine.instances.values():
+            if inst.tripped:
+                out.append(
+                    (
+                        "podagent_interlock_active",
+                        [("interlock", inst.interlock), ("device", inst.device)],
+                        1.0,
+                        "1 while the interlock is tripped on the device.",
+                    )
+                )
+        for gpu, cap in self.caps.items():
+            out.append(
+                (
+                    "podagent_gpu_cap_watts",
+                    [("device", gpu)],
+                    round(cap, 1),
+                    "The power cap the interlocks (and budget) ask for this GPU.",
+                )
+            )
+        out.append(
+            ("podagent_interlock_overrides", [], float(len(self._overrides)), "Active interlock overrides.")
+        )
+        failing = sum(1 for a in self.actuation.values() if a.failing_since is not None)
+        out.append(
+            ("podagent_actuation_failing", [], float(failing), "GPUs whose power limit could not be set.")
+        )
+        return out
+
+
+def config_hash(cfg: InterlockConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _natural(name: str) -> tuple[str, int]:
+    head = name.rstrip("0123456789")
+    tail = name[len(head) :]
+    return head, int(tail) if tail else -1
+
+
+def topology_from_config(cfg: AgentConfig, gpus: Sequence[str], stale: Mapping[str, float]) -> Topology:
+    known = set(gpus)
+    loops: dict[str, tuple[str, ...]] = {}
+    pdus: dict[str, tuple[str, ...]] = {}
+    ratings: dict[str, float] = {}
+    min_flow: dict[str, float] = {}
+    outlets: dict[str, dict[int, tuple[str, ...]]] = {}
+    for dev in cfg.device:
+        if isinstance(dev, ModbusDevice) and dev.gpus and dev.profile != "modbus-pdu":
+            loops[dev.id] = tuple(g for g in dev.gpus if g in known)
+            if dev.min_flow_lpm is not None:
+                min_flow[dev.id] = dev.min_flow_lpm
+        elif isinstance(dev, SnmpDevice | ModbusDevice) and (dev.gpus or dev.breaker_rating_a):
+            pdus[dev.id] = tuple(g for g in dev.gpus if g in known)
+            if dev.breaker_rating_a:
+                ratings[dev.id] = dev.breaker_rating_a
+            if isinstance(dev, SnmpDevice) and dev.outlet_gpus:
+                outlets[dev.id] = {int(k): tuple(v) for k, v in dev.outlet_gpus.items()}
+    return Topology(
+        gpus=tuple(gpus),
+        loops=loops,
+        pdus=pdus,
+        pdu_rating_a=ratings,
+        min_flow_lpm=min_flow,
+        stale_after_s=dict(stale),
+        outlet_gpus=outlets,
+    )
+
+
+def build_service(config: AgentConfig) -> InterlockService | None:
+    return InterlockService(config.interlocks) if config.interlocks.enabled else None
+
+
+__all__ = ["Event", "InterlockService", "build_service", "topology_from_config"]

@@ -1,0 +1,1 @@
+"""Pod power: budgets (site, fleet, grid import), per-GPU allocation, grid-friendly ramps (battery)."""

@@ -1,0 +1,44 @@
+"""``[power]``: the pod's power budget, allocation and grid ramp limiting (docs/power.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from agent.config_base import Strict
+
+
+class PowerConfig(Strict):
+    enabled: bool = False
+    # Control period: reads the site meter / battery / pod power, moves the battery, re-plans caps.
+    control_period_s: float = Field(0.2, gt=0, le=5)
+    # Budgets; the lowest wins (with the fleet's set_power_budget and the interlocks' caps).
+    site_limit_w: float | None = Field(None, gt=0)  # static limit on the pod's IT power (PDU sum)
+    grid_import_limit_w: float | None = Field(None, gt=0)  # limit on the site meter's import
+    # Grid-friendly ramps: the site meter's import may change at most this fast (None: off).
+    ramp_limit_w_per_s: float | None = Field(None, gt=0)
+    battery: str | None = None  # device id of the BMS (generic-bms profile)
+    site_meter: str | None = None  # device id of the site meter (generic-site-meter profile)
+    # grid_target: write the ramped grid import target and let the inverter hold it from its own
+    # current transformer (fast); setpoint: write the battery power every control period.
+    battery_mode: Literal["grid_target", "setpoint"] = "grid_target"
+    soc_min_pct: float = Field(15.0, ge=0, le=100)  # inside the BMS's own bounds
+    soc_max_pct: float = Field(90.0, ge=0, le=100)
+    soc_target_pct: float = Field(60.0, ge=0, le=100)
+    # SoC regulation: the grid target moves this many W per % of SoC off target (slowly, ramped).
+    soc_gain_w_per_pct: float = Field(500.0, ge=0)
+    # With a battery the grid follows the load's moving average (this time constant), not the load.
+    smoothing_s: float = Field(30.0, gt=0)
+    # Allocation
+    hysteresis_w: float = Field(15.0, ge=0)  # per GPU: smaller re-plans are not applied
+    idle_util_pct: float = Field(10.0, ge=0, le=100)  # below: the GPU is idle, its headroom is shared
+    idle_margin_w: float = Field(50.0, ge=0)  # an idle GPU keeps its draw plus this
+    margin_w: float = Field(0.0, ge=0)  # aim this far under every budget
+    stale_after_s: float = Field(2.0, gt=0)  # inputs older than this are not used
+
+    @model_validator(mode="after")
+    def _soc(self) -> PowerConfig:
+        if not self.soc_min_pct <= self.soc_target_pct <= self.soc_max_pct:
+            raise ValueError("need soc_min_pct <= soc_target_pct <= soc_max_pct")
+        return self

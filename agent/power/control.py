@@ -1,0 +1,147 @@
+"""One control period of the pod's power: budgets -> grid import target -> battery -> GPU budget.
+
+Pure apart from the small ``RampState`` it carries between periods (passed in, updated in place),
+so the agent's service and ``bench/grid_ramp.py`` run exactly the same code.
+
+Order of means (docs/power.md): the battery absorbs load swings first (it discharges when the load
+jumps, charges when it drops) so that the grid import moves at most ``ramp_limit_w_per_s``; with a
+battery the grid follows the load's moving average (plus a slow SoC correction), not the load.
+Only when the battery is absent, faulted or at a SoC bound does the load itself have to follow the
+grid target: the GPU budget is lowered (caps, at once) and rises with the ramp. A load drop that
+the battery cannot absorb cannot be held up by caps: the grid target follows it down.
+Budgets (static site limit, fleet budget, grid import limit) beat the ramp: a lower limit applies
+at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from agent.power.config import PowerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class BatteryInput:
+    soc_pct: float
+    power_w: float  # + discharge, - charge
+    max_charge_w: float
+    max_discharge_w: float
+    faults: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    dt: float  # seconds since the previous period
+    pod_power_w: float | None  # IT load: the PDUs' sum
+    gpu_power_w: float | None  # sum of the GPUs' measured power
+    grid_w: float | None  # site meter import
+    battery: BatteryInput | None
+    pod_limits: dict[str, float] = field(default_factory=dict)  # source -> limit on pod IT power
+    grid_limit_w: float | None = None  # None: the config's grid_import_limit_w
+
+
+@dataclass
+class RampState:
+    grid_cmd_w: float | None = None  # the ramped grid import target
+    load_avg_w: float | None = None  # the site load's moving average
+    capping: bool = False  # the last period had to hold the load down with GPU caps
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    site_load_w: float | None  # grid + battery discharge: what the site draws
+    aux_w: float | None  # site load minus the pod's IT load (cooling)
+    grid_target_w: float | None
+    battery_setpoint_w: float | None  # None: no battery to command
+    pod_budget_w: float | None  # the pod's IT power the GPUs are allocated against
+    budget_source: str | None  # which limit set pod_budget_w
+    gpu_budget_w: float | None  # pod_budget_w minus the measured non-GPU load
+    discharge_avail_w: float
+    charge_avail_w: float
+
+
+def _available(cfg: PowerConfig, bat: BatteryInput | None) -> tuple[float, float]:
+    """(discharge, charge) the agent may use now: the BMS's limits inside our own SoC bounds."""
+    if bat is None or bat.faults:
+        return 0.0, 0.0
+    dis = bat.max_discharge_w if bat.soc_pct > cfg.soc_min_pct else 0.0
+    chg = bat.max_charge_w if bat.soc_pct < cfg.soc_max_pct else 0.0
+    return max(0.0, dis), max(0.0, chg)
+
+
+def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
+    bat = inp.battery
+    bat_w = bat.power_w if bat is not None else 0.0
+    if inp.grid_w is not None:
+        site = inp.grid_w + bat_w
+    elif inp.pod_power_w is not None:
+        site = inp.pod_power_w  # no meter: the cooling load is unknown, take the IT load
+    else:
+        site = None
+    aux = max(0.0, site - inp.pod_power_w) if site is not None and inp.pod_power_w is not None else None
+    dis, chg = _available(cfg, bat)
+    has_battery = dis > 0.0 or chg > 0.0
+
+    # The pod limits (site, fleet): the lowest wins.
+    pod_budget: float | None = None
+    source: str | None = None
+    for name, watts in sorted(inp.pod_limits.items()):
+        if pod_budget is None or watts < pod_budget:
+            pod_budget, source = watts, name
+    grid_limit_w = inp.grid_limit_w if inp.grid_limit_w is not None else cfg.grid_import_limit_w
+    grid_limit = grid_limit_w - cfg.margin_w if grid_limit_w is not None else None
+
+    grid_target: float | None = None
+    setpoint: float | None = None
+    if site is not None and cfg.ramp_limit_w_per_s is not None:
+        dt = max(inp.dt, 0.0)
+        if state.grid_cmd_w is None or state.load_avg_w is None:
+            state.grid_cmd_w = inp.grid_w if inp.grid_w is not None else site
+            state.load_avg_w = site
+        state.load_avg_w += (site - state.load_avg_w) * (1.0 - math.exp(-dt / cfg.smoothing_s))
+        if has_battery and bat is not None:
+            desired = state.load_avg_w - cfg.soc_gain_w_per_pct * (bat.soc_pct - cfg.soc_target_pct)
+        else:
+            desired = site
+        step = cfg.ramp_limit_w_per_s * dt
+        upper, lower = state.grid_cmd_w + step, state.grid_cmd_w - step
+        if state.capping:
+            desired = max(desired, upper)  # the load is held down: its real demand is higher
+        g = min(max(desired, lower), upper)
+        g = min(g, site + chg)  # the load fell further than the battery can absorb: follow it
+        if grid_limit is not None:
+            g = min(g, grid_limit)  # a budget beats the ramp
+        g = max(g, 0.0)
+        state.grid_cmd_w = g
+        grid_target = g
+        if bat is not None:
+            setpoint = min(max(site - g, -chg), dis)
+        ramp_pod = g + dis - (aux or 0.0)
+        state.capping = site - dis >= g - 0.01 * max(g, 1.0)
+        if pod_budget is None or ramp_pod < pod_budget:
+            pod_budget, source = ramp_pod, "grid_ramp"
+    elif grid_limit is not None and site is not None:
+        # No ramp limiting: only the grid import limit; the battery shaves what is over it.
+        grid_target = grid_limit
+        if bat is not None:
+            setpoint = min(max(site - grid_limit, 0.0), dis)
+        grid_pod = grid_limit + dis - (aux or 0.0)
+        if pod_budget is None or grid_pod < pod_budget:
+            pod_budget, source = grid_pod, "grid_import_limit"
+
+    gpu_budget: float | None = None
+    if pod_budget is not None and inp.pod_power_w is not None and inp.gpu_power_w is not None:
+        non_gpu = max(0.0, inp.pod_power_w - inp.gpu_power_w)
+        gpu_budget = pod_budget - cfg.margin_w - non_gpu
+    return Decision(
+        site_load_w=site,
+        aux_w=aux,
+        grid_target_w=grid_target,
+        battery_setpoint_w=setpoint,
+        pod_budget_w=pod_budget,
+        budget_source=source,
+        gpu_budget_w=gpu_budget,
+        discharge_avail_w=dis,
+        charge_avail_w=chg,
+    )

@@ -1,0 +1,299 @@
+"""PowerService: runs the power controller every control period inside the agent.
+
+Reads the store (site meter, BMS, the pod's PDU sum, GPU power/util/limits), runs
+``control_step`` and ``allocate``, commands the battery through its Modbus driver (never awaited by
+the control loop: one write in flight, latest wins) and hands the per-GPU caps to the interlock
+engine as a cap source (the lowest cap wins there, and it ramps releases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.budget import FleetBudget
+from agent.config import AgentConfig
+from agent.drivers.base import DriverError
+from agent.power.allocate import Allocation, GpuInput, allocate
+from agent.power.config import PowerConfig
+from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
+from agent.state import POD_DEVICE
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = structlog.get_logger(__name__)
+
+CAP_REASON = "power_budget"
+MODE_SETPOINT, MODE_GRID_TARGET = 0, 1
+
+
+class PowerService:
+    def __init__(self, config: PowerConfig) -> None:
+        self.config = config
+        self.agent: Agent | None = None
+        self.ramp = RampState()
+        self.caps: dict[str, float] = {}
+        self.decision: Decision | None = None
+        self.allocation: Allocation | None = None
+        self.steps = 0
+        self.last_step_mono: float | None = None
+        self._last_grid: tuple[float, float] | None = None  # (mono, W)
+        self.grid_ramp_w_per_s: float | None = None
+        self.max_grid_ramp_w_per_s = 0.0
+        self._write: asyncio.Task[None] | None = None
+        self._written: dict[str, float] = {}
+        self.battery_error: str | None = None
+        self.interlocks_attached = False
+
+    # ------------------------------------------------------------------ wiring
+    async def run(self, agent: Agent) -> None:
+        self.agent = agent
+        agent.status_providers["power"] = self.status
+        agent.metric_sources.append(self.metrics)
+        await agent.ready.wait()
+        if agent.interlocks is not None and hasattr(agent.interlocks, "cap_sources"):
+            agent.interlocks.cap_sources.append(self.cap_source)
+            self.interlocks_attached = True
+        else:
+            log.warning("power budget: no interlock service; GPU caps will not be applied")
+        period = self.config.control_period_s
+        try:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            while True:
+                self.step(time.monotonic(), time.time())
+                next_at += period
+                delay = next_at - loop.time()
+                if delay < -period:  # far behind: re-anchor rather than burst
+                    next_at, delay = loop.time(), 0.0
+                await asyncio.sleep(max(delay, 0.0))
+        finally:
+            await self._release_battery()
+
+    def cap_source(self) -> Mapping[str, tuple[float, str]]:
+        return {g: (w, CAP_REASON) for g, w in self.caps.items()}
+
+    # ------------------------------------------------------------------ the period
+    def pod_limits(self, now_wall: float) -> dict[str, float]:
+        assert self.agent is not None
+        out: dict[str, float] = {}
+        if self.config.site_limit_w is not None:
+            out["site_limit"] = self.config.site_limit_w
+        budget: FleetBudget | None = self.agent.fleet_budget
+        if budget is not None and budget.active(now_wall):
+            out["fleet_budget"] = budget.watts
+        return out
+
+    def _gpus(self) -> dict[str, GpuInput]:
+        assert self.agent is not None
+        store = self.agent.store
+        gpus: dict[str, GpuInput] = {}
+        for poller in self.agent.pollers.values():
+            if getattr(poller.cfg, "kind", None) != "nvml":
+                continue
+            for g in sorted(getattr(poller, "sub_devices", ())):
+                lo, hi = store.value(g, "min_power_limit_w"), store.value(g, "max_power_limit_w")
+                default = store.value(g, "default_power_limit_w")
+                if lo is None or hi is None or default is None:
+                    continue  # constraints unknown: nothing safe to ask for
+                gpus[g] = GpuInput(lo, hi, default, store.value(g, "power_w"), store.value(g, "util_gpu_pct"))
+        return gpus
+
+    def _battery(self) -> BatteryInput | None:
+        assert self.agent is not None
+        dev = self.config.battery
+        if dev is None:
+            return None
+        age = self.config.stale_after_s
+        v = {
+            m: self.agent.store.value(dev, m, max_age_s=age)
+            for m in ("soc_pct", "power_w", "max_charge_w", "max_discharge_w", "faults")
+        }
+        if any(x is None for k, x in v.items() if k != "faults"):
+            return None  # a battery we cannot see is treated as absent
+        return BatteryInput(
+            soc_pct=v["soc_pct"] or 0.0,
+            power_w=v["power_w"] or 0.0,
+            max_charge_w=v["max_charge_w"] or 0.0,
+            max_discharge_w=v["max_discharge_w"] or 0.0,
+            faults=int(v["faults"] or 0),
+        )
+
+    def step(self, now: float, now_wall: float) -> Decision:
+        assert self.agent is not None
+        cfg, store = self.config, self.agent.store
+        dt = cfg.control_period_s if self.last_step_mono is None else now - self.last_step_mono
+        self.last_step_mono = now
+        gpus = self._gpus()
+        gpu_power = [g.power_w for g in gpus.values()]
+        grid = store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s) if cfg.site_meter else None
+        inputs = Inputs(
+            dt=dt,
+            pod_power_w=store.value(POD_DEVICE, "power_w", max_age_s=cfg.stale_after_s),
+            gpu_power_w=None if not gpu_power or None in gpu_power else sum(p or 0.0 for p in gpu_power),
+            grid_w=grid,
+            battery=self._battery(),
+            pod_limits=self.pod_limits(now_wall),
+            grid_limit_w=cfg.grid_import_limit_w,
+        )
+        decision = control_step(cfg, inputs, self.ramp)
+        self.decision = decision
+        self.allocation = allocate(
+            decision.gpu_budget_w,
+            gpus,
+            previous=self.caps,
+            hysteresis_w=cfg.hysteresis_w,
+            idle_util_pct=cfg.idle_util_pct,
+            idle_margin_w=cfg.idle_margin_w,
+        )
+        self.caps = self.allocation.caps
+        if grid is not None:
+            if self._last_grid is not None and now > self._last_grid[0]:
+                self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
+                self.max_grid_ramp_w_per_s = max(self.max_grid_ramp_w_per_s, abs(self.grid_ramp_w_per_s))
+            self._last_grid = (now, grid)
+        if inputs.battery is not None:
+            self._command_battery(decision)
+        self.steps += 1
+        return decision
+
+    # ------------------------------------------------------------------ battery
+    def _driver(self) -> Any:
+        assert self.agent is not None
+        poller = self.agent.pollers.get(self.config.battery or "")
+        return None if poller is None else poller.driver
+
+    def _command_battery(self, d: Decision) -> None:
+        if self._write is not None and not self._write.done():
+            return  # one write in flight; the next period sends the latest value
+        writes: list[tuple[str, float]] = []
+        if self.config.battery_mode == "grid_target" and d.grid_target_w is not None:
+            # Target first: the inverter must never hold a stale target in grid-target mode.
+            writes.append(("grid_target_w", float(round(d.grid_target_w))))
+            writes.append(("mode", float(MODE_GRID_TARGET)))
+        else:
+            setpoint = d.battery_setpoint_w if self.config.battery_mode == "setpoint" else None
+            writes.append(("power_setpoint_w", float(round(setpoint or 0.0))))
+            writes.append(("mode", float(MODE_SETPOINT)))
+        writes = [(m, v) for m, v in writes if self._written.get(m) != v]
+        if writes:
+            self._write = asyncio.get_running_loop().create_task(self._send(writes), name="power.battery")
+
+    async def _send(self, writes: list[tuple[str, float]]) -> None:
+        driver = self._driver()
+        if driver is None or not hasattr(driver, "write_point"):
+            self.battery_error = "no Modbus driver for the battery"
+            return
+        try:
+            for metric, value in writes:
+                async with asyncio.timeout(max(1.0, self.config.control_period_s * 5)):
+                    await driver.write_point(metric, value)
+                self._written[metric] = value
+            if self.battery_error is not None:
+                log.info("battery commands work again", device=self.config.battery)
+            self.battery_error = None
+        except (DriverError, ValueError, TimeoutError) as err:
+            if self.battery_error is None:
+                log.warning("battery command failed", device=self.config.battery, error=str(err))
+            self.battery_error = str(err) or type(err).__name__
+            self._written.clear()  # unknown state on the unit: send everything again
+
+    async def _release_battery(self) -> None:
+        """On stop: the battery back to an idle setpoint (a stale grid target must not linger)."""
+        if self.config.battery is None or self._driver() is None:
+            return
+        if self._write is not None:
+            self._write.cancel()
+            with contextlib.suppress(BaseException):
+                await self._write
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self._driver().write_point("power_setpoint_w", 0.0)
+                await self._driver().write_point("mode", float(MODE_SETPOINT))
+
+    # ------------------------------------------------------------------ views
+    def status(self) -> dict[str, Any]:
+        d, a = self.decision, self.allocation
+        bat = self._battery() if self.agent is not None and self.config.battery else None
+
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 1)
+
+        return {
+            "enabled": True,
+            "steps": self.steps,
+            "budget": {
+                "pod_limits_w": self.pod_limits(time.time()) if self.agent else {},
+                "grid_import_limit_w": self.config.grid_import_limit_w,
+                "pod_budget_w": r(d.pod_budget_w) if d else None,
+                "source": d.budget_source if d else None,
+            },
+            "allocation": {
+                "gpu_budget_w": r(d.gpu_budget_w) if d else None,
+                "binding": bool(a and a.binding),
+                "feasible": True if a is None else a.feasible,
+                "capped_gpus": len(self.caps),
+                "busy_gpus": a.busy if a else None,
+                "idle_gpus": a.idle if a else None,
+                "cap_min_w": r(min(self.caps.values())) if self.caps else None,
+                "cap_max_w": r(max(self.caps.values())) if self.caps else None,
+                "applied_by_interlocks": self.interlocks_attached,
+            },
+            "battery": None
+            if bat is None
+            else {
+                "id": self.config.battery,
+                "soc_pct": r(bat.soc_pct),
+                "power_w": r(bat.power_w),
+                "max_charge_w": r(bat.max_charge_w),
+                "max_discharge_w": r(bat.max_discharge_w),
+                "faults": bat.faults,
+                "mode": self.config.battery_mode,
+                "setpoint_w": r(d.battery_setpoint_w) if d else None,
+                "error": self.battery_error,
+            },
+            "ramp": {
+                "limit_w_per_s": self.config.ramp_limit_w_per_s,
+                "site_load_w": r(d.site_load_w) if d else None,
+                "aux_w": r(d.aux_w) if d else None,
+                "grid_w": r(self._last_grid[1]) if self._last_grid else None,
+                "grid_target_w": r(d.grid_target_w) if d else None,
+                "grid_ramp_w_per_s": r(self.grid_ramp_w_per_s),
+                "max_grid_ramp_w_per_s": r(self.max_grid_ramp_w_per_s),
+            },
+        }
+
+    def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+        out: list[tuple[str, list[tuple[str, str]], float, str]] = []
+        d = self.decision
+        if d is None:
+            return out
+
+        def add(name: str, value: float | None, help_: str) -> None:
+            if value is not None:
+                out.append((name, [], float(value), help_))
+
+        add("podagent_power_budget_watts", d.pod_budget_w, "The pod's IT power budget now (lowest source).")
+        add("podagent_power_gpu_budget_watts", d.gpu_budget_w, "The budget left for the GPUs.")
+        add("podagent_power_grid_target_watts", d.grid_target_w, "The ramped grid import target.")
+        add(
+            "podagent_power_battery_setpoint_watts",
+            d.battery_setpoint_w,
+            "Battery power asked (+ discharge).",
+        )
+        add(
+            "podagent_power_grid_ramp_watts_per_second", self.grid_ramp_w_per_s, "Grid import rate of change."
+        )
+        add("podagent_power_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
+        return out
+
+
+def build_service(config: AgentConfig) -> PowerService | None:
+    power: PowerConfig | None = getattr(config, "power", None)
+    return PowerService(power) if power is not None and power.enabled else None

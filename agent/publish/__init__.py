@@ -1,0 +1,1 @@
+"""Publishers read the state store and never block polling or interlocks."""

@@ -1,0 +1,259 @@
+"""StateStore: the latest Reading per (device, metric), its age, device health, and subscribers.
+
+Drivers' readings flow in through ``update``; interlocks, publishers and the control socket read.
+Subscribers get each batch as it lands (no copy of the world), synchronously: a subscriber must be
+cheap (set an event, append to a queue) and must not raise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from types import MappingProxyType
+
+import structlog
+
+from agent.model import Quality, Reading
+
+log = structlog.get_logger(__name__)
+
+Subscriber = Callable[[Sequence[Reading]], None]
+POD_DEVICE = "pod"
+
+
+class DeviceStatus(StrEnum):
+    UNKNOWN = "unknown"  # not polled yet
+    OK = "ok"
+    ERROR = "error"  # the last poll failed
+    STALE = "stale"  # no fresh data for longer than its staleness limit
+
+
+@dataclass
+class DeviceHealth:
+    device: str
+    stale_after_s: float
+    status: DeviceStatus = DeviceStatus.UNKNOWN
+    last_ok_mono: float | None = None
+    last_poll_mono: float | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    polls: int = 0
+    failures: int = 0
+
+    def current_status(self, now: float) -> DeviceStatus:
+        stale = self.last_ok_mono is not None and now - self.last_ok_mono > self.stale_after_s
+        if self.status is DeviceStatus.OK and stale:
+            return DeviceStatus.STALE
+        return self.status
+
+
+class StateStore:
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, str], Reading] = {}
+        self._by_device: dict[str, dict[str, Reading]] = {}
+        self._health: dict[str, DeviceHealth] = {}
+        self._stale_after: dict[str, float] = {}
+        self._subscribers: list[Subscriber] = []
+        # Derived values: which devices' power_w adds up to the pod's, which GPUs each loop cools.
+        self._pod_power_devices: set[str] = set()
+        self._loop_gpus: dict[str, list[str]] = {}
+        self._info: dict[str, dict[str, str]] = {}
+        self._slow: dict[tuple[str, str], int] = {}
+        self._parent: dict[str, str] = {}  # sub-device (gpu3) -> configured device ("gpus")
+
+    # ------------------------------------------------------------------ setup
+    def register_device(self, device: str, *, stale_after_s: float) -> None:
+        self._stale_after[device] = stale_after_s
+        health = self._health.get(device)
+        if health is None:
+            self._health[device] = DeviceHealth(device=device, stale_after_s=stale_after_s)
+        else:
+            health.stale_after_s = stale_after_s
+
+    def set_derivations(
+        self, *, pod_power_devices: Iterable[str], loop_gpus: Mapping[str, list[str]]
+    ) -> None:
+        self._pod_power_devices = set(pod_power_devices)
+        self._loop_gpus = {k: list(v) for k, v in loop_gpus.items()}
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # ------------------------------------------------------------------ writes
+    def update(self, readings: Sequence[Reading]) -> None:
+        if not readings:
+            return
+        latest = self._latest
+        by_device = self._by_device
+        for r in readings:
+            latest[r.key] = r
+            dev = by_device.get(r.device)
+            if dev is None:
+                dev = by_device[r.device] = {}
+            dev[r.metric] = r
+        derived = self._derive(readings)
+        batch = [*readings, *derived] if derived else readings
+        for r in derived:
+            latest[r.key] = r
+            by_device.setdefault(r.device, {})[r.metric] = r
+        for sub in tuple(self._subscribers):
+            try:
+                sub(batch)
+            except Exception:  # a subscriber bug must not stop the data flowing
+                log.exception("state subscriber failed", subscriber=getattr(sub, "__qualname__", repr(sub)))
+
+    def _derive(self, readings: Sequence[Reading]) -> list[Reading]:
+        out: list[Reading] = []
+        touched_power = any(r.metric == "power_w" for r in readings)
+        if not touched_power:
+            return out
+        now_m, now_w = time.monotonic(), time.time()
+        if self._pod_power_devices and any(r.device in self._pod_power_devices for r in readings):
+            total, bad = self._sum_power(self._pod_power_devices)
+            out.append(
+                Reading(
+                    POD_DEVICE,
+                    "power_w",
+                    None if bad else total,
+                    "W",
+                    now_m,
+                    now_w,
+                    Quality.ERROR if bad else Quality.GOOD,
+                    error=f"no power from {', '.join(sorted(bad))}" if bad else None,
+                )
+            )
+        gpu_devices = {r.device for r in readings if r.metric == "power_w"}
+        for loop, gpus in self._loop_gpus.items():
+            if gpu_devices.isdisjoint(gpus):
+                continue
+            total, bad = self._sum_power(gpus)
+            out.append(
+                Reading(
+                    loop,
+                    "gpu_heat_load_kw",
+                    None if bad else total / 1000.0,
+                    "kW",
+                    now_m,
+                    now_w,
+                    Quality.ERROR if bad else Quality.GOOD,
+                    error=f"no power from {len(bad)} GPU(s)" if bad else None,
+                )
+            )
+        return out
+
+    def _sum_power(self, devices: Iterable[str]) -> tuple[float, list[str]]:
+        total = 0.0
+        bad = []
+        for d in devices:
+            r = self._latest.get((d, "power_w"))
+            if r is None or r.value is None or r.quality is not Quality.GOOD:
+                bad.append(d)
+            else:
+                total += r.value
+        return total, bad
+
+    def record_poll(
+        self, device: str, *, ok: bool, error: str | None = None, now: float | None = None
+    ) -> bool:
+        """Note a poll outcome. Returns True when the device's status changed (worth one log line)."""
+        now = time.monotonic() if now is None else now
+        h = self._health.get(device)
+        if h is None:
+            h = self._health[device] = DeviceHealth(
+                device=device, stale_after_s=self._stale_after.get(device, 3.0)
+            )
+        before = h.current_status(now)
+        h.polls += 1
+        h.last_poll_mono = now
+        if ok:
+            h.status = DeviceStatus.OK
+            h.last_ok_mono = now
+            h.consecutive_failures = 0
+            h.last_error = None
+        else:
+            h.status = DeviceStatus.ERROR
+            h.failures += 1
+            h.consecutive_failures += 1
+            h.last_error = error
+        return h.current_status(now) is not before
+
+    def mark_device_error(self, device: str, error: str, *, devices: Iterable[str] = ()) -> None:
+        """The device failed: every metric it (and its sub-devices, e.g. its GPUs) had becomes
+        value None / ERROR, so nothing downstream mistakes the last value for a current one."""
+        now_m, now_w = time.monotonic(), time.time()
+        batch = []
+        for dev in (device, *devices):
+            for r in self._by_device.get(dev, {}).values():
+                if r.quality is Quality.ERROR and r.error == error:
+                    continue
+                batch.append(
+                    replace(r, value=None, quality=Quality.ERROR, error=error, ts_mono=now_m, ts_wall=now_w)
+                )
+        self.update(batch)
+
+    # ------------------------------------------------------------------ reads
+    def get(self, device: str, metric: str) -> Reading | None:
+        return self._latest.get((device, metric))
+
+    def value(self, device: str, metric: str, *, max_age_s: float | None = None) -> float | None:
+        """The value if it is good (and, with max_age_s, fresh enough); None otherwise."""
+        r = self._latest.get((device, metric))
+        if r is None or r.quality is not Quality.GOOD or r.value is None:
+            return None
+        if max_age_s is not None and r.age_s() > max_age_s:
+            return None
+        return r.value
+
+    def device_readings(self, device: str) -> Mapping[str, Reading]:
+        return MappingProxyType(self._by_device.get(device, {}))
+
+    def devices(self) -> list[str]:
+        return sorted(self._by_device)
+
+    def readings(self) -> Mapping[tuple[str, str], Reading]:
+        """A read-only view (no copy): iterate inside one synchronous step of the loop."""
+        return MappingProxyType(self._latest)
+
+    def effective_quality(self, reading: Reading, now: float | None = None) -> Quality:
+        """GOOD readings older than their device's staleness limit read as STALE."""
+        if reading.quality is not Quality.GOOD:
+            return reading.quality
+        limit = self._stale_after.get(reading.device)
+        if limit is None:
+            limit = self._stale_after.get(self._parent.get(reading.device, ""), None)
+        if limit is not None and reading.age_s(now) > limit * self._slow.get(reading.key, 1):
+            return Quality.STALE
+        return Quality.GOOD
+
+    def set_cadence(self, device: str, metric: str, every_polls: int) -> None:
+        """A metric its driver reads only every N polls (an SNMP outlet table): stale after N x."""
+        self._slow[(device, metric)] = every_polls
+
+    def set_info(self, device: str, info: Mapping[str, str]) -> None:
+        """Static attributes of a device or sub-device (a GPU's UUID, name, PCI bus id)."""
+        self._info[device] = dict(info)
+
+    def info(self, device: str) -> Mapping[str, str]:
+        return MappingProxyType(self._info.get(device, {}))
+
+    def set_parent(self, sub_device: str, device: str) -> None:
+        """gpu3 is polled by the nvml device "gpus": it shares its staleness limit and health."""
+        self._parent[sub_device] = device
+
+    def parent_of(self, device: str) -> str:
+        return self._parent.get(device, device)
+
+    def health(self) -> Mapping[str, DeviceHealth]:
+        return MappingProxyType(self._health)
+
+    def stale_devices(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        return sorted(d for d, h in self._health.items() if h.current_status(now) is not DeviceStatus.OK)

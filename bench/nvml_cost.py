@@ -1,0 +1,121 @@
+"""What the NVML fake and the NVML driver cost: per call, per publish, per poll.
+
+Usage: .venv/bin/python bench/nvml_cost.py [--gpus 576] [--real]
+``--real`` also times the same calls against NVIDIA's pynvml (needs a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pynvml
+
+import hwsim.nvml as fake
+from agent.config import NvmlDevice
+from agent.drivers.nvml import NvmlDriver
+from hwsim.nvml.shm import NvmlShmWriter
+from hwsim.state import GpuState, PodState
+
+
+def make_pod(n: int) -> PodState:
+    gpus = [
+        GpuState(
+            index=i,
+            uuid=f"GPU-{i:08x}-0000-0000-0000-000000000000",
+            name="NVIDIA H100 80GB HBM3",
+            pci_bus_id=f"00000000:{i % 256:02X}:00.0",
+            serial=f"{i:013d}",
+            server=i // 8,
+            loop="cdu-1",
+            default_limit_w=700.0,
+            min_limit_w=200.0,
+            max_limit_w=700.0,
+            power_limit_w=700.0,
+            enforced_limit_w=700.0,
+            power_w=500.0,
+        )
+        for i in range(n)
+    ]
+    return PodState(name="bench", gpus=gpus)
+
+
+def per_call_us(fn: Callable[[], Any], n: int = 20000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def time_calls(lib: ModuleType, label: str) -> None:
+    h = lib.nvmlDeviceGetHandleByIndex(0)
+    calls: dict[str, Callable[[], Any]] = {
+        "GetPowerUsage": lambda: lib.nvmlDeviceGetPowerUsage(h),
+        "GetTemperature": lambda: lib.nvmlDeviceGetTemperature(h, lib.NVML_TEMPERATURE_GPU),
+        "GetMemoryInfo": lambda: lib.nvmlDeviceGetMemoryInfo(h),
+        "GetUtilizationRates": lambda: lib.nvmlDeviceGetUtilizationRates(h),
+        "GetPowerManagementLimit": lambda: lib.nvmlDeviceGetPowerManagementLimit(h),
+        "GetTotalEccErrors": lambda: lib.nvmlDeviceGetTotalEccErrors(
+            h, lib.NVML_MEMORY_ERROR_TYPE_CORRECTED, lib.NVML_VOLATILE_ECC
+        ),
+    }
+    for name, fn in calls.items():
+        try:
+            print(f"{label:8} {name:28} {per_call_us(fn, 2000 if label == 'pynvml' else 20000):8.2f} us/call")
+        except lib.NVMLError as err:
+            print(f"{label:8} {name:28} {err}")
+
+
+async def time_driver(cfg: NvmlDevice, polls: int) -> float:
+    drv = NvmlDriver(cfg)
+    await drv.open()
+    await drv.poll()
+    t0 = time.perf_counter()
+    for _ in range(polls):
+        await drv.poll()
+    dt = (time.perf_counter() - t0) / polls
+    await drv.close()
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=576)
+    ap.add_argument("--real", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "nvml.shm"
+        pod = make_pod(args.gpus)
+        writer = NvmlShmWriter(path, args.gpus)
+        writer.publish(pod)
+        pub = per_call_us(lambda: writer.publish(pod), 200)
+        print(f"publish {args.gpus} GPUs: {pub / 1000:.2f} ms ({pub / args.gpus:.2f} us/GPU)")
+        fake.set_state_path(path)
+        fake.nvmlInit()
+        time_calls(fake, "fake")
+        fake.nvmlShutdown()
+        cfg = NvmlDevice.model_validate(
+            {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": path}
+        )
+        dt = asyncio.run(time_driver(cfg, 5))
+        print(
+            f"driver poll of {args.gpus} GPUs (fake): {dt * 1000:.1f} ms ({dt / args.gpus * 1e6:.0f} us/GPU)"
+        )
+        writer.close()
+    if args.real:
+        pynvml.nvmlInit()
+        time_calls(pynvml, "pynvml")
+        n = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+        dt = asyncio.run(time_driver(NvmlDevice.model_validate({"id": "gpus", "kind": "nvml"}), 5))
+        print(f"driver poll of {n} GPUs (pynvml): {dt * 1000:.1f} ms ({dt / max(n, 1) * 1e6:.0f} us/GPU)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""A drop-in for ``pynvml`` (nvidia-ml-py 13.615) that reads a simulated pod's GPUs.
+
+The same function names, argument counts, return types and units as NVIDIA's binding for what the
+agent uses; the constants and the ``NVMLError`` classes ARE pynvml's (importing ``pynvml`` does not
+load libnvidia-ml, only ``nvmlInit`` does), so ``except pynvml.NVMLError_GpuIsLost`` and
+``except hwsim.nvml.NVMLError_GpuIsLost`` catch the same thing. Handles and event sets are ctypes
+pointers of pynvml's own types (never dereferenced), returned structures are pynvml's structures.
+
+How the fake finds the pod: ``set_state_path(path)`` (the agent's driver calls it when its config
+says ``library = "hwsim"``), else the environment variable ``HWSIM_NVML_STATE``.
+
+``nvmlInit`` without a pod, chosen to match what real NVML does:
+- no state path configured at all: ``NVMLError_LibraryNotFound`` (12), as pynvml raises when
+  ``libnvidia-ml.so.1`` is not installed: there is nothing to talk to.
+- a path, but no file there, a file that is not ours, or its writer gone: ``NVMLError_DriverNotLoaded``
+  (9), as libnvidia-ml answers when it is installed but the kernel driver is not loaded.
+A pod that stops while mapped (writer closed or dead): every call raises ``DriverNotLoaded``;
+``nvmlShutdown`` + ``nvmlInit`` maps the new pod's file.
+
+Faithful behaviours: calls before init raise ``Uninitialized``; a lost GPU raises ``GpuIsLost`` from
+every per-device call (handle lookup included); ``nvmlDeviceSetPowerManagementLimit`` refuses
+non-root callers with ``NoPermission`` and out-of-constraint values with ``InvalidArgument``, and a
+non-int limit with ``TypeError`` (ctypes ``c_uint``); a new limit reads back at once (pending until
+the physics' next tick applies it; the enforced limit follows on that tick). Events: only XIDs are
+ever delivered (``nvmlEventTypeXidCriticalError``); the event data is pynvml's
+``c_nvmlEventData_t`` (``.device .eventType .eventData .gpuInstanceId .computeInstanceId``; real
+NVML has no ``.gpuId``: map ``.device`` with ``nvmlDeviceGetIndex``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pynvml as _pynvml
+from pynvml import (
+    NVML_AGGREGATE_ECC,
+    NVML_CLOCK_GRAPHICS,
+    NVML_CLOCK_MEM,
+    NVML_CLOCK_SM,
+    NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_INVALID_ARGUMENT,
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_FOUND,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_ERROR_TIMEOUT,
+    NVML_ERROR_UNINITIALIZED,
+    NVML_MEMORY_ERROR_TYPE_CORRECTED,
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+    NVML_TEMPERATURE_GPU,
+    NVML_TEMPERATURE_THRESHOLD_GPU_MAX,
+    NVML_TEMPERATURE_THRESHOLD_MEM_MAX,
+    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
+    NVML_VOLATILE_ECC,
+    NVMLError,
+    c_nvmlDevice_t,
+    c_nvmlEventData_t,
+    c_nvmlEventSet_t,
+    c_nvmlMemory_t,
+    c_nvmlUtilization_t,
+    nvmlEventTypeClock,
+    nvmlEventTypeDoubleBitEccError,
+    nvmlEventTypePState,
+    nvmlEventTypeSingleBitEccError,
+    nvmlEventTypeXidCriticalError,
+    nvmlPciInfo_t,
+)
+
+from hwsim.nvml.shm import GpuNumbers, NvmlShmReader, ShmClosedError
+
+# Re-export every constant and error class under pynvml's names (NVML_*, nvmlClocks*Reason*,
+# nvmlEventType*, NVMLError_*), so code written for pynvml finds them here too.
+_REEXPORT = (
+    "NVML_",
+    "NVMLError",
+    "nvmlClocksEventReason",
+    "nvmlClocksThrottleReason",
+    "nvmlEventType",
+    "nvmlEventMig",
+    "c_nvml",
+    "nvmlPciInfo",
+)
+globals().update({_k: _v for _k, _v in vars(_pynvml).items() if _k.startswith(_REEXPORT)})
+
+ENV_STATE = "HWSIM_NVML_STATE"
+DRIVER_VERSION = "570.133.20"  # what a current datacenter driver branch reports
+NVML_VERSION = "12.570.133.20"
+PCI_DEVICE_ID = 0x233010DE  # H100 SXM5 80GB (device 0x2330, vendor 0x10DE)
+_HANDLE_BASE = 0x4E564D4C0000  # fake handle "addresses": opaque, never dereferenced
+_EVENTSET_BASE = 0x4E564D450000
+_SUPPORTED_EVENTS = (
+    nvmlEventTypeXidCriticalError
+    | nvmlEventTypeSingleBitEccError
+    | nvmlEventTypeDoubleBitEccError
+    | nvmlEventTypePState
+    | nvmlEventTypeClock
+)
+_NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId/computeInstanceId of a non-MIG event
+_EVENT_POLL_S = 0.005  # how often a waiting event set looks at the shm ring
+
+_state_path: Path | None = None
+_reader: NvmlShmReader | None = None
+_refcount = 0
+_handles: list[Any] = []
+_handle_index: dict[int, int] = {}  # id(handle object we made) -> GPU index
+_lock = threading.Lock()
+
+
+def set_state_path(path: str | os.PathLike[str] | None) -> None:
+    """Where the pod's state file is (hwsim-only; takes precedence over ``HWSIM_NVML_STATE``)."""
+    global _state_path  # noqa: PLW0603  (module state, as libnvidia-ml's)
+    _state_path = Path(path) if path is not None else None
+
+
+# -- library ---------------------------------------------------------------------------------
+def nvmlInitWithFlags(flags: int) -> None:  # flags only select GPUs to skip: nothing to skip here
+    global _reader, _refcount, _handles, _handle_index  # noqa: PLW0603
+    with _lock:
+        if _reader is not None:
+            _refcount += 1
+            return
+        path = _state_path
+        if path is None and os.environ.get(ENV_STATE):
+            path = Path(os.environ[ENV_STATE])
+        if path is None:
+            raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
+        try:
+            reader = NvmlShmReader(path)
+        except (OSError, ValueError):
+            raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED) from None
+        if not reader.alive():
+            reader.close()
+            raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
+        handles = [
+            ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + i), c_nvmlDevice_t) for i in range(reader.n_gpus)
+        ]
+        _handles = handles
+        _handle_index = {id(h): i for i, h in enumerate(handles)}
+        _reader = reader
+        _refcount = 1
+
+
+def nvmlInit() -> None:
+    nvmlInitWithFlags(0)
+
+
+def nvmlShutdown() -> None:
+    global _reader, _refcount  # noqa: PLW0603
+    with _lock:
+        if _reader is None:
+            raise NVMLError(NVML_ERROR_UNINITIALIZED)
+        _refcount -= 1
+        if _refcount <= 0:
+            _reader.close()
+            _reader = None
+            _refcount = 0
+            _event_sets.clear()
+
+
+def nvmlErrorString(result: int) -> str:
+    return str(NVMLError._errcode_to_string.get(result, "Unknown Error"))
+
+
+def _lib() -> NvmlShmReader:
+    reader = _reader
+    if reader is None:
+        raise NVMLError(NVML_ERROR_UNINITIALIZED)
+    try:
+        reader.check()
+    except ShmClosedError:
+        raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED) from None
+    return reader
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    _lib()
+    return DRIVER_VERSION
+
+
+def nvmlSystemGetNVMLVersion() -> str:
+    _lib()
+    return NVML_VERSION
+
+
+def nvmlDeviceGetCount() -> int:
+    return _lib().n_gpus
+
+
+# -- handles ---------------------------------------------------------------------------------
+def _index(handle: Any, reader: NvmlShmReader) -> int:
+    idx = _handle_index.get(id(handle))
+    if idx is not None and _handles[idx] is handle:
+        return idx
+    try:
+        addr = ctypes.cast(handle, ctypes.c_void_p).value or 0
+    except (TypeError, ctypes.ArgumentError):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT) from None
+    idx = addr - _HANDLE_BASE
+    if not 0 <= idx < reader.n_gpus:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return idx
+
+
+def _gpu(handle: Any) -> tuple[NvmlShmReader, int, GpuNumbers]:
+    """The reader, index and numbers of a present GPU (GpuIsLost otherwise)."""
+    reader = _lib()
+    idx = _index(handle, reader)
+    rec = reader.numbers(idx)
+    if rec.lost:
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    return reader, idx, rec
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> Any:
+    reader = _lib()
+    if not isinstance(index, int) or not 0 <= index < reader.n_gpus:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    if reader.numbers(index).lost:
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    return _handles[index]
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> Any:
+    reader = _lib()
+    want = uuid.decode() if isinstance(uuid, bytes) else uuid
+    for i in range(reader.n_gpus):
+        if reader.strings(i).uuid == want:
+            if reader.numbers(i).lost:
+                raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+            return _handles[i]
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetIndex(handle: Any) -> int:
+    return _gpu(handle)[1]
+
+
+def nvmlDeviceGetUUID(handle: Any) -> str:
+    reader, idx, _ = _gpu(handle)
+    return reader.strings(idx).uuid
+
+
+def nvmlDeviceGetName(handle: Any) -> str:
+    reader, idx, _ = _gpu(handle)
+    return reader.strings(idx).name
+
+
+def nvmlDeviceGetSerial(handle: Any) -> str:
+    reader, idx, _ = _gpu(handle)
+    return reader.strings(idx).serial
+
+
+def nvmlDeviceGetPciInfo(handle: Any) -> Any:
+    reader, idx, _ = _gpu(handle)
+    bus_id = reader.strings(idx).pci_bus_id  # "00000000:17:00.0"
+    info = nvmlPciInfo_t()
+    info.busId = bus_id
+    try:
+        dom, bus, devfn = bus_id.split(":")
+        info.domain, info.bus, info.device = int(dom, 16), int(bus, 16), int(devfn.split(".")[0], 16)
+        info.busIdLegacy = f"{info.domain:04x}:{bus}:{devfn}"[:15]
+    except ValueError:
+        info.busIdLegacy = bus_id[:15]
+    info.pciDeviceId = PCI_DEVICE_ID
+    info.pciSubSystemId = 0x16C110DE
+    return info
+
+
+# -- sensors ---------------------------------------------------------------------------------
+def nvmlDeviceGetTemperature(handle: Any, sensor: int) -> int:
+    rec = _gpu(handle)[2]
+    if sensor != NVML_TEMPERATURE_GPU:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return round(rec.temp_c)
+
+
+_THRESHOLDS = {
+    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: "temp_shutdown_c",
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: "temp_slowdown_c",
+    NVML_TEMPERATURE_THRESHOLD_GPU_MAX: "temp_max_operating_c",
+    NVML_TEMPERATURE_THRESHOLD_MEM_MAX: "temp_mem_max_c",
+}
+
+
+def nvmlDeviceGetTemperatureThreshold(handle: Any, threshold: int) -> int:
+    rec = _gpu(handle)[2]
+    name = _THRESHOLDS.get(threshold)
+    if name is None:
+        # Acoustic and GPS thresholds: not on datacenter boards.
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    return round(getattr(rec, name))
+
+
+def nvmlDeviceGetPowerUsage(handle: Any) -> int:
+    return round(_gpu(handle)[2].power_w * 1000)
+
+
+def nvmlDeviceGetPowerManagementLimit(handle: Any) -> int:
+    reader, idx, rec = _gpu(handle)
+    req_seq, req_w = reader.request(idx)
+    if req_seq > rec.limit_req_ack:
+        return round(req_w * 1000)  # set but not yet applied by the physics: real NVML reads it back
+    return round(rec.power_limit_w * 1000)
+
+
+def nvmlDeviceGetPowerManagementLimitConstraints(handle: Any) -> list[int]:
+    rec = _gpu(handle)[2]
+    return [round(rec.min_limit_w * 1000), round(rec.max_limit_w * 1000)]
+
+
+def nvmlDeviceGetPowerManagementDefaultLimit(handle: Any) -> int:
+    return round(_gpu(handle)[2].default_limit_w * 1000)
+
+
+def nvmlDeviceGetEnforcedPowerLimit(handle: Any) -> int:
+    return round(_gpu(handle)[2].enforced_limit_w * 1000)
+
+
+def nvmlDeviceSetPowerManagementLimit(handle: Any, limit: int) -> None:
+    reader, idx, rec = _gpu(handle)
+    if not isinstance(limit, int):
+        raise TypeError("int expected instead of " + type(limit).__name__)  # as ctypes.c_uint(limit)
+    if not round(rec.min_limit_w * 1000) <= limit <= round(rec.max_limit_w * 1000):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    if os.geteuid() != 0:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION)
+    try:
+        reader.request_limit(idx, limit / 1000.0)
+    except PermissionError:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION) from None
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle: Any) -> int:
+    return int(_gpu(handle)[2].energy_j * 1000)
+
+
+def nvmlDeviceGetUtilizationRates(handle: Any) -> Any:
+    rec = _gpu(handle)[2]
+    util = c_nvmlUtilization_t()
+    util.gpu = round(rec.util_gpu_pct)
+    util.memory = round(rec.util_mem_pct)
+    return util
+
+
+def nvmlDeviceGetMemoryInfo(handle: Any, version: int | None = None) -> Any:
+    rec = _gpu(handle)[2]
+    mem = c_nvmlMemory_t()
+    mem.total = rec.mem_total_bytes
+    mem.used = min(rec.mem_used_bytes, rec.mem_total_bytes)
+    mem.free = rec.mem_total_bytes - mem.used
+    return mem
+
+
+def _clock(rec: GpuNumbers, type: int, *, maximum: bool) -> int:
+    if type in (NVML_CLOCK_SM, NVML_CLOCK_GRAPHICS):  # graphics and SM share a clock on H100
+        return round(rec.clock_sm_max_mhz if maximum else rec.clock_sm_mhz)
+    if type == NVML_CLOCK_MEM:
+        return round(rec.clock_mem_max_mhz if maximum else rec.clock_mem_mhz)
+    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)  # video clock: not simulated
+
+
+def nvmlDeviceGetClockInfo(handle: Any, type: int) -> int:
+    return _clock(_gpu(handle)[2], type, maximum=False)
+
+
+def nvmlDeviceGetMaxClockInfo(handle: Any, type: int) -> int:
+    return _clock(_gpu(handle)[2], type, maximum=True)
+
+
+def nvmlDeviceGetCurrentClocksEventReasons(handle: Any) -> int:
+    return int(_gpu(handle)[2].clocks_event_reasons)
+
+
+def nvmlDeviceGetCurrentClocksThrottleReasons(handle: Any) -> int:
+    return int(_gpu(handle)[2].clocks_event_reasons)
+
+
+def nvmlDeviceGetTotalEccErrors(handle: Any, errorType: int, counterType: int) -> int:
+    rec = _gpu(handle)[2]
+    # The sim's counters run since the pod started: volatile (since driver load) and aggregate
+    # (lifetime) are the same thing here.
+    if counterType not in (NVML_VOLATILE_ECC, NVML_AGGREGATE_ECC):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    if errorType == NVML_MEMORY_ERROR_TYPE_CORRECTED:
+        return int(rec.ecc_corrected)
+    if errorType == NVML_MEMORY_ERROR_TYPE_UNCORRECTED:
+        return int(rec.ecc_uncorrected)
+    raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+
+
+# -- events ----------------------------------------------------------------------------------
+@dataclass
+class _EventSet:
+    cursor: int  # position in the shm XID ring; only events after creation are delivered
+    masks: dict[int, int] = field(default_factory=dict)  # GPU index -> registered event types
+
+
+_event_sets: dict[int, _EventSet] = {}
+_next_eventset = 0
+
+
+def _eventset(eventSet: Any) -> _EventSet:
+    try:
+        addr = ctypes.cast(eventSet, ctypes.c_void_p).value or 0
+    except (TypeError, ctypes.ArgumentError):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT) from None
+    es = _event_sets.get(addr)
+    if es is None:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return es
+
+
+def nvmlEventSetCreate() -> Any:
+    global _next_eventset  # noqa: PLW0603
+    reader = _lib()
+    with _lock:
+        _next_eventset += 1
+        addr = _EVENTSET_BASE + _next_eventset
+        _event_sets[addr] = _EventSet(cursor=reader.xid_count())
+    return ctypes.cast(ctypes.c_void_p(addr), c_nvmlEventSet_t)
+
+
+def nvmlDeviceRegisterEvents(handle: Any, eventTypes: int, eventSet: Any) -> None:
+    _, idx, _ = _gpu(handle)
+    es = _eventset(eventSet)
+    if eventTypes & ~_SUPPORTED_EVENTS:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    es.masks[idx] = es.masks.get(idx, 0) | eventTypes
+
+
+def nvmlDeviceGetSupportedEventTypes(handle: Any) -> int:
+    _gpu(handle)
+    return _SUPPORTED_EVENTS
+
+
+def nvmlEventSetWait_v2(eventSet: Any, timeoutms: int) -> Any:
+    reader = _lib()
+    es = _eventset(eventSet)
+    deadline = time.monotonic() + max(0, timeoutms) / 1000.0
+    while True:
+        events, cursor = reader.xid_events(es.cursor)
+        for n, (_seq, gpu, xid) in enumerate(events):
+            if gpu < len(_handles) and es.masks.get(gpu, 0) & nvmlEventTypeXidCriticalError:
+                es.cursor = cursor - len(events) + n + 1
+                data = c_nvmlEventData_t()
+                data.device = _handles[gpu]
+                data.eventType = nvmlEventTypeXidCriticalError
+                data.eventData = xid
+                data.gpuInstanceId = _NO_INSTANCE
+                data.computeInstanceId = _NO_INSTANCE
+                return data
+        es.cursor = cursor
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NVMLError(NVML_ERROR_TIMEOUT)
+        time.sleep(min(_EVENT_POLL_S, remaining))
+        _lib()  # the pod may have gone while we waited
+
+
+def nvmlEventSetWait(eventSet: Any, timeoutms: int) -> Any:
+    return nvmlEventSetWait_v2(eventSet, timeoutms)
+
+
+def nvmlEventSetFree(eventSet: Any) -> None:
+    _lib()
+    addr = ctypes.cast(eventSet, ctypes.c_void_p).value or 0
+    if _event_sets.pop(addr, None) is None:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
