@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from agent import __version__
+from agent.aio import tasks_with_lost_cancel
 from agent.audit import AuditLog
 from agent.budget import FleetBudget
 from agent.config import AgentConfig, ConfigError, ModbusDevice, SnmpDevice, load_config
@@ -70,6 +71,7 @@ class Agent:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._children: set[asyncio.Task[Any]] = set()
         self._recancel_handle: asyncio.TimerHandle | None = None
+        self._main_task: asyncio.Task[Any] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._extra_services: list[Any] = []
@@ -201,6 +203,7 @@ class Agent:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._main_task = asyncio.current_task()
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -236,7 +239,8 @@ class Agent:
                 await self._stop.wait()
                 self.notifier.send("STOPPING=1")
                 log.info("podagent stopping")
-                recancel = loop.call_later(3.0, self._recancel, loop)
+                # Long enough for the MQTT goodbye (drain, final state, offline) to finish first.
+                recancel = loop.call_later(5.0, self._recancel, loop)
                 raise _Shutdown
         except* _Shutdown:
             pass
@@ -265,6 +269,9 @@ class Agent:
         that lands as its inner future completes; a task that lost its one cancel would hold the
         shutdown forever. Cancel what is still running again, every few seconds, until it stops."""
         stuck = [t for t in self._children if not t.done()]
+        # A child of a nested TaskGroup (an MQTT publish worker, say) that lost its cancel is not
+        # one of ours, and its group never cancels it twice: re-deliver every pending cancel.
+        stuck += [t for t in tasks_with_lost_cancel(loop) if t not in stuck and t is not self._main_task]
         if not stuck:
             return
         log.warning("tasks still running at shutdown; cancelling again", tasks=[t.get_name() for t in stuck])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.aio import raise_if_cancelling
 from agent.config import DeviceBase
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, Driver
 from agent.events import EventBus, Severity
@@ -40,15 +41,6 @@ class PollStats:
             return None
         data = sorted(self.durations_s)
         return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
-
-
-def _raise_if_cancelling() -> None:
-    """Python 3.11's asyncio.wait_for (used inside pymodbus and pysnmp) can swallow a cancel that
-    lands as its inner future completes; a poll loop that lost its cancel would hold up shutdown
-    forever. Honour a pending cancel at every turn of the loop."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class Poller:
@@ -100,7 +92,7 @@ class Poller:
         try:
             while True:
                 ok = await self._cycle()
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 self.first_cycle.set()
                 now = loop.time()
                 self.heartbeat_mono = time.monotonic()
@@ -119,7 +111,7 @@ class Poller:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, deadline - loop.time())):
                         await self._poll_now.wait()
-                _raise_if_cancelling()
+                raise_if_cancelling()
                 if self._poll_now.is_set():
                     deadline = loop.time()
         finally:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,19 +63,10 @@ async def running_agent(config_path: Path) -> AsyncIterator[tuple[Agent, MqttSer
         yield agent, service
     finally:
         agent.stop()
-        done, _ = await asyncio.wait({task}, timeout=10)
-        if not done:
-            # Seen under load on Python 3.11: a poll task swallows the TaskGroup's one cancel
-            # (asyncio.wait_for's race inside a driver library) and the agent never stops. Not
-            # the MQTT service's doing; say so and cancel the stragglers again.
-            stuck = [t for t in asyncio.all_tasks() if t.get_name().startswith("poll[") and not t.done()]
-            warnings.warn(
-                f"agent did not stop in 10 s; re-cancelling {[t.get_name() for t in stuck]}", stacklevel=1
-            )
-            for t in stuck:
-                t.cancel()
-            async with asyncio.timeout(10):
-                await task
+        # The agent re-delivers cancels lost to Python 3.11's wait_for race itself (5 s, then every
+        # 3 s): a stop that takes longer than this is a bug, not load.
+        async with asyncio.timeout(30):
+            await task
 
 
 def telemetry_metrics(messages: list[Any], device: str) -> list[list[str]]:

@@ -35,6 +35,7 @@ import structlog
 from aiomqtt import Client, MqttCodeError, MqttError, ProtocolVersion, Will
 
 from agent import __version__
+from agent.aio import raise_if_cancelling
 from agent.config import AgentConfig
 from agent.events import Event
 from agent.model import Quality, Reading
@@ -217,6 +218,7 @@ class MqttService:
         period = self.cfg.telemetry_period_s
         next_t = loop.time() + period
         while True:
+            raise_if_cancelling()
             remaining = next_t - loop.time()
             if remaining > 0 and not self._event_wake.is_set():
                 # asyncio.wait, not timeout(): it can never turn our own cancellation into a
@@ -342,6 +344,7 @@ class MqttService:
         idx = 0
         failed_in_row = 0
         while True:
+            raise_if_cancelling()
             host, port = addresses[idx]
             self.link = "connecting"
             connected_before = self.connects
@@ -471,6 +474,7 @@ class MqttService:
         backlog: deque[tuple[int, str, bytes]] = deque()
         put = session.queue.put
         while True:
+            raise_if_cancelling()
             if session.live:
                 await put(session.live.popleft())
             elif backlog:
@@ -499,6 +503,7 @@ class MqttService:
         boundary = session.boundary
         timeout = max(10.0, self.cfg.keepalive_s * 1.5)
         while True:
+            raise_if_cancelling()
             rowid, topic, payload = await get()
             if rowid <= boundary:
                 payload = mark_historical(payload)
@@ -509,12 +514,14 @@ class MqttService:
 
     async def _reaper(self) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(0.25)
             self._reap()
 
     async def _receive(self, client: Client) -> None:
         assert self.commands is not None
         async for message in client.messages:
+            raise_if_cancelling()
             name = self.topics.command_name(str(message.topic))
             if name is None:
                 continue
@@ -595,6 +602,7 @@ class MqttService:
         last_pub = -1e9
         tick = max(0.1, min(0.5, cfg.state_min_interval_s))
         while True:
+            raise_if_cancelling()
             now = time.monotonic()
             n_metrics = len(self.agent.store.readings())
             if self._rebirth.is_set() or n_metrics != metrics_at_birth:
