@@ -71,7 +71,7 @@ class Agent:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._children: set[asyncio.Task[Any]] = set()
         self._recancel_handle: asyncio.TimerHandle | None = None
-        self._main_task: asyncio.Task[Any] | None = None
+        self._tasks_before_start: set[asyncio.Task[Any]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._extra_services: list[Any] = []
@@ -203,7 +203,8 @@ class Agent:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._main_task = asyncio.current_task()
+        # Not ours to cancel at shutdown (whoever runs us, in tests or an embedding program).
+        self._tasks_before_start = asyncio.all_tasks(loop)
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -271,7 +272,9 @@ class Agent:
         stuck = [t for t in self._children if not t.done()]
         # A child of a nested TaskGroup (an MQTT publish worker, say) that lost its cancel is not
         # one of ours, and its group never cancels it twice: re-deliver every pending cancel.
-        stuck += [t for t in tasks_with_lost_cancel(loop) if t not in stuck and t is not self._main_task]
+        stuck += [
+            t for t in tasks_with_lost_cancel(loop) if t not in stuck and t not in self._tasks_before_start
+        ]
         if not stuck:
             return
         log.warning("tasks still running at shutdown; cancelling again", tasks=[t.get_name() for t in stuck])

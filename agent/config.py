@@ -64,8 +64,8 @@ class SnmpDevice(DeviceBase):
     priv_key: str | None = None
     priv_key_file: Path | None = None
     max_repetitions: int = Field(25, ge=1, le=100)
-    # "auto": net-snmp (netsnmp-cffi, ~10x cheaper) for v2c when installed, pysnmp otherwise and
-    # for v3 (netsnmp-cffi has no SNMPv3).
+    # "auto": net-snmp's C library (netsnmp-cffi, ~10x cheaper) when installed, for v2c and for v3
+    # with AES-128 or DES privacy; pysnmp otherwise (AES256: vendors disagree on its key extension).
     transport: Literal["auto", "pysnmp", "netsnmp"] = "auto"
     # Walk the profile's slow tables (those with `every` > 1: outlets) every N polls instead of the
     # profile's N; 1 walks everything every poll.
@@ -89,8 +89,11 @@ class SnmpDevice(DeviceBase):
 
     @model_validator(mode="after")
     def _transport_supports_version(self) -> SnmpDevice:
-        if self.transport == "netsnmp" and self.version == "3":
-            raise ValueError("transport 'netsnmp' (netsnmp-cffi) has no SNMPv3: use 'pysnmp' or 'auto'")
+        if self.transport == "netsnmp" and self.version == "3" and self.priv_protocol == "AES256":
+            raise ValueError(
+                "transport 'netsnmp' does not do AES256 privacy (vendors disagree on its key"
+                " extension): use 'pysnmp' or 'auto'"
+            )
         return self
 
 

@@ -1,4 +1,5 @@
-"""SNMP transports (netsnmp-cffi for v2c, pysnmp for v3 and on request) against hwsim's PDUs.
+"""SNMP transports (net-snmp through netsnmp-cffi by default, pysnmp on request and for AES256)
+against hwsim's PDUs, v2c and v3.
 
 Both transports must turn the same PDU state into the same readings; the error paths (timeout,
 refused SET) must surface as the same driver errors whichever transport carried the request.
@@ -6,15 +7,23 @@ refused SET) must surface as the same driver errors whichever transport carried 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
 import pytest
 from pydantic import ValidationError
 
 from agent.config import SnmpDevice
-from agent.drivers.base import DeviceError, DeviceUnavailable
+from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable
 from agent.drivers.snmp import TIMEOUT_MARGIN_S, SnmpDriver, choose_transport
-from agent.drivers.snmp_transport import netsnmp_available
+from agent.drivers.snmp_transport import (
+    TransportError,
+    discovery_request,
+    netsnmp_available,
+    parse_discovery_response,
+    password_to_ku,
+)
 from agent.model import Quality, Reading
 from tests.test_driver_snmp import (
     OUTLETS,
@@ -73,20 +82,95 @@ def test_transport_choice() -> None:
     assert choose_transport(cfg_for("2c")) == "netsnmp"
     assert choose_transport(cfg_for("2c", "pysnmp")) == "pysnmp"
     assert choose_transport(cfg_for("2c", "netsnmp")) == "netsnmp"
-    # netsnmp-cffi has no SNMPv3: auto picks pysnmp, an explicit netsnmp is a config error.
-    assert choose_transport(cfg_for("3")) == "pysnmp"
+    assert choose_transport(cfg_for("3")) == "netsnmp"
     assert choose_transport(cfg_for("3", "pysnmp")) == "pysnmp"
-    with pytest.raises(ValidationError, match="no SNMPv3"):
-        cfg_for("3", "netsnmp")
+    # AES-256 keys are extended differently by different vendors: left to pysnmp.
+    aes256 = cfg_for("3").model_copy(update={"priv_protocol": "AES256"})
+    assert choose_transport(aes256) == "pysnmp"
+    with pytest.raises(ValidationError, match="AES256"):
+        SnmpDevice.model_validate(cfg_for("3", "netsnmp").model_dump() | {"priv_protocol": "AES256"})
 
 
-async def test_v3_polls_through_pysnmp(agent: Start, drivers: list[SnmpDriver]) -> None:  # noqa: F811
-    pdu, h = await agent("raritan", "3")
-    d = await open_driver(drivers, device_cfg(h, "raritan", "3"))
-    assert d.transport_name == "pysnmp"
-    got = by_metric(await d.poll())
-    assert set(got) == set(expected(pdu))
-    assert got["phase2_current_a"].value == pytest.approx(pdu.phases[1].current_a)
+def test_password_to_key_matches_rfc3414() -> None:
+    # RFC 3414 A.3.1 / A.3.2: the password "maplesyrup".
+    assert password_to_ku("maplesyrup", "MD5").hex() == "9faf3283884e92834ebc9847d8edd963"
+    assert password_to_ku("maplesyrup", "SHA").hex() == "9fb5cc0381497b3793528939ff788d5d79145211"
+
+
+def test_discovery_request_and_answer_round_trip() -> None:
+    request = discovery_request(4242)
+    assert request[0] == 0x30 and b"\x04\x01\x04" in request  # msgFlags: reportable, noAuthNoPriv
+    # An engine's Report, built with pysnmp's encoder (an independent BER implementation).
+    from pyasn1.codec.ber import encoder
+    from pysnmp.proto.api import v2c
+    from pysnmp.proto.mpmod.rfc3412 import HeaderData, ScopedPDU, SNMPv3Message
+    from pysnmp.proto.secmod.rfc3414.service import UsmSecurityParameters
+
+    msg = SNMPv3Message()
+    msg["msgVersion"] = 3
+    header = HeaderData()
+    header["msgID"] = 4242
+    header["msgMaxSize"] = 65507
+    header["msgFlags"] = b"\x00"
+    header["msgSecurityModel"] = 3
+    msg["msgGlobalData"] = header
+    usm = UsmSecurityParameters()
+    usm["msgAuthoritativeEngineId"] = b"\x80\x00\x1f\x88\x80podagent-test"
+    usm["msgAuthoritativeEngineBoots"] = 7
+    usm["msgAuthoritativeEngineTime"] = 123456
+    usm["msgUserName"] = b""
+    usm["msgAuthenticationParameters"] = b""
+    usm["msgPrivacyParameters"] = b""
+    msg["msgSecurityParameters"] = encoder.encode(usm)
+    scoped = ScopedPDU()
+    scoped["contextEngineId"] = b""
+    scoped["contextName"] = b""
+    report = v2c.ReportPDU()
+    v2c.apiPDU.set_defaults(report)
+    scoped["data"]["report"] = report
+    msg["msgData"]["plaintext"] = scoped
+    info = parse_discovery_response(encoder.encode(msg), 4242)
+    assert info.engine_id == b"\x80\x00\x1f\x88\x80podagent-test"
+    assert (info.boots, info.time) == (7, 123456)
+    with pytest.raises(TransportError):
+        parse_discovery_response(encoder.encode(msg), 4243)  # someone else's answer
+    with pytest.raises(TransportError):
+        parse_discovery_response(encoder.encode(msg)[:20], 4242)  # truncated
+
+
+@pytest.mark.parametrize("vendor", ["apc", "raritan"])
+async def test_v3_transports_give_identical_readings(
+    agent: Start,  # noqa: F811
+    drivers: list[SnmpDriver],  # noqa: F811
+    vendor: str,
+) -> None:
+    pdu, h = await agent(vendor, "3")
+    got = {}
+    for transport in TRANSPORTS:
+        d = await open_driver(drivers, device_cfg(h, vendor, "3", transport=transport))
+        assert d.transport_name == transport
+        got[transport] = comparable(await d.poll())
+    assert got["netsnmp"] == got["pysnmp"]
+    assert set(got["netsnmp"]) == set(expected(pdu))
+    assert got["netsnmp"]["phase2_current_a"][0] == pytest.approx(pdu.phases[1].current_a)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("which", ["user", "auth_key", "priv_key"])
+async def test_v3_wrong_credentials_are_an_auth_error(
+    agent: Start,  # noqa: F811
+    drivers: list[SnmpDriver],  # noqa: F811
+    transport: str,
+    which: str,
+) -> None:
+    _, h = await agent("apc", "3")
+    wrong = {"user": "intruder", "auth_key": "wrong-key-789", "priv_key": "wrong-key-789"}[which]
+    d = await open_driver(drivers, device_cfg(h, "apc", "3", transport=transport, **{which: wrong}))
+    t0 = time.monotonic()
+    with pytest.raises(AuthError):
+        await d.poll()
+    if which != "priv_key":  # the engine says so at once (a report); a bad priv key cannot be told
+        assert time.monotonic() - t0 < 1.0  # from a lost answer: it takes the timeout
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -132,3 +216,29 @@ async def test_unreachable_netsnmp_host_is_unavailable(drivers: list[SnmpDriver]
     drivers.append(d)
     with pytest.raises(DeviceUnavailable, match="resolve"):
         await d.open()
+
+
+async def test_v3_discovery_of_a_dead_pdu_never_blocks_the_loop(drivers: list[SnmpDriver]) -> None:  # noqa: F811
+    """net-snmp's own engine discovery is a blocking exchange inside snmp_open; ours is not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        cfg = cfg_for("3").model_copy(update={"port": port, "timeout_s": 0.4, "retries": 1})
+        d = SnmpDriver(cfg)
+        drivers.append(d)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        try:
+            with pytest.raises(DeviceUnavailable, match="discovery"):
+                await d.open()
+        finally:
+            task.cancel()
+        # 0.8 s of discovery (two tries): the loop kept turning all along.
+        assert ticks >= 10

@@ -52,9 +52,11 @@ from agent.drivers.snmp_transport import (
     TransportAuthError,
     TransportError,
     TransportTimeout,
+    UsmCredentials,
     Value,
     error_status_name,
     netsnmp_available,
+    netsnmp_supports_v3,
     resolve,
 )
 from agent.model import Quality, Reading, unit_of
@@ -255,8 +257,10 @@ def load_profile(name: str) -> SnmpProfile:
 
 def choose_transport(cfg: SnmpDevice) -> str:
     """``"netsnmp"`` or ``"pysnmp"`` for this device (auto: netsnmp for v2c when importable)."""
-    if cfg.transport == "pysnmp" or cfg.version == "3":
-        return "pysnmp"  # netsnmp-cffi 0.2 has no SNMPv3 (config refuses transport=netsnmp with v3)
+    if cfg.transport == "pysnmp":
+        return "pysnmp"
+    if cfg.version == "3" and not netsnmp_supports_v3(cfg.auth_protocol, cfg.priv_protocol):
+        return "pysnmp"  # AES256 (config refuses transport=netsnmp with it)
     if cfg.transport == "netsnmp":
         if not netsnmp_available():
             raise ValueError(f"{cfg.id}: transport = 'netsnmp' but netsnmp-cffi is not installed")
@@ -321,22 +325,39 @@ class SnmpDriver:
             )
         return CommunityData(read_secret(cfg.community, cfg.community_file), mpModel=1)
 
+    def _usm(self) -> UsmCredentials:
+        cfg = self.cfg
+        return UsmCredentials(
+            user=cfg.user or "",
+            auth_key=read_secret(cfg.auth_key, cfg.auth_key_file) or "",
+            priv_key=read_secret(cfg.priv_key, cfg.priv_key_file) or "",
+            auth_protocol=cfg.auth_protocol,
+            priv_protocol=cfg.priv_protocol,
+        )
+
     async def _connect(self) -> None:
         self._drop_transport()
         cfg = self.cfg
         try:
             async with asyncio.timeout(self._request_timeout_s):
-                if self.transport_name == "netsnmp":
+                if self.transport_name == "netsnmp" and cfg.version == "3":
+                    address = await resolve(cfg.host, cfg.port)
+                    transport: Transport = await NetsnmpTransport.create_v3(
+                        address, cfg.port, self._usm(), cfg.timeout_s, cfg.retries
+                    )
+                elif self.transport_name == "netsnmp":
                     address = await resolve(cfg.host, cfg.port)
                     community = read_secret(cfg.community, cfg.community_file) or ""
-                    transport: Transport = NetsnmpTransport.create(
+                    transport = NetsnmpTransport.create(
                         address, cfg.port, community, cfg.timeout_s, cfg.retries
                     )
                 else:
                     transport = await PysnmpTransport.create(
                         cfg.host, cfg.port, self._auth(), cfg.timeout_s, cfg.retries
                     )
-        except (TransportError, TimeoutError) as err:
+        except TransportAuthError as err:
+            raise AuthError(self.device_id, f"connect: {err}") from err
+        except (TransportError, TransportTimeout, TimeoutError) as err:
             raise DeviceUnavailable(self.device_id, str(err) or f"cannot reach {cfg.host}") from err
         self._transport = transport
         self._static = None

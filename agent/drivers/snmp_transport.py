@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -218,6 +220,217 @@ class PysnmpTransport:
 
 
 # ---------------------------------------------------------------------------------------------
+# SNMPv3 (USM) pieces for the net-snmp transport: credentials, engine discovery, key derivation.
+
+
+@dataclass(frozen=True, slots=True)
+class UsmCredentials:
+    user: str
+    auth_key: str
+    priv_key: str
+    auth_protocol: str = "SHA"  # a key of NETSNMP_AUTH_OIDS
+    priv_protocol: str = "AES"  # a key of NETSNMP_PRIV_OIDS
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    engine_id: bytes
+    boots: int
+    time: int
+
+
+# USM protocol OIDs as libnetsnmp knows them (RFC 3414, RFC 7860, RFC 3826).
+NETSNMP_AUTH_OIDS: dict[str, Oid] = {
+    "MD5": (1, 3, 6, 1, 6, 3, 10, 1, 1, 2),
+    "SHA": (1, 3, 6, 1, 6, 3, 10, 1, 1, 3),
+    "SHA256": (1, 3, 6, 1, 6, 3, 10, 1, 1, 5),
+}
+# AES-256 is left to pysnmp: its OID and key extension differ between vendors (Blumenthal/Reeder).
+NETSNMP_PRIV_OIDS: dict[str, Oid] = {
+    "AES": (1, 3, 6, 1, 6, 3, 10, 1, 2, 4),
+    "DES": (1, 3, 6, 1, 6, 3, 10, 1, 2, 2),
+}
+_HASHES = {"MD5": "md5", "SHA": "sha1", "SHA256": "sha256"}
+
+# usmStats counters (RFC 3414 §5): what a Report PDU about our request means.
+_USM_STATS = (1, 3, 6, 1, 6, 3, 15, 1, 1)
+_USM_REPORTS = {
+    1: "unsupportedSecLevels",
+    2: "notInTimeWindows",
+    3: "unknownUserNames",
+    4: "unknownEngineIDs",
+    5: "wrongDigests",
+    6: "decryptionErrors",
+}
+
+
+def netsnmp_supports_v3(auth_protocol: str, priv_protocol: str) -> bool:
+    return auth_protocol in NETSNMP_AUTH_OIDS and priv_protocol in NETSNMP_PRIV_OIDS
+
+
+@functools.lru_cache(maxsize=64)
+def password_to_ku(password: str, auth_protocol: str) -> bytes:
+    """RFC 3414 A.2 password-to-key: the hash of 1 MiB of the password repeated (net-snmp's
+    ``generate_Ku``). libnetsnmp localizes it to the engine ID itself."""
+    secret = password.encode()
+    if len(secret) < 8:
+        raise TransportAuthError("SNMPv3 passphrases must be at least 8 characters (RFC 3414)")
+    h = hashlib.new(_HASHES[auth_protocol])
+    h.update((secret * (1_048_576 // len(secret) + 1))[:1_048_576])
+    return h.digest()
+
+
+def report_error(binds: list[VarBind]) -> Exception:
+    for oid, _ in binds:
+        if oid[: len(_USM_STATS)] == _USM_STATS and len(oid) > len(_USM_STATS):
+            name = _USM_REPORTS.get(oid[len(_USM_STATS)], f"usmStats.{oid[len(_USM_STATS)]}")
+            if name in ("unknownUserNames", "wrongDigests", "decryptionErrors", "unsupportedSecLevels"):
+                return TransportAuthError(f"SNMPv3 report: {name}")
+            return TransportError(f"SNMPv3 report: {name}")
+    first = ".".join(map(str, binds[0][0])) if binds else "no varbinds"
+    return TransportError(f"SNMPv3 report: {first}")
+
+
+def _ber(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def _ber_int(value: int) -> bytes:
+    return _ber(0x02, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
+
+
+def discovery_request(msg_id: int) -> bytes:
+    """RFC 3414 §4 discovery: a noAuthNoPriv, reportable GET with an empty engine ID and user.
+    The engine answers with a Report carrying its engine ID, boots and time."""
+    usm = _ber(0x30, _ber(0x04, b"") + _ber_int(0) + _ber_int(0) + _ber(0x04, b"") * 3)
+    header = _ber(0x30, _ber_int(msg_id) + _ber_int(65507) + _ber(0x04, b"\x04") + _ber_int(3))
+    pdu = _ber(0xA0, _ber_int(msg_id) + _ber_int(0) + _ber_int(0) + _ber(0x30, b""))
+    scoped = _ber(0x30, _ber(0x04, b"") + _ber(0x04, b"") + pdu)
+    return _ber(0x30, _ber_int(3) + header + _ber(0x04, usm) + scoped)
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
+    """(tag, value, next position) of the BER element at ``pos``."""
+    tag = data[pos]
+    n = data[pos + 1]
+    pos += 2
+    if n & 0x80:
+        width = n & 0x7F
+        n = int.from_bytes(data[pos : pos + width], "big")
+        pos += width
+    if pos + n > len(data):
+        raise ValueError("truncated")
+    return tag, data[pos : pos + n], pos + n
+
+
+def parse_discovery_response(data: bytes, msg_id: int) -> EngineInfo:
+    try:
+        tag, message, _ = _tlv(data, 0)
+        _, version, pos = _tlv(message, 0)
+        _, header, pos = _tlv(message, pos)
+        _, got_id, _ = _tlv(header, 0)
+        _, usm_raw, pos = _tlv(message, pos)
+        _, usm, _ = _tlv(usm_raw, 0)
+        _, engine_id, p = _tlv(usm, 0)
+        _, boots, p = _tlv(usm, p)
+        _, clock, p = _tlv(usm, p)
+    except (IndexError, ValueError) as err:
+        raise TransportError(f"malformed SNMPv3 discovery answer: {err}") from None
+    if tag != 0x30 or int.from_bytes(version, "big") != 3 or int.from_bytes(got_id, "big") != msg_id:
+        raise TransportError("unexpected answer to SNMPv3 discovery")
+    if not engine_id:
+        raise TransportError("SNMPv3 discovery answer carries no engine ID")
+    return EngineInfo(engine_id, int.from_bytes(boots, "big"), int.from_bytes(clock, "big"))
+
+
+async def discover_engine(address: str, port: int, timeout_s: float, retries: int) -> EngineInfo:
+    """The engine ID, boots and time of the SNMPv3 agent at address:port, without blocking."""
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Receiver(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            answers.put_nowait(data)
+
+    try:
+        transport, _ = await loop.create_datagram_endpoint(Receiver, remote_addr=(address, port))
+    except OSError as err:
+        raise TransportError(f"cannot reach {address}:{port}: {err}") from err
+    try:
+        for _attempt in range(retries + 1):
+            msg_id = random.randrange(1, 2**31 - 1)
+            transport.sendto(discovery_request(msg_id))
+            deadline = loop.time() + timeout_s
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(left):
+                        data = await answers.get()
+                except TimeoutError:
+                    break
+                try:
+                    return parse_discovery_response(data, msg_id)
+                except TransportError:
+                    continue  # a late answer to an earlier attempt, or noise: keep waiting
+        raise TransportTimeout(f"no answer to SNMPv3 engine discovery from {address}:{port}")
+    finally:
+        transport.close()
+
+
+@functools.cache
+def _init_netsnmp_usm() -> None:
+    """Registers net-snmp's USM security module (``init_snmp``), once per process, without its
+    side effects: no snmp.conf or persistent-state files read or written (the TOML is the only
+    configuration) and no MIB files parsed (we never look up names; it would print warnings)."""
+    import ctypes
+    import glob
+    import os
+
+    from netsnmpy import _netsnmp
+    from netsnmpy.constants import (
+        NETSNMP_DS_LIB_APPTYPE,
+        NETSNMP_DS_LIB_DISABLE_PERSISTENT_LOAD,
+        NETSNMP_DS_LIB_DISABLE_PERSISTENT_SAVE,
+        NETSNMP_DS_LIB_DONT_READ_CONFIGS,
+        NETSNMP_DS_LIBRARY_ID,
+    )
+
+    ffi, lib = _netsnmp.ffi, _netsnmp.lib
+    libs = os.path.join(os.path.dirname(_netsnmp.__file__), os.pardir, "netsnmp_cffi.libs")
+    for path in glob.glob(os.path.join(libs, "libnetsnmp*")) or ["libnetsnmp.so.40"]:
+        try:
+            c = ctypes.CDLL(path)  # the copy _netsnmp already loaded: same handle, same globals
+        except OSError:
+            continue
+        for flag in (
+            NETSNMP_DS_LIB_DONT_READ_CONFIGS,
+            NETSNMP_DS_LIB_DISABLE_PERSISTENT_LOAD,
+            NETSNMP_DS_LIB_DISABLE_PERSISTENT_SAVE,
+        ):
+            c.netsnmp_ds_set_boolean(NETSNMP_DS_LIBRARY_ID, flag, 1)
+        break
+    # The application type must be set before init_usm (netsnmp-cffi: it segfaults otherwise).
+    lib.netsnmp_ds_set_string(NETSNMP_DS_LIBRARY_ID, NETSNMP_DS_LIB_APPTYPE, ffi.new("char[]", b"podagent"))
+    saved = os.environ.get("MIBS")
+    os.environ["MIBS"] = ""  # read by init_snmp's MIB loader only
+    try:
+        lib.init_snmp(ffi.new("char[]", b"podagent"))
+    finally:
+        if saved is None:
+            del os.environ["MIBS"]
+        else:
+            os.environ["MIBS"] = saved
+
+
+def _c(keep: list[Any], cdata: Any) -> Any:
+    keep.append(cdata)
+    return cdata
+
+
+# ---------------------------------------------------------------------------------------------
 # netsnmp-cffi
 
 
@@ -240,11 +453,29 @@ class NetsnmpTransport:
         cls, address: str, port: int, community: str, timeout_s: float, retries: int
     ) -> NetsnmpTransport:
         """``address`` must be an IP address: net-snmp would resolve a name with blocking DNS."""
-        from netsnmpy.errors import SNMPError
-
         session = _status_session_class()(
             address, port, community=community, version="2c", timeout=timeout_s, retries=retries
         )
+        return cls._opened(session, address, port)
+
+    @classmethod
+    async def create_v3(
+        cls, address: str, port: int, usm: UsmCredentials, timeout_s: float, retries: int
+    ) -> NetsnmpTransport:
+        """SNMPv3 authPriv over libnetsnmp. The engine ID is discovered here, asynchronously: left
+        to itself, net-snmp would discover it inside ``snmp_open`` with a blocking exchange that
+        stalls the whole event loop for timeout x retries when the PDU is down."""
+        engine = await discover_engine(address, port, timeout_s, retries)
+        session = _status_session_class()(
+            address, port, community="", version="v3", timeout=timeout_s, retries=retries
+        )
+        session.usm = (usm, engine)
+        return cls._opened(session, address, port)
+
+    @classmethod
+    def _opened(cls, session: SNMPSession, address: str, port: int) -> NetsnmpTransport:
+        from netsnmpy.errors import SNMPError
+
         try:
             session.open()
         except (SNMPError, OSError) as err:
@@ -290,12 +521,14 @@ class NetsnmpTransport:
 @functools.cache
 def _status_session_class() -> type[SNMPSession]:
     """An SNMPSession whose futures resolve to a ``Response`` (varbinds + error-status/index)."""
-    from netsnmpy import netsnmp
+    from netsnmpy import _netsnmp, netsnmp
+    from netsnmpy.constants import SNMP_MSG_REPORT, SNMP_SEC_LEVEL_AUTHPRIV, SNMP_VERSION_3
+    from netsnmpy.errors import SNMPError
     from netsnmpy.netsnmp import EndOfMibView as NsEnd
     from netsnmpy.netsnmp import NoSuchInstance as NsNoInstance
     from netsnmpy.netsnmp import NoSuchObject as NsNoObject
-    from netsnmpy.netsnmp import decode_variable
-    from netsnmpy.session import SNMPSession
+    from netsnmpy.netsnmp import decode_variable, get_session_error_message
+    from netsnmpy.session import SNMPSession, update_event_loop
 
     # libnetsnmp logs to stderr by default; route it through Python logging instead (once).
     netsnmp.register_log_callback()
@@ -318,6 +551,60 @@ def _status_session_class() -> type[SNMPSession]:
         return str(v)
 
     class StatusSession(SNMPSession):  # type: ignore[misc]
+        usm: tuple[UsmCredentials, EngineInfo] | None = None
+
+        def open(self) -> None:
+            if self.usm is None:
+                super().open()
+                return
+            _init_netsnmp_usm()
+            # SNMPSession.open() with the USM fields set before snmp_open (it copies the struct).
+            ffi, lib = _netsnmp.ffi, _netsnmp.lib
+            creds, engine = self.usm
+            session = ffi.new("netsnmp_session*")
+            lib.snmp_sess_init(session)
+            session.version = SNMP_VERSION_3
+            session.timeout = int(self.timeout * 1_000_000)
+            session.retries = self.retries
+            keep = [session]  # cdata the struct points at must outlive snmp_open
+            session.peername = _c(keep, ffi.new("char[]", self.peer_name.encode()))
+            session.securityName = _c(keep, ffi.new("char[]", creds.user.encode()))
+            session.securityNameLen = len(creds.user.encode())
+            session.securityLevel = SNMP_SEC_LEVEL_AUTHPRIV
+            session.securityModel = 3  # USM
+            session.securityEngineID = _c(keep, ffi.new("u_char[]", engine.engine_id))
+            session.securityEngineIDLen = len(engine.engine_id)
+            session.engineBoots = engine.boots
+            session.engineTime = engine.time
+            auth_oid = NETSNMP_AUTH_OIDS[creds.auth_protocol]
+            session.securityAuthProto = _c(keep, ffi.new("oid[]", auth_oid))
+            session.securityAuthProtoLen = len(auth_oid)
+            auth_ku = password_to_ku(creds.auth_key, creds.auth_protocol)
+            ffi.memmove(session.securityAuthKey, auth_ku, len(auth_ku))
+            session.securityAuthKeyLen = len(auth_ku)
+            priv_oid = NETSNMP_PRIV_OIDS[creds.priv_protocol]
+            session.securityPrivProto = _c(keep, ffi.new("oid[]", priv_oid))
+            session.securityPrivProtoLen = len(priv_oid)
+            # RFC 3826 / net-snmp: the privacy key is derived with the *authentication* hash.
+            priv_ku = password_to_ku(creds.priv_key, creds.auth_protocol)
+            ffi.memmove(session.securityPrivKey, priv_ku, len(priv_ku))
+            session.securityPrivKeyLen = len(priv_ku)
+            session.callback = lib._netsnmp_session_callback
+            self._callback_data = ffi.new("struct _callback_data*")
+            self._callback_data.session_id = id(self)
+            session.callback_magic = self._callback_data
+            session_copy = lib.snmp_open(session)
+            if not session_copy:
+                error = get_session_error_message(session)
+                if session.s_errno > 0:
+                    raise OSError(session.s_errno, error)
+                raise SNMPError(f"snmp_open: {error}")
+            self._original_session = session
+            self._keep = keep
+            self.session = session_copy
+            self.session_map[id(self)] = self
+            update_event_loop()
+
         def callback(self, reqid: int, pdu: Any) -> None:
             future = self._futures.pop(reqid, None)
             if future is None or future.done():  # cancelled by our asyncio.timeout guard
@@ -329,6 +616,10 @@ def _status_session_class() -> type[SNMPSession]:
                 oid, raw = decode_variable(var)
                 binds.append((tuple(oid), value(raw)))
                 var = var.next_variable
+            if p.command == SNMP_MSG_REPORT:
+                # SNMPv3's answer to a request it refused (unknown user, wrong digest, ...).
+                future.set_exception(report_error(binds))
+                return
             future.set_result(Response(binds, int(p.errstat), int(p.errindex)))
 
         def handle_timeout(self, reqid: int) -> None:
@@ -336,7 +627,59 @@ def _status_session_class() -> type[SNMPSession]:
             if future is not None and not future.done():
                 future.set_exception(TimeoutError())
 
+        def handle_failure(self, reqid: int, operation: int, pdu: Any) -> None:
+            # net-snmp reports a security error with reqid 0 (the answer could not be matched to
+            # a request it cannot authenticate); a driver has one request in flight at a time.
+            futures = [self._futures.pop(reqid)] if reqid in self._futures else []
+            if reqid == 0:
+                futures += list(self._futures.values())
+                self._futures.clear()
+            futures = [f for f in futures if not f.done()]
+            if not futures:
+                return
+            if operation == _OP_SEC_ERROR:
+                # The USM check failed on the answer (a wrongDigests report, say): credentials.
+                binds: list[VarBind] = []
+                if pdu != _netsnmp.ffi.NULL:
+                    var = pdu[0].variables
+                    while var:
+                        oid, _raw = decode_variable(var)
+                        binds.append((tuple(oid), 0))
+                        var = var.next_variable
+                found = report_error(binds) if binds else TransportError("SNMPv3 security error")
+                err: Exception = (
+                    found if isinstance(found, TransportAuthError) else TransportAuthError(str(found))
+                )
+            else:
+                err = TransportError(f"net-snmp request failed (callback op {operation})")
+            for future in futures:
+                future.set_exception(err)
+
+    # netsnmp-cffi's one C callback knows "received" and "timed out" only; a security error
+    # (op 7) or a send failure (op 3) would leave the request to our timeout guard, and a wrong
+    # SNMPv3 key would look like a dead PDU. Wrap it (cffi lets an extern be re-attached).
+    from netsnmpy import session as ns_session
+
+    original = ns_session._netsnmp_session_callback
+
+    @_netsnmp.ffi.def_extern(name="_netsnmp_session_callback")  # type: ignore[untyped-decorator]
+    def _callback(operation: int, session: Any, reqid: int, pdu: Any, magic: Any) -> int:
+        if operation in (_OP_SEC_ERROR, _OP_SEND_FAILED):
+            data = _netsnmp.ffi.cast("_callback_data*", magic)
+            target = SNMPSession.session_map.get(data.session_id)
+            if isinstance(target, StatusSession):
+                try:
+                    target.handle_failure(reqid, operation, pdu)
+                except Exception:  # never let an exception cross into C
+                    return 1
+                return 1
+        return int(original(operation, session, reqid, pdu, magic))
+
     return StatusSession
+
+
+_OP_SEND_FAILED = 3  # NETSNMP_CALLBACK_OP_SEND_FAILED
+_OP_SEC_ERROR = 7  # NETSNMP_CALLBACK_OP_SEC_ERROR (net-snmp 5.8+)
 
 
 async def resolve(host: str, port: int) -> str:
@@ -362,8 +705,10 @@ __all__ = [
     "TransportAuthError",
     "TransportError",
     "TransportTimeout",
+    "UsmCredentials",
     "Value",
     "error_status_name",
     "netsnmp_available",
+    "netsnmp_supports_v3",
     "resolve",
 ]

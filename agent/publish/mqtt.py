@@ -425,7 +425,10 @@ class MqttService:
         )
         clean = False
         try:
-            await self._session_run(client)
+            # Its own task: Python 3.11's TaskGroup leaks a cancel request onto the task that hosts
+            # it when a child fails (it uncancels before waiting; fixed in 3.12), which would make
+            # this long-lived loop look cancelled for ever after the first lost connection.
+            await asyncio.create_task(self._session_run(client), name="mqtt-session")
         except asyncio.CancelledError:
             # The agent is stopping: hand over what we can, then say goodbye ourselves.
             clean = True
