@@ -76,6 +76,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--idle-seconds", type=float, default=20.0)
     ap.add_argument("--with-all", action="store_true", help="also run interlocks (MQTT stays off)")
+    ap.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="after measuring, profile the agent 20 s with py-spy into FILE (collapsed stacks)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="podbench-"))
     run_dir = tmp / "pod"
@@ -136,6 +141,12 @@ def main() -> int:
         hw_busy = 100.0 * (tree_cpu(hw) - h0) / wall
         late_busy = int(status(manifest)["late_ticks"]) - late1  # type: ignore[call-overload]
         text = metrics(port)
+        if args.py_spy:
+            subprocess.run(
+                ["py-spy", "record", "--pid", str(agent.pid), "--duration", "20", "--rate", "200",
+                 "--format", "raw", "--output", args.py_spy, "--nonblocking"],
+                check=False, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
     finally:
         for p in (agent, pod):
             if p is not None and p.poll() is None:
