@@ -40,6 +40,10 @@ class NvmlDevice(DeviceBase):
     # Device ids given to the GPUs: f"{gpu_prefix}{index}" -> gpu0, gpu1, ...
     gpu_prefix: str = "gpu"
     xid_events: bool = True
+    # Read the metrics that barely change (default limit, limit constraints, temperature
+    # thresholds, ECC counts) every N polls instead of every poll; 1 reads everything every poll.
+    # Their staleness limit stretches to match. Costs NVML calls on big hosts, as DCGM does.
+    slow_metrics_every: int = Field(10, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _hwsim_needs_state(self) -> NvmlDevice:

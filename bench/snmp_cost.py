@@ -139,7 +139,7 @@ async def table(polls: int, outlets: int) -> dict[tuple[str, str, str], dict[str
             port = int((await proc.stdout.readline()).decode())
             try:
                 for variant in VARIANTS:
-                    if (variant == "before" and before is None):
+                    if variant == "before" and before is None:
                         continue
                     r = await measure(
                         vendor=vendor, version=version, variant=variant, port=port, polls=polls, before=before

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from agent.config import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, driver_class
 from agent.drivers.nvml import NvmlDriver
 from agent.model import DeviceEvent, Quality, Reading
+from agent.poller import Poller
+from agent.state import StateStore
 from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.state import GpuState, PodState, XidEvent
 
@@ -335,3 +339,66 @@ async def test_hung_call_times_out_and_fails_fast(
     finally:
         release.set()
         await drv.close()
+
+
+SLOW_METRICS = {
+    "default_power_limit_w",
+    "min_power_limit_w",
+    "max_power_limit_w",
+    "temp_slowdown_c",
+    "temp_shutdown_c",
+    "temp_max_operating_c",
+    "ecc_corrected_total",
+    "ecc_uncorrected_total",
+}
+
+
+async def test_slow_metrics_every_n_polls_and_at_once_after_a_gpu_returns(
+    pod: PodState, writer: NvmlShmWriter
+) -> None:
+    drv = NvmlDriver(_cfg(writer.path, slow_metrics_every=3))
+    await drv.open()
+    try:
+        seen = [{m for (d, m) in by_key(await drv.poll()) if d == "gpu0"} for _ in range(4)]
+        assert seen[0] == ALL_METRICS  # the first poll reads everything (the store learns cadences)
+        assert seen[1] == seen[2] == ALL_METRICS - SLOW_METRICS
+        assert seen[3] == ALL_METRICS
+        assert {m for m in ALL_METRICS if drv.metric_every(m) == 3} == SLOW_METRICS
+        assert drv.metric_every("temp_c") == 1
+        # gpu1 falls off the bus (its slow metrics become errors) and comes back between two
+        # slow polls: everything is read again on the poll that finds it back.
+        pod.gpus[1].lost = True
+        writer.publish(pod)
+        lost = by_key(await drv.poll())  # poll 5: not a slow poll
+        assert lost[("gpu1", "ecc_corrected_total")].quality is Quality.ERROR
+        pod.gpus[1].lost = False
+        writer.publish(pod)
+        back = by_key(await drv.poll())  # poll 6: not a slow poll either
+        assert back[("gpu1", "ecc_corrected_total")].value == 3
+        assert ("gpu0", "ecc_corrected_total") not in back
+    finally:
+        await drv.close()
+
+
+async def test_slow_metrics_stay_good_in_the_store_between_reads(writer: NvmlShmWriter) -> None:
+    """The poller stretches a slow metric's staleness limit to N poll intervals."""
+    cfg = _cfg(writer.path, slow_metrics_every=5, poll_interval_s=0.1, stale_after_polls=2)
+    store = StateStore()
+    store.register_device("gpus", stale_after_s=cfg.poll_interval_s * cfg.stale_after_polls)
+    poller = Poller(cfg, NvmlDriver(cfg), store)
+    task = asyncio.create_task(poller.run())
+    try:
+        async with asyncio.timeout(10):
+            while poller.stats.polls < 4:
+                await asyncio.sleep(0.05)
+        now = time.monotonic()
+        slow = store.get("gpu0", "temp_slowdown_c")
+        fast = store.get("gpu0", "temp_c")
+        assert slow is not None and fast is not None
+        assert slow.age_s(now) > cfg.poll_interval_s * cfg.stale_after_polls  # older than 2 polls...
+        assert store.effective_quality(slow, now) is Quality.GOOD  # ...but within its 5 x 2 polls
+        assert store.effective_quality(fast, now) is Quality.GOOD
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -67,6 +67,8 @@ class _Call:
     key: str
     fetch: Callable[[ModuleType, Any], Any]
     outputs: tuple[tuple[str, Extract], ...]
+    # Changes rarely or never (thresholds, constraints, ECC): read every slow_metrics_every polls.
+    slow: bool = False
 
 
 def _w(mw: Any) -> float:
@@ -99,11 +101,13 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             "default",
             lambda m, h: m.nvmlDeviceGetPowerManagementDefaultLimit(h),
             (("default_power_limit_w", _w),),
+            slow=True,
         ),
         _Call(
             "constraints",
             lambda m, h: m.nvmlDeviceGetPowerManagementLimitConstraints(h),
             (("min_power_limit_w", lambda v: _w(v[0])), ("max_power_limit_w", lambda v: _w(v[1]))),
+            slow=True,
         ),
         _Call("energy", lambda m, h: m.nvmlDeviceGetTotalEnergyConsumption(h), (("energy_mj", float),)),
         _Call(
@@ -128,16 +132,19 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             "t_slow",
             lambda m, h: m.nvmlDeviceGetTemperatureThreshold(h, thr[0]),
             (("temp_slowdown_c", float),),
+            slow=True,
         ),
         _Call(
             "t_shut",
             lambda m, h: m.nvmlDeviceGetTemperatureThreshold(h, thr[1]),
             (("temp_shutdown_c", float),),
+            slow=True,
         ),
         _Call(
             "t_max",
             lambda m, h: m.nvmlDeviceGetTemperatureThreshold(h, gpu_max),
             (("temp_max_operating_c", float),),
+            slow=True,
         ),
         _Call(
             "throttle",
@@ -148,11 +155,13 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             "ecc_corr",
             lambda m, h: m.nvmlDeviceGetTotalEccErrors(h, ecc[0], vol),
             (("ecc_corrected_total", float),),
+            slow=True,
         ),
         _Call(
             "ecc_unc",
             lambda m, h: m.nvmlDeviceGetTotalEccErrors(h, ecc[1], vol),
             (("ecc_uncorrected_total", float),),
+            slow=True,
         ),
     )
 
@@ -212,6 +221,7 @@ class NvmlDriver:
         self._stuck: asyncio.Future[Any] | None = None  # a call that outlived its timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self.driver_version: str | None = None
+        self._polls = 0  # completed polls; slow calls are due when it is a multiple of N
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -469,11 +479,18 @@ class NvmlDriver:
         if self._event_set is not None:
             self._drain_events()
         readings: list[Reading] = []
+        slow_due = self._polls % self.cfg.slow_metrics_every == 0
         for gpu in self._gpus:
-            readings.extend(self._poll_gpu(gpu))
+            readings.extend(self._poll_gpu(gpu, slow_due))
+        self._polls += 1
         return readings
 
-    def _poll_gpu(self, gpu: _Gpu) -> list[Reading]:
+    def metric_every(self, metric: str) -> int:
+        """Polls between two reads of ``metric`` (the poller stretches its staleness limit)."""
+        slow = {m for call in self._calls if call.slow for m, _ in call.outputs}
+        return self.cfg.slow_metrics_every if metric in slow else 1
+
+    def _poll_gpu(self, gpu: _Gpu, slow_due: bool = True) -> list[Reading]:
         lib = self._lib
         assert lib is not None
         ts_mono, ts_wall = time.monotonic(), time.time()
@@ -488,10 +505,14 @@ class NvmlDriver:
 
         failure = self._ensure_handle(gpu)
         lost = failure == "NVML_ERROR_GPU_IS_LOST"
+        # A GPU coming back from an error gets everything re-read at once, not within N polls.
+        slow_due = slow_due or gpu.lost or gpu.last_error is not None
         if failure is not None:
             gpu.errors_total += 1
         for call in self._calls:
             if call.key in gpu.unsupported:
+                continue
+            if call.slow and not slow_due and failure is None:
                 continue
             if failure is not None:
                 # No handle, or the GPU fell off the bus: every further call would fail the same way
