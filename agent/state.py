@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -195,7 +195,7 @@ class StateStore:
                 if r.quality is Quality.ERROR and r.error == error:
                     continue
                 batch.append(
-                    replace(r, value=None, quality=Quality.ERROR, error=error, ts_mono=now_m, ts_wall=now_w)
+                    r._replace(value=None, quality=Quality.ERROR, error=error, ts_mono=now_m, ts_wall=now_w)
                 )
         self.update(batch)
 

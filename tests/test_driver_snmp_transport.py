@@ -242,3 +242,21 @@ async def test_v3_discovery_of_a_dead_pdu_never_blocks_the_loop(drivers: list[Sn
             task.cancel()
         # 0.8 s of discovery (two tries): the loop kept turning all along.
         assert ticks >= 10
+
+
+async def test_v3_key_change_on_the_same_engine_takes_effect(
+    agent: Start,  # noqa: F811
+    drivers: list[SnmpDriver],  # noqa: F811
+) -> None:
+    """libnetsnmp keeps USM users per (engine ID, user) for the whole process: a corrected (or
+    revoked) key after a config reload must not be shadowed by the one it saw first."""
+    _, h = await agent("apc", "3")
+    for key, works in (("wrong-key-789", False), (None, True), ("wrong-key-789", False), (None, True)):
+        extra = {"auth_key": key} if key else {}
+        d = await open_driver(drivers, device_cfg(h, "apc", "3", transport="netsnmp", **extra))
+        if works:
+            assert await d.poll()
+        else:
+            with pytest.raises(AuthError):
+                await d.poll()
+        await d.close()

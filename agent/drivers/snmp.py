@@ -5,9 +5,10 @@ columns the metrics need, how often to walk them) and metrics (column, index pat
 decimal-digits column, enum map) and the outlet control object. This module knows SNMP, not PDUs.
 
 Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
-- Transport per device (``agent/drivers/snmp_transport.py``): v2c goes through net-snmp's C library
-  (netsnmp-cffi) when it is installed, ~10-20x cheaper per value than pysnmp; v3 (and v2c without
-  netsnmp-cffi, or ``transport = "pysnmp"``) through pysnmp with MIB lookup off.
+- Transport per device (``agent/drivers/snmp_transport.py``): v2c and v3 go through net-snmp's C
+  library (netsnmp-cffi) when it is installed, ~5-10x cheaper per value than pysnmp; v3 with AES256
+  privacy (and everything without netsnmp-cffi, or with ``transport = "pysnmp"``) through pysnmp
+  with MIB lookup off.
 - Cadence per table, as real pollers do: the tables interlocks read (device, phases) every poll,
   the big outlet tables every ``every`` polls (profile; ``slow_table_every`` in the device config
   overrides it). A table not walked this poll is not re-emitted: the store keeps its last readings

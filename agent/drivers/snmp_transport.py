@@ -7,8 +7,10 @@ below. Library exceptions stop here.
 
 - ``PysnmpTransport``: pysnmp 7.1, pure Python, v2c and v3 (authPriv). ~150-300 us of CPU per value.
 - ``NetsnmpTransport``: netsnmp-cffi 0.2 (``import netsnmpy``: libnetsnmp through CFFI, asyncio
-  native, the wheel bundles the C library). v2c only: netsnmp-cffi has no SNMPv3 yet. 10-20x
-  cheaper per value (measured in bench/snmp_cost.py).
+  native, the wheel bundles the C library). v2c, and v3 authPriv (MD5/SHA/SHA-256 with AES-128 or
+  DES), which netsnmp-cffi itself does not offer yet: we fill the session's USM fields, discover
+  the engine asynchronously and route security errors (see ``create_v3``). 5-10x cheaper per value
+  (measured in bench/snmp_cost.py).
 
 Values: INTEGER and its application types (Counter32, Gauge32, TimeTicks, Counter64, Unsigned32)
 become ``int``; noSuchObject / noSuchInstance / endOfMibView become a ``Special``; anything else (an
@@ -385,8 +387,6 @@ def _init_netsnmp_usm() -> None:
     """Registers net-snmp's USM security module (``init_snmp``), once per process, without its
     side effects: no snmp.conf or persistent-state files read or written (the TOML is the only
     configuration) and no MIB files parsed (we never look up names; it would print warnings)."""
-    import ctypes
-    import glob
     import os
 
     from netsnmpy import _netsnmp
@@ -399,19 +399,14 @@ def _init_netsnmp_usm() -> None:
     )
 
     ffi, lib = _netsnmp.ffi, _netsnmp.lib
-    libs = os.path.join(os.path.dirname(_netsnmp.__file__), os.pardir, "netsnmp_cffi.libs")
-    for path in glob.glob(os.path.join(libs, "libnetsnmp*")) or ["libnetsnmp.so.40"]:
-        try:
-            c = ctypes.CDLL(path)  # the copy _netsnmp already loaded: same handle, same globals
-        except OSError:
-            continue
+    c = _libnetsnmp()
+    if c is not None:
         for flag in (
             NETSNMP_DS_LIB_DONT_READ_CONFIGS,
             NETSNMP_DS_LIB_DISABLE_PERSISTENT_LOAD,
             NETSNMP_DS_LIB_DISABLE_PERSISTENT_SAVE,
         ):
             c.netsnmp_ds_set_boolean(NETSNMP_DS_LIBRARY_ID, flag, 1)
-        break
     # The application type must be set before init_usm (netsnmp-cffi: it segfaults otherwise).
     lib.netsnmp_ds_set_string(NETSNMP_DS_LIBRARY_ID, NETSNMP_DS_LIB_APPTYPE, ffi.new("char[]", b"podagent"))
     saved = os.environ.get("MIBS")
@@ -425,6 +420,45 @@ def _init_netsnmp_usm() -> None:
             os.environ["MIBS"] = saved
 
 
+@functools.cache
+def _libnetsnmp() -> Any:
+    """ctypes view of the libnetsnmp netsnmp-cffi loaded (same handle, same globals), for the few
+    functions its CFFI declarations leave out; None if it cannot be found."""
+    import ctypes
+    import glob
+    import os
+
+    from netsnmpy import _netsnmp
+
+    libs = os.path.join(os.path.dirname(_netsnmp.__file__), os.pardir, "netsnmp_cffi.libs")
+    for path in glob.glob(os.path.join(libs, "libnetsnmp*")) or ["libnetsnmp.so.40"]:
+        try:
+            c = ctypes.CDLL(path)
+        except OSError:
+            continue
+        c.usm_get_user.restype = ctypes.c_void_p
+        c.usm_get_user.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p)
+        c.usm_remove_user.restype = ctypes.c_void_p
+        c.usm_remove_user.argtypes = (ctypes.c_void_p,)
+        c.usm_free_user.restype = ctypes.c_void_p
+        c.usm_free_user.argtypes = (ctypes.c_void_p,)
+        return c
+    return None
+
+
+def _forget_usm_user(engine_id: bytes, user: str) -> None:
+    """libnetsnmp keeps one USM user per (engine ID, name) for the life of the process and a new
+    session's keys do not replace a known user's: a key corrected (or revoked) by a config reload
+    would be shadowed by the first one seen. Each session starts from its own keys."""
+    c = _libnetsnmp()
+    if c is None:
+        return
+    found = c.usm_get_user(engine_id, len(engine_id), user.encode())
+    if found:
+        c.usm_remove_user(found)
+        c.usm_free_user(found)
+
+
 def _c(keep: list[Any], cdata: Any) -> Any:
     keep.append(cdata)
     return cdata
@@ -435,7 +469,7 @@ def _c(keep: list[Any], cdata: Any) -> Any:
 
 
 class NetsnmpTransport:
-    """netsnmp-cffi 0.2 over libnetsnmp, SNMPv2c only.
+    """netsnmp-cffi 0.2 over libnetsnmp, SNMPv2c and SNMPv3 (authPriv).
 
     Two gaps of netsnmp-cffi 0.2.1 are filled here: its response callback drops the PDU's
     error-status (so a refused SET would look like success), and its ``aset`` cannot encode an
@@ -561,6 +595,7 @@ def _status_session_class() -> type[SNMPSession]:
             # SNMPSession.open() with the USM fields set before snmp_open (it copies the struct).
             ffi, lib = _netsnmp.ffi, _netsnmp.lib
             creds, engine = self.usm
+            _forget_usm_user(engine.engine_id, creds.user)
             session = ffi.new("netsnmp_session*")
             lib.snmp_sess_init(session)
             session.version = SNMP_VERSION_3
