@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import signal
 import statistics
@@ -30,6 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hwsim.agentconf import render_agent_config  # noqa: E402
+
+
+def interlock_steps(text: str) -> float:
+    m = re.search(r"^podagent_interlock_steps_total ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def cpu_pct(proc: psutil.Process, seconds: float) -> float:
@@ -130,6 +136,7 @@ def main() -> int:
             time.sleep(0.5)
         time.sleep(5)  # past start-up (first v3 discovery, imports)
         late1 = int(status(manifest)["late_ticks"])  # type: ignore[call-overload]
+        steps0 = interlock_steps(metrics(port))
         a0, h0, w0 = tree_cpu(ag), tree_cpu(hw), time.monotonic()
         rss = []
         end = w0 + args.seconds
@@ -141,6 +148,7 @@ def main() -> int:
         hw_busy = 100.0 * (tree_cpu(hw) - h0) / wall
         late_busy = int(status(manifest)["late_ticks"]) - late1  # type: ignore[call-overload]
         text = metrics(port)
+        steps = interlock_steps(text) - steps0
         if args.py_spy:
             subprocess.run(
                 ["py-spy", "record", "--pid", str(agent.pid), "--duration", "20", "--rate", "200",
@@ -197,6 +205,15 @@ def main() -> int:
         f"| {agent_pct:.1f} | "
         f"RSS median {statistics.median(rss) / 2**20:.0f} MiB, max {max(rss) / 2**20:.0f} MiB |"
     )
+    if args.with_all:
+        step_q = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(r'podagent_interlock_step_seconds\{quantile="([0-9.]+)"\} ([0-9.e-]+)', text)
+        }
+        print(
+            f"\ninterlock engine: {steps / wall:.1f} evaluations/s, duration p50 "
+            f"{1000 * step_q.get('0.5', math.nan):.2f} ms, p99 {1000 * step_q.get('0.99', math.nan):.2f} ms"
+        )
     print("\n| device kind | devices | poll p50 (ms) | poll p99 (ms) | polls | errors | missed deadlines |")
     print("|---|---|---|---|---|---|---|")
     by_kind: dict[str, list[str]] = {}

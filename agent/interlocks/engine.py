@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from agent.events import Event, Severity
-from agent.interlocks.config import InterlockConfig
+from agent.interlocks.config import GpuOvertemp, GpuRunaway, InterlockConfig, SensorStale
 from agent.model import Quality, Reading
 
 Snapshot = Mapping[tuple[str, str], Reading]
@@ -92,6 +93,8 @@ class Decision:
     events: list[Event]
     actions: list[Action]
     inputs_changed: bool = True
+    # The GPUs this step re-evaluated (all of them on a full step) and their caps: a subset of caps.
+    evaluated: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -124,15 +127,73 @@ class GpuMemory:
     last_raise: float = -math.inf
 
 
-class _LazyLimits(dict[str, "GpuLimits | None"]):
-    """A GPU's NVML constraints, read from the snapshot the first time a rule asks this step."""
+def _overtemp_detail(ot: GpuOvertemp, temp: float) -> dict[str, Any]:
+    return {
+        "inputs": {"temp_c": round(temp, 2)},
+        "thresholds": {
+            "trip_c": ot.trip_c,
+            "clear_c": ot.clear_c,
+            "clear_hold_s": ot.clear_hold_s,
+            "cap_pct": ot.cap_pct,
+        },
+    }
 
-    def __init__(self, snap: Snapshot) -> None:
+
+def _runaway_detail(ra: GpuRunaway, temp: float, rate: float | None) -> dict[str, Any]:
+    return {
+        "inputs": {"temp_c": round(temp, 2), "rate_c_per_s": None if rate is None else round(rate, 2)},
+        "thresholds": {
+            "rate_c_per_s": ra.rate_c_per_s,
+            "window_s": ra.window_s,
+            "min_temp_c": ra.min_temp_c,
+            "clear_c": ra.clear_c,
+            "cap_pct": ra.cap_pct,
+        },
+    }
+
+
+def _stale_detail(
+    st: SensorStale, stale_after_s: float | None, metrics: Sequence[str], reasons: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "inputs": reasons or dict.fromkeys(metrics, "fresh"),
+        "thresholds": {
+            "stale_after_s": stale_after_s,
+            "fresh_hold_s": st.fresh_hold_s,
+            "cap_pct": st.cap_pct,
+        },
+    }
+
+
+_LIMIT_METRICS = ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
+_LimitsMemo = dict[str, tuple[tuple["Reading | None", ...], "GpuLimits | None"]]
+
+
+class _LazyLimits(dict[str, "GpuLimits | None"]):
+    """A GPU's NVML constraints, read from the snapshot the first time a rule asks this step.
+
+    ``memo`` carries the answer across steps for as long as the snapshot holds the very same
+    (immutable) readings: the constraints are re-read every few polls, the engine runs ~40 times a
+    second, and the answer depends on those three readings alone."""
+
+    def __init__(self, snap: Snapshot, memo: _LimitsMemo | None = None) -> None:
         super().__init__()
         self._snap = snap
+        self._memo: _LimitsMemo = {} if memo is None else memo
 
     def __missing__(self, gpu: str) -> GpuLimits | None:
-        value = Engine._limits(self._snap, gpu)
+        snap = self._snap
+        key = (
+            snap.get((gpu, _LIMIT_METRICS[0])),
+            snap.get((gpu, _LIMIT_METRICS[1])),
+            snap.get((gpu, _LIMIT_METRICS[2])),
+        )
+        known = self._memo.get(gpu)
+        if known is not None and all(a is b for a, b in zip(known[0], key, strict=True)):
+            value = known[1]
+        else:
+            value = Engine._limits(snap, gpu)
+            self._memo[gpu] = (key, value)
         self[gpu] = value
         return value
 
@@ -164,6 +225,7 @@ class Engine:
         self._transitions: list[Instance] = []
         self._inputs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] | None = None
         self.last_caps: dict[str, float] = {}
+        self._limits_memo: _LimitsMemo = {}
         self._step_limits: _LazyLimits = _LazyLimits({})
 
     # ------------------------------------------------------------------ helpers
@@ -220,7 +282,7 @@ class Engine:
         events: list[Event] = []
         actions: list[Action] = []
         suppressed = {(o.interlock, o.device) for o in overrides if o.expires_wall > now_wall}
-        limits = self._step_limits = _LazyLimits(snap)
+        limits = self._step_limits = _LazyLimits(snap, self._limits_memo)
         topo = self.topology
         gpus: Sequence[str] = topo.gpus
         loops, pdus = topo.loops, topo.pdus
@@ -267,8 +329,9 @@ class Engine:
 
         if external_caps and affected is not None:
             affected.update(g for g, (w, _) in external_caps.items() if self.last_caps.get(g) != w)
-        self.last_caps.update(self._combine(now, limits, suppressed, external_caps or {}, affected))
-        return Decision(caps=dict(self.last_caps), events=events, actions=actions)
+        evaluated = self._combine(now, limits, suppressed, external_caps or {}, affected)
+        self.last_caps.update(evaluated)
+        return Decision(caps=dict(self.last_caps), events=events, actions=actions, evaluated=evaluated)
 
     def _trip_event(self, inst: Instance, now_wall: float, suppressed: set[tuple[str, str]]) -> Event:
         critical = inst.interlock in ("coolant_leak", "coolant_flow_low", "shed")
@@ -306,11 +369,14 @@ class Engine:
         clear_cond: bool,
         clear_hold_s: float,
         caps: Mapping[str, float] | None,
-        detail: dict[str, Any],
+        detail: dict[str, Any] | Callable[[], dict[str, Any]],
         extra_clear_ok: bool = True,
     ) -> None:
         """The shared state machine: trip on (cond sustained for sustain_s) or trip_now; clear after
-        clear_cond held for clear_hold_s. While tripped, caps never rise (only tighten)."""
+        clear_cond held for clear_hold_s. While tripped, caps never rise (only tighten).
+
+        ``detail`` (the inputs and thresholds that explain a trip or clear) may be a function: it
+        is built only on a transition, not for each of 576 GPUs at every evaluation."""
         if not inst.tripped:
             inst.cond_since = (
                 (inst.cond_since if inst.cond_since is not None else now) if cond or trip_now else None
@@ -319,7 +385,7 @@ class Engine:
                 inst.tripped_since = now
                 inst.clear_since = None
                 inst.caps = dict(caps or {})
-                inst.detail = {**detail, "_transition": "trip"}
+                inst.detail = {**(detail() if callable(detail) else detail), "_transition": "trip"}
                 self._transitions.append(inst)
             return
         # Tripped: tighten caps only, never raise them.
@@ -331,7 +397,7 @@ class Engine:
             if now - inst.clear_since >= clear_hold_s:
                 inst.detail = {
                     "tripped_for_s": round(now - (inst.tripped_since or now), 1),
-                    **detail,
+                    **(detail() if callable(detail) else detail),
                     "_transition": "clear",
                 }
                 self._transitions.append(inst)
@@ -374,15 +440,7 @@ class Engine:
                         clear_cond=temp <= ot.clear_c,
                         clear_hold_s=ot.clear_hold_s,
                         caps={gpu: cap} if cap is not None else None,
-                        detail={
-                            "inputs": {"temp_c": round(temp, 2)},
-                            "thresholds": {
-                                "trip_c": ot.trip_c,
-                                "clear_c": ot.clear_c,
-                                "clear_hold_s": ot.clear_hold_s,
-                                "cap_pct": ot.cap_pct,
-                            },
-                        },
+                        detail=partial(_overtemp_detail, ot, temp),
                     )
             if ra.enabled:
                 inst = self._instance("gpu_runaway", gpu, (gpu,))
@@ -398,19 +456,7 @@ class Engine:
                         clear_cond=temp <= ra.clear_c,
                         clear_hold_s=ra.clear_hold_s,
                         caps={gpu: cap} if cap is not None else None,
-                        detail={
-                            "inputs": {
-                                "temp_c": round(temp, 2),
-                                "rate_c_per_s": None if rate is None else round(rate, 2),
-                            },
-                            "thresholds": {
-                                "rate_c_per_s": ra.rate_c_per_s,
-                                "window_s": ra.window_s,
-                                "min_temp_c": ra.min_temp_c,
-                                "clear_c": ra.clear_c,
-                                "cap_pct": ra.cap_pct,
-                            },
-                        },
+                        detail=partial(_runaway_detail, ra, temp, rate),
                     )
 
     @staticmethod
@@ -611,7 +657,13 @@ class Engine:
             missing = [m for m in metrics if self._fresh(snap, device, m, now) is None]
             # Right after start, an input that has simply not arrived yet is not (yet) stale.
             stale = any(not (in_grace and snap.get((device, m)) is None) for m in missing)
-            caps = {g: c for g in gpus if (c := self._pct_cap(self._step_limits[g], st.cap_pct)) is not None}
+            inst = self._instance("sensor_stale", device, gpus)
+            # The caps matter only to a trip or a tripped instance (they never loosen one).
+            caps = (
+                {g: c for g in gpus if (c := self._pct_cap(self._step_limits[g], st.cap_pct)) is not None}
+                if stale or inst.tripped
+                else None
+            )
             reasons = {}
             for m in missing:
                 r = snap.get((device, m))
@@ -623,7 +675,7 @@ class Engine:
                     else f"{now - r.ts_mono:.1f} s old"
                 )
             self._update(
-                self._instance("sensor_stale", device, gpus),
+                inst,
                 now,
                 trip_now=stale,
                 cond=False,
@@ -631,14 +683,7 @@ class Engine:
                 clear_cond=not missing,
                 clear_hold_s=st.fresh_hold_s,
                 caps=caps,
-                detail={
-                    "inputs": reasons or dict.fromkeys(metrics, "fresh"),
-                    "thresholds": {
-                        "stale_after_s": self.topology.stale_after_s.get(device),
-                        "fresh_hold_s": st.fresh_hold_s,
-                        "cap_pct": st.cap_pct,
-                    },
-                },
+                detail=partial(_stale_detail, st, self.topology.stale_after_s.get(device), metrics, reasons),
             )
 
     def _shed(
@@ -739,8 +784,8 @@ class Engine:
     def caps_by_gpu(self, suppressed: set[tuple[str, str]]) -> dict[str, list[tuple[float, str]]]:
         out: dict[str, list[tuple[float, str]]] = {}
         for inst in self.instances.values():
-            if not inst.tripped or (inst.interlock, inst.device) in suppressed:
-                continue
+            if inst.tripped_since is None or (inst.interlock, inst.device) in suppressed:
+                continue  # (tripped_since, not .tripped: this runs over every instance, every step)
             for g, w in inst.caps.items():
                 out.setdefault(g, []).append((w, inst.interlock))
         return out

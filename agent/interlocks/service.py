@@ -171,6 +171,7 @@ class InterlockService:
     async def _engine_loop(self) -> None:
         assert self.agent is not None and self.engine is not None
         agent, engine = self.agent, self.engine
+        all_gpus = frozenset(engine.topology.gpus)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # hold times, ramps and staleness need a clock
@@ -179,8 +180,10 @@ class InterlockService:
             trigger = self._trigger_mono or time.monotonic()
             self._trigger_mono = 0.0
             t0 = time.monotonic()
-            full = t0 - self._last_full >= 1.0 or self._full_next
             changed, self._changed = self._changed, set()
+            # A batch with every GPU in it (the NVML poll) costs a full evaluation anyway: make it
+            # one, so the once-a-second full evaluation does not repeat it.
+            full = t0 - self._last_full >= 1.0 or self._full_next or bool(all_gpus and all_gpus <= changed)
             if full:
                 self._last_full = t0
                 self._full_next = False
@@ -207,7 +210,10 @@ class InterlockService:
                 agent.events.publish(event)
                 log.warning(event.message, interlock=event.detail.get("interlock"), device=event.device)
             self.caps = decision.caps
-            self._dispatch_caps(decision.caps, trigger, decided)
+            # A partial step only changed the caps of the GPUs it evaluated; the full step (at
+            # least once a second) looks at every GPU again, which is when failed sets are retried.
+            to_check = decision.caps if full or decision.evaluated is None else decision.evaluated
+            self._dispatch_caps(to_check, trigger, decided)
             if decision.actions:
                 self._mailbox.actions.extend(decision.actions)
                 self._mail.set()
@@ -570,6 +576,18 @@ class InterlockService:
         out.append(
             ("podagent_interlock_overrides", [], float(len(self._overrides)), "Active interlock overrides.")
         )
+        out.append(("podagent_interlock_steps_total", [], float(self.steps), "Interlock engine evaluations."))
+        if self.step_durations:
+            recent = sorted(self.step_durations)
+            for q in (0.5, 0.99):
+                out.append(
+                    (
+                        "podagent_interlock_step_seconds",
+                        [("quantile", str(q))],
+                        recent[min(len(recent) - 1, int(q * len(recent)))],
+                        "Duration of recent interlock engine evaluations.",
+                    )
+                )
         failing = sum(1 for a in self.actuation.values() if a.failing_since is not None)
         out.append(
             ("podagent_actuation_failing", [], float(failing), "GPUs whose power limit could not be set.")

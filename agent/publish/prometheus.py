@@ -186,7 +186,7 @@ def render_metrics(agent: Agent, now_wall: float | None = None) -> str:
         if name in helps:
             out.append(f"# HELP {name} {helps[name]}")
         kind = "counter" if name.endswith("_total") else "gauge"
-        if name == "podagent_poll_duration_seconds":
+        if name in ("podagent_poll_duration_seconds", "podagent_interlock_step_seconds"):
             kind = "summary"
         out.append(f"# TYPE {name} {kind}")
         out.extend(families[name])
