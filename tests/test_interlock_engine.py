@@ -443,3 +443,31 @@ def test_every_trip_event_explains_itself() -> None:
     for e in events:
         if e.kind == "interlock_trip":
             assert e.detail["inputs"] and e.detail["thresholds"], e
+
+
+# ------------------------------------------------------------------------------ scale helpers
+def test_partial_step_reports_the_gpus_it_evaluated() -> None:
+    eng, pod = engine(NO_RUNAWAY), Pod()
+    run(eng, pod, 0, 20)
+    pod.set("gpu1", "temp_c", 90.0)
+    pod.touch(21)
+    d = eng.step(pod.snapshot(), 21, WALL0 + 21, changed={"gpu1"})
+    assert d.evaluated == {"gpu1": 0.6 * DEFAULT_W}  # what the service dispatches
+    assert d.caps == {**dict.fromkeys(GPUS, DEFAULT_W), "gpu1": 0.6 * DEFAULT_W}
+    full = eng.step(pod.snapshot(), 21.5, WALL0 + 21.5)
+    assert full.evaluated == full.caps and set(full.caps) == set(GPUS)
+
+
+def test_new_constraint_readings_take_effect_at_once() -> None:
+    """The engine memoizes a GPU's limits per reading: a new reading must never be hidden."""
+    eng, pod = engine(NO_RUNAWAY), Pod()
+    run(eng, pod, 0, 20)
+    pod.set("gpu1", "temp_c", 90.0)
+    caps = run(eng, pod, 21, 22)
+    assert caps["gpu1"] == 0.6 * DEFAULT_W
+    # The driver re-reads the constraints: a lower default (an admin lowered it) and max.
+    pod.set("gpu1", "default_power_limit_w", 500.0)
+    pod.set("gpu2", "max_power_limit_w", 600.0)
+    caps = run(eng, pod, 23, 23)
+    assert caps["gpu1"] == 0.6 * 500.0  # tighter: applied at once
+    assert caps["gpu2"] == 600.0  # clamped into the new [min, max]
