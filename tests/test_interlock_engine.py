@@ -471,3 +471,37 @@ def test_new_constraint_readings_take_effect_at_once() -> None:
     caps = run(eng, pod, 23, 23)
     assert caps["gpu1"] == 0.6 * 500.0  # tighter: applied at once
     assert caps["gpu2"] == 600.0  # clamped into the new [min, max]
+
+
+def test_leak_with_shed_switches_off_every_server_on_the_loop_once() -> None:
+    cfg = InterlockConfig.model_validate({"coolant_leak": {"shed": True}})
+    outlets = {"pdu-a": {1: ("gpu0", "gpu1"), 2: ("gpu2", "gpu3"), 3: ("gpu9",)}}  # gpu9: not on it
+    eng, pod = engine(cfg, topo={"outlet_gpus": outlets}), Pod()
+    run(eng, pod, 0, 5)
+    pod.set("cdu-1", "leak", 1.0)
+    actions, events = [], []
+    for t in range(6, 30):
+        pod.touch(t)
+        d = eng.step(pod.snapshot(), t, WALL0 + t)
+        actions += d.actions
+        events += d.events
+    assert sorted((a.kind, a.device, a.value) for a in actions) == [
+        ("outlet_off", "pdu-a", 1),
+        ("outlet_off", "pdu-a", 2),
+    ]
+    (shed,) = [e for e in events if e.detail.get("interlock") == "shed"]
+    assert shed.needs_ack and shed.severity == "critical" and shed.detail["cause"] == "coolant_leak"
+    # Acknowledging the shed while the loop is still wet does not switch anything off again.
+    for t in range(30, 40):
+        pod.touch(t)
+        assert not eng.step(pod.snapshot(), t, WALL0 + t, acked={shed.id}).actions
+
+
+def test_leak_without_shed_only_caps() -> None:
+    eng, pod = engine(topo={"outlet_gpus": {"pdu-a": {1: GPUS}}}), Pod()
+    pod.set("cdu-1", "leak", 1.0)
+    actions = []
+    for t in range(30):
+        pod.touch(t)
+        actions += eng.step(pod.snapshot(), t, WALL0 + t).actions
+    assert actions == [] and ("coolant_leak", "cdu-1") in trips(eng)

@@ -106,10 +106,12 @@ class Truth:
 
 
 @contextlib.asynccontextmanager
-async def armed(pod: SimPod, tmp_path: Path) -> AsyncIterator[tuple[Agent, InterlockService, Truth]]:
+async def armed(
+    pod: SimPod, tmp_path: Path, *, extra: str = ""
+) -> AsyncIterator[tuple[Agent, InterlockService, Truth]]:
     """The agent with interlocks against ``pod``, and a sampler of the pod's truth."""
     path = tmp_path / "podagent.toml"
-    path.write_text(pod.agent_config(tmp_path / "state", extra=INTERLOCKS))
+    path.write_text(pod.agent_config(tmp_path / "state", extra=INTERLOCKS + extra))
     service = InterlockService(load_config(path).interlocks)
     truth = Truth(pod)
     async with running_agent(path, services=[service]) as agent:
@@ -379,3 +381,41 @@ async def test_snmp_timeout_puts_fail_safe_cap_on_that_pdus_gpus(tmp_path: Path)
             for i in range(8):
                 assert_ramp(truth, i, cap)
             assert_audited(tmp_path / "state", "sensor_stale", "pdu-a", "gpu0")
+
+
+async def test_coolant_leak_with_shed_caps_to_minimum_and_switches_the_loop_off(tmp_path: Path) -> None:
+    with pod_running(tmp_path) as pod:
+        async with armed(pod, tmp_path, extra="[interlocks.coolant_leak]\nshed = true\n") as (
+            agent,
+            service,
+            truth,
+        ):
+            loop_gpus = set(next(iter(service.engine.topology.loops.values())))  # type: ignore[union-attr]
+            wet = {
+                (pdu, int(outlet))
+                for pdu, outlets in service.engine.topology.outlet_gpus.items()  # type: ignore[union-attr]
+                for outlet, gpus in outlets.items()
+                if loop_gpus.intersection(gpus)
+            }
+            assert wet, "the tiny pod's PDUs feed the loop's servers"
+            pod.fault("coolant-leak", "cdu-1")
+            trip = await event(agent, "interlock_trip", interlock="coolant_leak", device="cdu-1", within=20)
+            assert trip.needs_ack and trip.detail["inputs"] == {"leak": 1.0}
+            shed = await event(agent, "interlock_trip", interlock="shed", device="cdu-1", within=10)
+            assert shed.detail["cause"] == "coolant_leak"
+            assert {(o["pdu"], int(o["outlet"])) for o in shed.detail["outlets"]} == wet
+
+            def outlets_off() -> bool:
+                st = pod.state()
+                state = {(p["id"], o["index"]): o["on"] for p in st["pdus"] for o in p["outlets"]}
+                return all(state[k] is False for k in wet)
+
+            async with asyncio.timeout(15):
+                while not await asyncio.to_thread(outlets_off):
+                    await asyncio.sleep(0.2)
+            # Every GPU on the loop is capped to its minimum as well (the caps come first).
+            await truth.until(
+                lambda s: all(s.limits[int(g[3:])] <= 200.0 + 1 for g in loop_gpus),
+                within=10,
+                what="min caps",
+            )

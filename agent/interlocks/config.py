@@ -60,6 +60,8 @@ class CoolantFlowLow(RuleBase):
 class CoolantLeak(RuleBase):
     # Caps every GPU on the loop to its minimum limit; clears only after the detector is dry and a
     # person acknowledged the trip event.
+    # shed = true also switches off every server the leaking loop cools (the outlets of its GPUs
+    # in the PDUs' outlet_gpus), at once; like any shed, only a person switches them back on.
     shed: bool = False
 
 

@@ -226,6 +226,7 @@ class Engine:
         self._inputs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] | None = None
         self.last_caps: dict[str, float] = {}
         self._limits_memo: _LimitsMemo = {}
+        self._leak_shed_for: dict[str, str | None] = {}  # CDU -> the leak trip its shed answered
         self._step_limits: _LazyLimits = _LazyLimits({})
 
     # ------------------------------------------------------------------ helpers
@@ -323,7 +324,7 @@ class Engine:
                     )
                 )
                 inst.trip_event = None
-        if cfg.shed.enabled:
+        if cfg.shed.enabled or (cfg.coolant_leak.enabled and cfg.coolant_leak.shed):
             self._shed(snap, now, now_wall, suppressed, acked, events, actions)
         self._setpoint_actions(now_wall, actions)
 
@@ -715,6 +716,20 @@ class Engine:
             ]
             supply = self._fresh(snap, cdu, "supply_temp_c", now)
             inst = self._instance("shed", cdu, gpus)
+            leak = self.instances.get(("coolant_leak", cdu))
+            if (
+                self.config.coolant_leak.shed
+                and leak is not None
+                and leak.tripped
+                and self._leak_shed_for.get(cdu) != leak.trip_event  # once per leak trip
+                and not inst.shed_done
+                and ("shed", cdu) not in suppressed
+            ):
+                self._leak_shed_for[cdu] = leak.trip_event
+                self._shed_wet_zone(cdu, gpus, inst, now, now_wall, events, actions)
+                continue
+            if not sh.enabled:
+                continue
             if not capped or supply is None or supply < sh.critical_c or inst.shed_done:
                 continue
             since = min(i.tripped_since or now for i in capped)
@@ -763,6 +778,49 @@ class Engine:
                     },
                 )
             )
+
+    def _shed_wet_zone(
+        self,
+        cdu: str,
+        gpus: tuple[str, ...],
+        inst: Instance,
+        now: float,
+        now_wall: float,
+        events: list[Event],
+        actions: list[Action],
+    ) -> None:
+        """coolant_leak with ``shed = true``: water on the loop, so every server the loop cools is
+        switched off at once (the caps are not enough near live power). Manual clear, as a shed."""
+        on_loop = set(gpus)
+        chosen = [
+            (pdu, outlet)
+            for pdu, outlets in self.topology.outlet_gpus.items()
+            for outlet, og in outlets.items()
+            if on_loop.intersection(og)
+        ]
+        inst.shed_done = True
+        inst.tripped_since = now
+        inst.trip_event = self._event_id(now_wall)
+        for pdu, outlet in chosen:
+            actions.append(Action("outlet_off", pdu, outlet, f"shed: leak on {cdu}", inst.trip_event))
+        events.append(
+            Event(
+                kind="interlock_trip",
+                severity=Severity.CRITICAL,
+                message=f"shed on {cdu}: coolant leak; switching off {len(chosen)} outlet(s) on the loop",
+                device=cdu,
+                needs_ack=True,
+                id=inst.trip_event,
+                ts_wall=now_wall,
+                detail={
+                    "interlock": "shed",
+                    "cause": "coolant_leak",
+                    "inputs": {"leak": 1},
+                    "thresholds": {"coolant_leak.shed": True},
+                    "outlets": [{"pdu": p, "outlet": o} for p, o in chosen],
+                },
+            )
+        )
 
     def _setpoint_actions(self, now_wall: float, actions: list[Action]) -> None:
         sp = self.config.coolant_supply_high.setpoint_on_trip_c
