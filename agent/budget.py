@@ -20,3 +20,17 @@ class FleetBudget:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def ramped_budget_w(
+    target_w: float, ramp_w_per_s: float | None, start_w: float | None, elapsed_s: float
+) -> float:
+    """Where a budget moving from ``start_w`` to ``target_w`` at ``ramp_w_per_s`` stands after
+    ``elapsed_s``: the fleet spreads a change over time (demand response, a feeder's ramp limit)
+    instead of stepping the whole pod at once. No ramp or no start: the target at once."""
+    if ramp_w_per_s is None or start_w is None:
+        return target_w
+    moved = ramp_w_per_s * max(0.0, elapsed_s)
+    if target_w >= start_w:
+        return min(target_w, start_w + moved)
+    return max(target_w, start_w - moved)

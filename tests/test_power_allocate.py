@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.budget import ramped_budget_w
 from agent.power.allocate import GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.control import BatteryInput, Inputs, RampState, control_step
@@ -145,3 +146,12 @@ def test_grid_import_limit_beats_the_ramp() -> None:
     d = control_step(cfg, _inputs(60000.0, _bat(power=0.0)), state)
     assert d.grid_target_w == 50000.0
     assert d.battery_setpoint_w == 10000.0
+
+
+def test_ramped_budget_moves_at_the_rate_and_stops_at_the_target() -> None:
+    assert ramped_budget_w(30000.0, None, 50000.0, 5.0) == 30000.0  # no ramp: at once
+    assert ramped_budget_w(30000.0, 1000.0, None, 5.0) == 30000.0  # nothing to ramp from
+    assert ramped_budget_w(30000.0, 1000.0, 50000.0, 5.0) == 45000.0  # down
+    assert ramped_budget_w(30000.0, 1000.0, 50000.0, 60.0) == 30000.0  # never past it
+    assert ramped_budget_w(60000.0, 500.0, 50000.0, 4.0) == 52000.0  # up
+    assert ramped_budget_w(60000.0, 500.0, 50000.0, -1.0) == 50000.0  # clock before the start

@@ -4,6 +4,7 @@ with a battery over Modbus (fleet budget step, expiry back to the static limit, 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -146,5 +147,23 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
             assert power.decision.pod_budget_w > budget
             names = {m[0] for m in power.metrics()}
             assert "podagent_power_budget_watts" in names and "podagent_power_grid_target_watts" in names
+
+            # A budget with a ramp: the budget in force walks from the pod's draw to the target at
+            # the rate asked, never past it.
+            draw = agent.store.value("pod", "power_w")
+            assert draw is not None and draw > 4000.0
+            target = draw - 3000.0
+            rate = 500.0
+            agent.set_fleet_budget(FleetBudget(watts=target, id="c-ramp", ramp_w_per_s=rate), by="test")
+            seen: list[tuple[float, float]] = []
+            for _ in range(4):
+                await until(agent, lambda n=power.steps: power.steps >= n + 1, what="one control period")
+                assert power.fleet_budget_w is not None
+                seen.append((time.monotonic(), power.fleet_budget_w))
+            assert all(target < w < draw + 1.0 for _, w in seen), seen
+            assert all(b[1] < a[1] for a, b in itertools.pairwise(seen)), seen  # falling
+            (t0, w0), (t1, w1) = seen[0], seen[-1]
+            assert (w0 - w1) <= rate * (t1 - t0) + rate * config.power.control_period_s + 1.0
+            assert agent.summary()["power"]["budget"]["fleet_target_w"] == round(target, 1)
     finally:
         stop_pod(sim)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.budget import FleetBudget
+from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
 from agent.drivers.base import DriverError
 from agent.power.allocate import Allocation, GpuInput, allocate
@@ -50,6 +50,9 @@ class PowerService:
         self._written: dict[str, float] = {}
         self.battery_error: str | None = None
         self.interlocks_attached = False
+        # The fleet budget in force, ramped (set_power_budget's ramp_w_per_s): W, or None.
+        self.fleet_budget_w: float | None = None
+        self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
@@ -87,8 +90,25 @@ class PowerService:
             out["site_limit"] = self.config.site_limit_w
         budget: FleetBudget | None = self.agent.fleet_budget
         if budget is not None and budget.active(now_wall):
-            out["fleet_budget"] = budget.watts
+            out["fleet_budget"] = self.fleet_budget_w if self.fleet_budget_w is not None else budget.watts
         return out
+
+    def _update_fleet_budget(self, now: float, now_wall: float) -> None:
+        """Moves the fleet budget in force toward the last one set, at its ramp rate: from the
+        budget in force before it, or, with none, from the pod's draw now."""
+        assert self.agent is not None
+        budget: FleetBudget | None = self.agent.fleet_budget
+        if budget is None or not budget.active(now_wall):
+            self.fleet_budget_w, self._fleet_ramp = None, None
+            return
+        key = (budget.id, budget.watts)
+        if self._fleet_ramp is None or self._fleet_ramp[0] != key:
+            start = self.fleet_budget_w
+            if start is None:
+                start = self.agent.store.value(POD_DEVICE, "power_w", max_age_s=self.config.stale_after_s)
+            self._fleet_ramp = (key, start, now)
+        _, start, t0 = self._fleet_ramp
+        self.fleet_budget_w = ramped_budget_w(budget.watts, budget.ramp_w_per_s, start, now - t0)
 
     def _gpus(self) -> dict[str, GpuInput]:
         assert self.agent is not None
@@ -130,6 +150,7 @@ class PowerService:
         cfg, store = self.config, self.agent.store
         dt = cfg.control_period_s if self.last_step_mono is None else now - self.last_step_mono
         self.last_step_mono = now
+        self._update_fleet_budget(now, now_wall)
         gpus = self._gpus()
         gpu_power = [g.power_w for g in gpus.values()]
         grid = store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s) if cfg.site_meter else None
@@ -233,6 +254,11 @@ class PowerService:
                 "grid_import_limit_w": self.config.grid_import_limit_w,
                 "pod_budget_w": r(d.pod_budget_w) if d else None,
                 "source": d.budget_source if d else None,
+                # The fleet's last budget and, while ramping toward it, where the ramp stands.
+                "fleet_target_w": (
+                    r(self.agent.fleet_budget.watts) if self.agent and self.agent.fleet_budget else None
+                ),
+                "fleet_in_force_w": r(self.fleet_budget_w),
             },
             "allocation": {
                 "gpu_budget_w": r(d.gpu_budget_w) if d else None,
