@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from agent.config_base import Strict
 from agent.control.config import ControlConfig
@@ -314,22 +314,44 @@ def load_config(path: Path | str) -> AgentConfig:
 
 
 def _check_secret_files(config: AgentConfig) -> list[ConfigProblem]:
-    problems = []
-    for i, dev in enumerate(config.device):
-        for name in type(dev).model_fields:
-            if not name.endswith("_file"):
-                continue
-            value = getattr(dev, name)
-            if value is None:
-                continue
-            try:
-                Path(value).read_text()
-            except OSError as err:
-                problems.append(
-                    ConfigProblem(
-                        key=f"device[{i}](id={dev.id}).{name}", message=f"cannot read {value}: {err.strerror}"
+    """Every ``*_file`` (secrets, TLS material) must be readable now: ``check-config`` saying "ok"
+    about a password file that is not there would only move the failure to 3 am."""
+    problems: list[ConfigProblem] = []
+
+    def walk(model: BaseModel, key: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            where = f"{key}.{name}" if key else name
+            if isinstance(value, BaseModel):
+                walk(value, where)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, BaseModel):
+                        ident = getattr(item, "id", None)
+                        label = f"(id={ident})" if isinstance(ident, str) else ""
+                        walk(item, f"{where}[{i}]{label}")
+            elif name.endswith("_file") and value is not None:
+                try:
+                    with open(value, "rb") as f:
+                        head = f.read(4096)
+                except OSError as err:
+                    hint = " (check as the service user)" if isinstance(err, PermissionError) else ""
+                    problems.append(
+                        ConfigProblem(key=where, message=f"cannot read {value}: {err.strerror}{hint}")
                     )
-                )
+                    continue
+                if not head.strip():
+                    problems.append(ConfigProblem(key=where, message=f"{value} is empty"))
+                elif name == "command_hmac_key_file" and len(head.strip()) < 16:
+                    problems.append(
+                        ConfigProblem(
+                            key=where,
+                            message=f"{value}: {len(head.strip())} bytes is too short a signing key "
+                            "(expected at least 16, e.g. `openssl rand -hex 32`)",
+                        )
+                    )
+
+    walk(config, "")
     return problems
 
 

@@ -214,3 +214,49 @@ def test_demo_config_matches_the_demo_pod() -> None:
     assert devices["cdu-1"].port == spec.cdu[0].modbus.port  # type: ignore[union-attr]
     assert str(devices["chiller-1"].serial) == "/tmp/hwsim-demo/rtu0"  # type: ignore[union-attr]
     assert str(devices["gpus"].hwsim_state) == "/tmp/hwsim-demo/nvml.shm"  # type: ignore[union-attr]
+
+
+HMAC_KEY = "mqtt.command_hmac_key_file"
+MQTT_WITH_FILES = """
+[mqtt]
+enabled = true
+brokers = ["127.0.0.1:1883"]
+username = "pod"
+password_file = "mqtt.password"
+command_hmac_key_file = "hmac.key"
+tls_ca_file = "ca.pem"
+"""
+
+
+@pytest.mark.parametrize(
+    ("files", "key", "words"),
+    [
+        ({"hmac.key": "k" * 32, "ca.pem": "x"}, "mqtt.password_file", "cannot read"),
+        ({"mqtt.password": "pw", "hmac.key": "k" * 32}, "mqtt.tls_ca_file", "No such file"),
+        ({"mqtt.password": "pw", "hmac.key": "\n", "ca.pem": "x"}, "mqtt.command_hmac_key_file", "empty"),
+        (
+            {"mqtt.password": "pw", "hmac.key": "short", "ca.pem": "x"},
+            "mqtt.command_hmac_key_file",
+            "too short",
+        ),
+    ],
+)
+def test_unusable_secret_and_tls_files_are_config_errors(
+    tmp_path: Path, files: dict[str, str], key: str, words: str
+) -> None:
+    """check-config must not say "ok" about a key the daemon will fail to read at 3 am."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    path = write(tmp_path, GOOD + MQTT_WITH_FILES)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = err.value.render()
+    assert f"{path}: {key}: " in text and words in text, text
+    assert len(err.value.problems) == 1, text
+
+
+def test_readable_secret_and_tls_files_pass(tmp_path: Path) -> None:
+    for name, text in {"mqtt.password": "pw", "hmac.key": "k" * 32, "ca.pem": "x"}.items():
+        (tmp_path / name).write_text(text)
+    config = load_config(write(tmp_path, GOOD + MQTT_WITH_FILES))
+    assert config.mqtt.command_hmac_key_file == tmp_path / "hmac.key"
