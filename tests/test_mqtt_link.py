@@ -349,3 +349,75 @@ async def test_commands_round_trip_and_each_bad_command_refused(
             lambda ms: [m for m in sub.on("/event") if m.json()["event"]["detail"].get("id") == "c4"]
         )
     await sub.stop()
+
+
+class OldBroker:
+    """A broker that speaks MQTT 3.1.1 only, as Mosquitto 1.4 did: a TCP proxy to the real one
+    that answers an MQTT 5 CONNECT with 3.1.1's CONNACK "unacceptable protocol version" (0x01)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.refused_v5 = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> OldBroker:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readexactly(1)
+            length, shift, raw = 0, 0, b""
+            while True:
+                b = await reader.readexactly(1)
+                raw += b
+                length |= (b[0] & 0x7F) << shift
+                shift += 7
+                if not b[0] & 0x80:
+                    break
+            body = await reader.readexactly(length)
+            name_len = int.from_bytes(body[:2], "big")
+            level = body[2 + name_len]
+            if head[0] >> 4 == 1 and level == 5:
+                self.refused_v5 += 1
+                writer.write(bytes([0x20, 0x02, 0x00, 0x01]))
+                await writer.drain()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            up_writer.write(head + raw + body)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_falls_back_to_mqtt_311_on_a_broker_without_mqtt5(
+    pod: dict[str, Any], broker: Mosquitto, tmp_path: Path
+) -> None:
+    old = await OldBroker(broker.port).start()
+    sub = await Subscriber(broker.port).start()
+    try:
+        path = write_config(pod, tmp_path, mqtt_toml([old.port], telemetry_period_s=0.5))
+        async with running_agent(path) as (_agent, service):
+            births = await sub.wait_for(lambda ms: sub.on("/birth"))
+            assert births[0].json()["versions"]["mqtt_protocol"] == "3.1.1"
+            await sub.wait_for(lambda ms: sub.on("/telemetry/gpu0"))
+            assert old.refused_v5 == 1 and service.protocol == "3.1.1" and service.link == "connected"
+    finally:
+        await sub.stop()
+        await old.stop()
