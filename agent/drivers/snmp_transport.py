@@ -611,19 +611,16 @@ def _status_session_class() -> type[SNMPSession]:
             session.securityEngineIDLen = len(engine.engine_id)
             session.engineBoots = engine.boots
             session.engineTime = engine.time
-            auth_oid = NETSNMP_AUTH_OIDS[creds.auth_protocol]
-            session.securityAuthProto = _c(keep, ffi.new("oid[]", auth_oid))
-            session.securityAuthProtoLen = len(auth_oid)
-            auth_ku = password_to_ku(creds.auth_key, creds.auth_protocol)
-            ffi.memmove(session.securityAuthKey, auth_ku, len(auth_ku))
-            session.securityAuthKeyLen = len(auth_ku)
-            priv_oid = NETSNMP_PRIV_OIDS[creds.priv_protocol]
-            session.securityPrivProto = _c(keep, ffi.new("oid[]", priv_oid))
-            session.securityPrivProtoLen = len(priv_oid)
-            # RFC 3826 / net-snmp: the privacy key is derived with the *authentication* hash.
-            priv_ku = password_to_ku(creds.priv_key, creds.auth_protocol)
-            ffi.memmove(session.securityPrivKey, priv_ku, len(priv_ku))
-            session.securityPrivKeyLen = len(priv_ku)
+            # RFC 3826 / net-snmp: the privacy key too is derived with the *authentication* hash.
+            for which, proto_oid, password in (
+                ("Auth", NETSNMP_AUTH_OIDS[creds.auth_protocol], creds.auth_key),
+                ("Priv", NETSNMP_PRIV_OIDS[creds.priv_protocol], creds.priv_key),
+            ):
+                ku = password_to_ku(password, creds.auth_protocol)
+                setattr(session, f"security{which}Proto", _c(keep, ffi.new("oid[]", proto_oid)))
+                setattr(session, f"security{which}ProtoLen", len(proto_oid))
+                ffi.memmove(getattr(session, f"security{which}Key"), ku, len(ku))
+                setattr(session, f"security{which}KeyLen", len(ku))
             session.callback = lib._netsnmp_session_callback
             self._callback_data = ffi.new("struct _callback_data*")
             self._callback_data.session_id = id(self)

@@ -751,32 +751,22 @@ class Engine:
                                 servers_done.append(og)
                 if len(servers_done) >= sh.servers:
                     break
-            inst.shed_done = True
-            inst.tripped_since = now
-            inst.trip_event = self._event_id(now_wall)
-            for pdu, outlet in chosen:
-                actions.append(
-                    Action("outlet_off", pdu, outlet, f"shed: {cdu} supply {supply:.1f} C", inst.trip_event)
-                )
-            events.append(
-                Event(
-                    kind="interlock_trip",
-                    severity=Severity.CRITICAL,
-                    message=f"shed on {cdu}: supply {supply:.1f} C >= {sh.critical_c} C "
-                    f"{now - since:.0f} s after caps; "
-                    f"switching off {len(chosen)} outlet(s)",
-                    device=cdu,
-                    needs_ack=True,
-                    id=inst.trip_event,
-                    ts_wall=now_wall,
-                    detail={
-                        "interlock": "shed",
-                        "inputs": {"supply_temp_c": round(supply, 2)},
-                        "thresholds": {"critical_c": sh.critical_c, "after_caps_s": sh.after_caps_s},
-                        "outlets": [{"pdu": p, "outlet": o} for p, o in chosen],
-                        "servers": [list(s) for s in servers_done],
-                    },
-                )
+            self._shed_outlets(
+                cdu,
+                inst,
+                chosen,
+                now,
+                now_wall,
+                events,
+                actions,
+                reason=f"shed: {cdu} supply {supply:.1f} C",
+                message=f"shed on {cdu}: supply {supply:.1f} C >= {sh.critical_c} C "
+                f"{now - since:.0f} s after caps; switching off {len(chosen)} outlet(s)",
+                detail={
+                    "inputs": {"supply_temp_c": round(supply, 2)},
+                    "thresholds": {"critical_c": sh.critical_c, "after_caps_s": sh.after_caps_s},
+                    "servers": [list(s) for s in servers_done],
+                },
             )
 
     def _shed_wet_zone(
@@ -798,25 +788,55 @@ class Engine:
             for outlet, og in outlets.items()
             if on_loop.intersection(og)
         ]
+        self._shed_outlets(
+            cdu,
+            inst,
+            chosen,
+            now,
+            now_wall,
+            events,
+            actions,
+            reason=f"shed: leak on {cdu}",
+            message=f"shed on {cdu}: coolant leak; switching off {len(chosen)} outlet(s) on the loop",
+            detail={
+                "cause": "coolant_leak",
+                "inputs": {"leak": 1},
+                "thresholds": {"coolant_leak.shed": True},
+            },
+        )
+
+    def _shed_outlets(
+        self,
+        cdu: str,
+        inst: Instance,
+        chosen: list[tuple[str, int]],
+        now: float,
+        now_wall: float,
+        events: list[Event],
+        actions: list[Action],
+        *,
+        reason: str,
+        message: str,
+        detail: dict[str, Any],
+    ) -> None:
+        """Both sheds: the outlets off (in order), one critical event a person must acknowledge."""
         inst.shed_done = True
         inst.tripped_since = now
         inst.trip_event = self._event_id(now_wall)
         for pdu, outlet in chosen:
-            actions.append(Action("outlet_off", pdu, outlet, f"shed: leak on {cdu}", inst.trip_event))
+            actions.append(Action("outlet_off", pdu, outlet, reason, inst.trip_event))
         events.append(
             Event(
                 kind="interlock_trip",
                 severity=Severity.CRITICAL,
-                message=f"shed on {cdu}: coolant leak; switching off {len(chosen)} outlet(s) on the loop",
+                message=message,
                 device=cdu,
                 needs_ack=True,
                 id=inst.trip_event,
                 ts_wall=now_wall,
                 detail={
                     "interlock": "shed",
-                    "cause": "coolant_leak",
-                    "inputs": {"leak": 1},
-                    "thresholds": {"coolant_leak.shed": True},
+                    **detail,
                     "outlets": [{"pdu": p, "outlet": o} for p, o in chosen],
                 },
             )
