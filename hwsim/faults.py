@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hwsim.physics import Physics
+from hwsim.state import BMS_FAULT_OVERTEMP
 
 FAULTS: dict[str, str] = {
     "chiller-trip": "the chiller's compressor trips: facility water warms, then the CDU supply",
@@ -23,6 +24,8 @@ FAULTS: dict[str, str] = {
     "modbus-timeout": "the Modbus unit stops answering",
     "gpu-lost": "the GPU falls off the bus: NVML answers NVML_ERROR_GPU_IS_LOST",
     "xid": "the GPU reports an XID error (--value N, default 79); not a lasting fault",
+    "battery-fault": "the BMS reports a fault (--value bitmask, default 1: over-temperature); its"
+    " contactor opens: no charge or discharge until cleared",
 }
 
 
@@ -103,10 +106,21 @@ def apply_fault(
                 pdu.response_delay_s = float(value if value is not None else 5) if on else 0.0
             else:
                 (physics.overloaded_pdus.add if on else physics.overloaded_pdus.discard)(dev)
+    elif name == "battery-fault":
+        bat = st.battery
+        dev = pick([bat.id] if bat is not None else [], "battery")
+        assert bat is not None
+
+        def action() -> None:
+            bat.faults = (value if value is not None else BMS_FAULT_OVERTEMP) if on else 0
     else:  # modbus-exception, modbus-timeout
         units: dict[str, object] = {c.id: c for c in st.cdus}
         units.update({c.id: c for c in st.chillers})
         units.update({p.id: p for p in st.pdus if p.vendor == "modbus"})
+        if st.battery is not None:
+            units[st.battery.id] = st.battery
+        if st.site_meter is not None:
+            units[st.site_meter.id] = st.site_meter
         dev = pick(list(units), "Modbus unit")
         unit = units[dev]
 

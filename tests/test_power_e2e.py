@@ -12,6 +12,7 @@ from agent.budget import FleetBudget
 from agent.config import load_config
 from agent.interlocks.service import InterlockService
 from agent.power.service import PowerService
+from hwsim.faults import apply_fault
 from hwsim.physics import Physics
 from hwsim.podspec import POD_DIR, PodSpec, load_pod_spec
 from tests.agent_helpers import running_agent, until
@@ -73,6 +74,15 @@ def test_battery_physics_setpoint_limits_and_grid_balance(tmp_path: Path) -> Non
     bat.faults = 4
     phys.step(0.1)
     assert bat.power_w == 0.0  # a fault opens the contactor
+    bat.faults = 0
+    # The injectable fault: the BMS reports over-temperature, no charge or discharge allowed.
+    result = apply_fault(phys, "battery-fault", None, clear=False)
+    assert result.device == "bms-1" and bat.faults == 1
+    phys.step(0.1)
+    assert bat.power_w == 0.0 and bat.max_discharge_w == 0.0 and bat.max_charge_w == 0.0
+    apply_fault(phys, "battery-fault", "bms-1", clear=True)
+    phys.step(0.1)
+    assert bat.faults == 0 and bat.max_discharge_w > 0.0 and abs(bat.power_w - 2000.0) < 100.0
 
 
 POWER = """
@@ -165,5 +175,45 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
             (t0, w0), (t1, w1) = seen[0], seen[-1]
             assert (w0 - w1) <= rate * (t1 - t0) + rate * config.power.control_period_s + 1.0
             assert agent.summary()["power"]["budget"]["fleet_target_w"] == round(target, 1)
+    finally:
+        stop_pod(sim)
+
+
+async def test_a_battery_fault_is_an_event_and_the_ramp_falls_back_on_gpu_caps(tmp_path: Path) -> None:
+    sim = start_pod(tmp_path / "pod", str(_pod_file(tmp_path)))
+    try:
+        path = tmp_path / "podagent.toml"
+        path.write_text(sim.agent_config(tmp_path / "state", extra=POWER, poll_interval_s=0.5))
+        config = load_config(path)
+        power = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), power]) as agent:
+            await until(
+                agent,
+                lambda: power.decision is not None and power.decision.discharge_avail_w > 0,
+                what="the battery available to the ramp",
+            )
+            sim.fault("battery-fault", "bms-1")
+            await until(
+                agent,
+                lambda: power.decision is not None and power.decision.discharge_avail_w == 0.0,
+                timeout=10.0,
+                what="the faulted battery out of the plan",
+            )
+            (event,) = [e for e in agent.events.recent() if e.kind == "battery_fault"]
+            assert event.device == "bms-1" and event.detail["names"] == ["over-temperature"]
+            assert agent.summary()["power"]["battery"]["faults"] == 1
+            sim.fault("battery-fault", "bms-1", clear=True)
+            await until(
+                agent,
+                lambda: any(e.kind == "battery_ok" for e in agent.events.recent()),
+                timeout=10.0,
+                what="the fault cleared",
+            )
+            await until(
+                agent,
+                lambda: power.decision is not None and power.decision.discharge_avail_w > 0,
+                timeout=10.0,
+                what="the battery back in the plan",
+            )
     finally:
         stop_pod(sim)

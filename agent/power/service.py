@@ -19,6 +19,7 @@ import structlog
 from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
 from agent.drivers.base import DriverError
+from agent.events import Severity
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CAP_REASON = "power_budget"
+# The BMS fault bitmask (config/profiles/generic-bms.toml).
+BMS_FAULT_NAMES = {0x1: "over-temperature", 0x2: "cell imbalance", 0x4: "inverter"}
 MODE_SETPOINT, MODE_GRID_TARGET = 0, 1
 
 
@@ -52,6 +55,7 @@ class PowerService:
         self.interlocks_attached = False
         # The fleet budget in force, ramped (set_power_budget's ramp_w_per_s): W, or None.
         self.fleet_budget_w: float | None = None
+        self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
 
     # ------------------------------------------------------------------ wiring
@@ -145,6 +149,33 @@ class PowerService:
             faults=int(v["faults"] or 0),
         )
 
+    def _note_battery_faults(self, battery: BatteryInput | None) -> None:
+        """A change of the BMS's fault bits is an event (the ramp then falls back on GPU caps)."""
+        assert self.agent is not None
+        faults = battery.faults if battery is not None else self._battery_faults
+        if faults == self._battery_faults:
+            return
+        names = [n for bit, n in BMS_FAULT_NAMES.items() if faults & bit] or (
+            [f"0x{faults:x}"] if faults else []
+        )
+        if faults:
+            self.agent.events.emit(
+                "battery_fault",
+                Severity.WARNING,
+                f"{self.config.battery}: BMS fault {', '.join(names)}; ramp limiting falls back on GPU caps",
+                device=self.config.battery,
+                detail={"faults": faults, "names": names},
+            )
+        else:
+            self.agent.events.emit(
+                "battery_ok",
+                Severity.INFO,
+                f"{self.config.battery}: BMS faults cleared",
+                device=self.config.battery,
+                detail={"faults": 0},
+            )
+        self._battery_faults = faults
+
     def step(self, now: float, now_wall: float) -> Decision:
         assert self.agent is not None
         cfg, store = self.config, self.agent.store
@@ -153,13 +184,15 @@ class PowerService:
         self._update_fleet_budget(now, now_wall)
         gpus = self._gpus()
         gpu_power = [g.power_w for g in gpus.values()]
+        battery = self._battery()
+        self._note_battery_faults(battery)
         grid = store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s) if cfg.site_meter else None
         inputs = Inputs(
             dt=dt,
             pod_power_w=store.value(POD_DEVICE, "power_w", max_age_s=cfg.stale_after_s),
             gpu_power_w=None if not gpu_power or None in gpu_power else sum(p or 0.0 for p in gpu_power),
             grid_w=grid,
-            battery=self._battery(),
+            battery=battery,
             pod_limits=self.pod_limits(now_wall),
             grid_limit_w=cfg.grid_import_limit_w,
         )
