@@ -31,7 +31,7 @@ from tests.conftest_mqtt import (
 )
 from tests.test_mqtt_link import running_agent, write_config
 
-OUTAGE_S = 5.0  # the bench (bench/mqtt_outage.py) runs the 60 s outage
+OUTAGE_S = 20.0  # as the issue asks; the bench (bench/mqtt_outage.py) runs a 60 s outage
 
 
 @pytest.fixture(scope="module")
