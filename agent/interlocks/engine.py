@@ -227,6 +227,7 @@ class Engine:
         self.last_caps: dict[str, float] = {}
         self._limits_memo: _LimitsMemo = {}
         self._leak_shed_for: dict[str, str | None] = {}  # CDU -> the leak trip its shed answered
+        self._input_pos: dict[str, int] | None = None  # stale-rule input -> its place in topology order
         self._step_limits: _LazyLimits = _LazyLimits({})
 
     # ------------------------------------------------------------------ helpers
@@ -652,9 +653,14 @@ class Engine:
         if not st.enabled:
             return
         in_grace = now - self.started < st.startup_grace_s
-        for device, metrics, gpus in self._stale_inputs():
-            if changed is not None and device not in changed:
-                continue
+        inputs = self._stale_inputs()
+        if changed is not None:
+            # Only the changed inputs, in topology order (events come out in a stable order).
+            if self._input_pos is None:
+                self._input_pos = {device: i for i, (device, _, _) in enumerate(inputs)}
+            pos = self._input_pos
+            inputs = [inputs[i] for i in sorted(pos[d] for d in changed if d in pos)]
+        for device, metrics, gpus in inputs:
             missing = [m for m in metrics if self._fresh(snap, device, m, now) is None]
             # Right after start, an input that has simply not arrived yet is not (yet) stale.
             stale = any(not (in_grace and snap.get((device, m)) is None) for m in missing)
