@@ -446,14 +446,23 @@ def _libnetsnmp() -> Any:
     return None
 
 
-def _forget_usm_user(engine_id: bytes, user: str) -> None:
+# (engine ID, user) -> the credentials the last session to that engine was opened with.
+_USM_INSTALLED: dict[tuple[bytes, str], UsmCredentials] = {}
+
+
+def _forget_usm_user(engine_id: bytes, creds: UsmCredentials) -> None:
     """libnetsnmp keeps one USM user per (engine ID, name) for the life of the process and a new
     session's keys do not replace a known user's: a key corrected (or revoked) by a config reload
-    would be shadowed by the first one seen. Each session starts from its own keys."""
+    would be shadowed by the first one seen. So a session with other credentials than the known
+    user's drops that user first (the same credentials keep it: no churn under a live session)."""
+    key = (engine_id, creds.user)
+    if _USM_INSTALLED.get(key) == creds:
+        return
+    _USM_INSTALLED[key] = creds
     c = _libnetsnmp()
     if c is None:
         return
-    found = c.usm_get_user(engine_id, len(engine_id), user.encode())
+    found = c.usm_get_user(engine_id, len(engine_id), creds.user.encode())
     if found:
         c.usm_remove_user(found)
         c.usm_free_user(found)
@@ -595,7 +604,7 @@ def _status_session_class() -> type[SNMPSession]:
             # SNMPSession.open() with the USM fields set before snmp_open (it copies the struct).
             ffi, lib = _netsnmp.ffi, _netsnmp.lib
             creds, engine = self.usm
-            _forget_usm_user(engine.engine_id, creds.user)
+            _forget_usm_user(engine.engine_id, creds)
             session = ffi.new("netsnmp_session*")
             lib.snmp_sess_init(session)
             session.version = SNMP_VERSION_3
