@@ -12,7 +12,11 @@ def raise_if_cancelling() -> None:
     lands as its inner future completes: the caller gets the result and carries on, and a loop that
     lost its one cancel holds up shutdown forever (a TaskGroup cancels its children only once). The
     request is still counted by ``Task.cancelling()``; every long-running loop calls this at each
-    turn so a lost cancel takes effect at the next one."""
+    turn so a lost cancel takes effect at the next one.
+
+    Not in a task that hosts a TaskGroup whose children may fail: 3.11's TaskGroup then leaves a
+    cancel request counted on its host for good (fixed in 3.12). Run such a group in a task of its
+    own (as the MQTT session does)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
