@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -37,10 +38,15 @@ class PollStats:
     last_duration_s: float | None = None
 
     def quantile(self, q: float) -> float | None:
-        if not self.durations_s:
-            return None
-        data = sorted(self.durations_s)
-        return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
+        return quantile(self.durations_s, q)
+
+
+def quantile(values: Iterable[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of recent durations; None without any."""
+    data = sorted(values)
+    if not data:
+        return None
+    return data[min(len(data) - 1, max(0, math.ceil(q * len(data)) - 1))]
 
 
 class Poller:

@@ -211,6 +211,7 @@ class NvmlDriver:
         self._event_sink = event_sink
         self._lib: ModuleType | None = None
         self._calls: tuple[_Call, ...] = ()
+        self._slow_metrics: frozenset[str] = frozenset()
         self._err_names: dict[int, str] = {}
         self._gpus: list[_Gpu] = []
         self._by_device: dict[str, _Gpu] = {}
@@ -354,6 +355,7 @@ class NvmlDriver:
             if name.startswith("NVML_ERROR_"):
                 self._err_names.setdefault(int(getattr(lib, name)), name)
         self._calls = _calls(lib)
+        self._slow_metrics = frozenset(m for call in self._calls if call.slow for m, _ in call.outputs)
         self._init_sync()
 
     def _init_sync(self) -> None:
@@ -487,8 +489,7 @@ class NvmlDriver:
 
     def metric_every(self, metric: str) -> int:
         """Polls between two reads of ``metric`` (the poller stretches its staleness limit)."""
-        slow = {m for call in self._calls if call.slow for m, _ in call.outputs}
-        return self.cfg.slow_metrics_every if metric in slow else 1
+        return self.cfg.slow_metrics_every if metric in self._slow_metrics else 1
 
     def _poll_gpu(self, gpu: _Gpu, slow_due: bool = True) -> list[Reading]:
         lib = self._lib

@@ -593,6 +593,15 @@ def _status_session_class() -> type[SNMPSession]:
             return ".".join(map(str, v))
         return str(v)
 
+    def varbinds(p: Any) -> list[VarBind]:
+        binds: list[VarBind] = []
+        var = p.variables
+        while var:
+            oid, raw = decode_variable(var)
+            binds.append((tuple(oid), value(raw)))
+            var = var.next_variable
+        return binds
+
     class StatusSession(SNMPSession):  # type: ignore[misc]
         usm: tuple[UsmCredentials, EngineInfo] | None = None
 
@@ -651,12 +660,7 @@ def _status_session_class() -> type[SNMPSession]:
             if future is None or future.done():  # cancelled by our asyncio.timeout guard
                 return
             p = pdu[0]
-            binds: list[VarBind] = []
-            var = p.variables
-            while var:
-                oid, raw = decode_variable(var)
-                binds.append((tuple(oid), value(raw)))
-                var = var.next_variable
+            binds = varbinds(p)
             if p.command == SNMP_MSG_REPORT:
                 # SNMPv3's answer to a request it refused (unknown user, wrong digest, ...).
                 future.set_exception(report_error(binds))
@@ -680,13 +684,7 @@ def _status_session_class() -> type[SNMPSession]:
                 return
             if operation == _OP_SEC_ERROR:
                 # The USM check failed on the answer (a wrongDigests report, say): credentials.
-                binds: list[VarBind] = []
-                if pdu != _netsnmp.ffi.NULL:
-                    var = pdu[0].variables
-                    while var:
-                        oid, _raw = decode_variable(var)
-                        binds.append((tuple(oid), 0))
-                        var = var.next_variable
+                binds = varbinds(pdu[0]) if pdu != _netsnmp.ffi.NULL else []
                 found = report_error(binds) if binds else TransportError("SNMPv3 security error")
                 err: Exception = (
                     found if isinstance(found, TransportAuthError) else TransportAuthError(str(found))

@@ -183,16 +183,12 @@ class _LazyLimits(dict[str, "GpuLimits | None"]):
 
     def __missing__(self, gpu: str) -> GpuLimits | None:
         snap = self._snap
-        key = (
-            snap.get((gpu, _LIMIT_METRICS[0])),
-            snap.get((gpu, _LIMIT_METRICS[1])),
-            snap.get((gpu, _LIMIT_METRICS[2])),
-        )
+        key = tuple(snap.get((gpu, m)) for m in _LIMIT_METRICS)
         known = self._memo.get(gpu)
         if known is not None and all(a is b for a, b in zip(known[0], key, strict=True)):
             value = known[1]
         else:
-            value = Engine._limits(snap, gpu)
+            value = Engine._limits(key)
             self._memo[gpu] = (key, value)
         self[gpu] = value
         return value
@@ -254,12 +250,9 @@ class Engine:
         return r.value
 
     @staticmethod
-    def _limits(snap: Snapshot, gpu: str) -> GpuLimits | None:
-        def v(metric: str) -> float | None:
-            r = snap.get((gpu, metric))
-            return None if r is None or r.value is None else r.value
-
-        lo, hi, default = v("min_power_limit_w"), v("max_power_limit_w"), v("default_power_limit_w")
+    def _limits(readings: tuple[Reading | None, ...]) -> GpuLimits | None:
+        """GpuLimits from the (min, max, default) readings (``_LIMIT_METRICS``); None if any is missing."""
+        lo, hi, default = (None if r is None else r.value for r in readings)
         if lo is None or hi is None or default is None:
             return None
         return GpuLimits(min_w=lo, max_w=hi, default_w=default)

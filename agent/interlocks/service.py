@@ -25,6 +25,7 @@ from agent.events import Event, Severity
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
 from agent.model import Reading
+from agent.poller import quantile
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -577,14 +578,14 @@ class InterlockService:
             ("podagent_interlock_overrides", [], float(len(self._overrides)), "Active interlock overrides.")
         )
         out.append(("podagent_interlock_steps_total", [], float(self.steps), "Interlock engine evaluations."))
-        if self.step_durations:
-            recent = sorted(self.step_durations)
-            for q in (0.5, 0.99):
+        for q in (0.5, 0.99):
+            value = quantile(self.step_durations, q)
+            if value is not None:
                 out.append(
                     (
                         "podagent_interlock_step_seconds",
                         [("quantile", str(q))],
-                        recent[min(len(recent) - 1, int(q * len(recent)))],
+                        value,
                         "Duration of recent interlock engine evaluations.",
                     )
                 )
