@@ -10,6 +10,7 @@ command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v tmux >/dev/null || need+=(tmux)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v openssl >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool and the server: tests/test_prometheus*.py
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 SUDO=""

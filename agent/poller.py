@@ -20,6 +20,7 @@ from agent.aio import raise_if_cancelling
 from agent.config import DeviceBase
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, Driver
 from agent.events import EventBus, Severity
+from agent.histogram import POLL_BUCKETS_S, Histogram
 from agent.model import Reading
 from agent.state import StateStore
 
@@ -36,6 +37,7 @@ class PollStats:
     missed_deadlines: int = 0
     driver_restarts: int = 0
     last_duration_s: float | None = None
+    histogram: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS_S))  # for /metrics
 
     def quantile(self, q: float) -> float | None:
         return quantile(self.durations_s, q)
@@ -151,6 +153,7 @@ class Poller:
         self.stats.polls += 1
         self.stats.last_duration_s = duration
         self.stats.durations_s.append(duration)
+        self.stats.histogram.observe(duration)
         if error is None:
             new_sub = False
             for r in readings:

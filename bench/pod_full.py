@@ -34,8 +34,26 @@ from hwsim.agentconf import render_agent_config  # noqa: E402
 
 
 def interlock_steps(text: str) -> float:
-    m = re.search(r"^podagent_interlock_steps_total ([0-9.e+]+)$", text, re.M)
+    m = re.search(r"^podagent_interlock_evaluations_total ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def histogram_quantile(text: str, family: str, q: float, device: str | None = None) -> float | None:
+    """Prometheus' histogram_quantile (linear inside the bucket) over one exported histogram."""
+    where = f'device="{device}",' if device is not None else ""
+    pattern = rf'^{family}_bucket\{{{where}le="([^"]+)"\}} ([0-9.e+]+)$'
+    buckets = [(float(m.group(1)), float(m.group(2))) for m in re.finditer(pattern, text, re.M)]
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == math.inf:
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return None
 
 
 def cpu_pct(proc: psutil.Process, seconds: float) -> float:
@@ -172,10 +190,11 @@ def main() -> int:
     kinds["gpus"] = f"nvml ({manifest['nvml']['gpus']} GPUs)"
     kinds["controller"] = "host"
     q: dict[tuple[str, str], float] = {}
-    for m in re.finditer(
-        r'podagent_poll_duration_seconds\{device="([^"]+)",quantile="([0-9.]+)"\} ([0-9.e-]+)', text
-    ):
-        q[(m.group(1), m.group(2))] = float(m.group(3))
+    for dev in kinds:
+        for quant in ("0.5", "0.99"):
+            value = histogram_quantile(text, "podagent_poll_duration_seconds", float(quant), dev)
+            if value is not None:
+                q[(dev, quant)] = value
     missed = {
         m.group(1): int(float(m.group(2)))
         for m in re.finditer(r'podagent_poll_missed_deadlines_total\{device="([^"]+)"\} ([0-9.]+)', text)
@@ -207,8 +226,9 @@ def main() -> int:
     )
     if args.with_all:
         step_q = {
-            m.group(1): float(m.group(2))
-            for m in re.finditer(r'podagent_interlock_step_seconds\{quantile="([0-9.]+)"\} ([0-9.e-]+)', text)
+            quant: histogram_quantile(text, "podagent_interlock_evaluation_duration_seconds", float(quant))
+            or math.nan
+            for quant in ("0.5", "0.99")
         }
         print(
             f"\ninterlock engine: {steps / wall:.1f} evaluations/s, duration p50 "

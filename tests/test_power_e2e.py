@@ -156,7 +156,7 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
             assert power.decision is not None and power.decision.pod_budget_w is not None
             assert power.decision.pod_budget_w > budget
             names = {m[0] for m in power.metrics()}
-            assert "podagent_power_budget_watts" in names and "podagent_power_grid_target_watts" in names
+            assert "podagent_pod_power_budget_watts" in names and "podagent_pod_grid_target_watts" in names
 
             # A budget with a ramp: the budget in force walks from the pod's draw to the target at
             # the rate asked, never past it.

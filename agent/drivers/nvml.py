@@ -256,7 +256,8 @@ class NvmlDriver:
     # -- actuator ------------------------------------------------------------------------------
     def device_info(self) -> dict[str, dict[str, str]]:
         """Static attributes per GPU (uuid, name, pci_bus_id, serial) for labels and inventory."""
-        return {g.device: dict(g.info) for g in self._gpus if g.info}
+        version = {"driver_version": self.driver_version} if self.driver_version else {}
+        return {g.device: {"index": str(g.index), **version, **g.info} for g in self._gpus if g.info}
 
     def gpu_ids(self) -> list[str]:
         return [g.device for g in self._gpus]

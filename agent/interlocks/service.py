@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -22,10 +23,10 @@ import structlog
 from agent.config import AgentConfig, ModbusDevice, SnmpDevice
 from agent.drivers.base import DriverError
 from agent.events import Event, Severity
+from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
 from agent.model import Reading
-from agent.poller import quantile
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -94,6 +95,7 @@ class InterlockService:
         self.timings: deque[Timing] = deque(maxlen=4096)
         self.steps = 0
         self.step_durations: deque[float] = deque(maxlen=2048)
+        self.step_histogram = Histogram(EVALUATION_BUCKETS_S)  # for /metrics
         self.cap_sources: list[Callable[[], Mapping[str, tuple[float, str]]]] = []
         self._cdu_setpoints: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -207,6 +209,7 @@ class InterlockService:
             decided = time.monotonic()
             self.steps += 1
             self.step_durations.append(decided - t0)
+            self.step_histogram.observe(decided - t0)
             for event in decision.events:
                 agent.events.publish(event)
                 log.warning(event.message, interlock=event.detail.get("interlock"), device=event.device)
@@ -568,30 +571,39 @@ class InterlockService:
         for gpu, cap in self.caps.items():
             out.append(
                 (
-                    "podagent_gpu_cap_watts",
+                    "podagent_gpu_power_cap_watts",
                     [("device", gpu)],
                     round(cap, 1),
                     "The power cap the interlocks (and budget) ask for this GPU.",
                 )
             )
         out.append(
-            ("podagent_interlock_overrides", [], float(len(self._overrides)), "Active interlock overrides.")
+            (
+                "podagent_interlock_overrides_active",
+                [],
+                float(len(self._overrides)),
+                "Interlock overrides in force.",
+            )
         )
-        out.append(("podagent_interlock_steps_total", [], float(self.steps), "Interlock engine evaluations."))
-        for q in (0.5, 0.99):
-            value = quantile(self.step_durations, q)
-            if value is not None:
-                out.append(
-                    (
-                        "podagent_interlock_step_seconds",
-                        [("quantile", str(q))],
-                        value,
-                        "Duration of recent interlock engine evaluations.",
-                    )
-                )
+        out.append(
+            ("podagent_interlock_evaluations_total", [], float(self.steps), "Interlock engine evaluations.")
+        )
+        hist = self.step_histogram
+        name = "podagent_interlock_evaluation_duration_seconds"
+        help_ = "Duration of one interlock engine evaluation."
+        for bound, count in hist.cumulative():
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            out.append((f"{name}_bucket", [("le", le)], float(count), help_))
+        out.append((f"{name}_sum", [], hist.sum, help_))
+        out.append((f"{name}_count", [], float(hist.count), help_))
         failing = sum(1 for a in self.actuation.values() if a.failing_since is not None)
         out.append(
-            ("podagent_actuation_failing", [], float(failing), "GPUs whose power limit could not be set.")
+            (
+                "podagent_actuation_failing_gpus",
+                [],
+                float(failing),
+                "GPUs whose power limit could not be set.",
+            )
         )
         return out
 

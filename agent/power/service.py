@@ -338,18 +338,20 @@ class PowerService:
             if value is not None:
                 out.append((name, [], float(value), help_))
 
-        add("podagent_power_budget_watts", d.pod_budget_w, "The pod's IT power budget now (lowest source).")
-        add("podagent_power_gpu_budget_watts", d.gpu_budget_w, "The budget left for the GPUs.")
-        add("podagent_power_grid_target_watts", d.grid_target_w, "The ramped grid import target.")
         add(
-            "podagent_power_battery_setpoint_watts",
+            "podagent_pod_power_budget_watts",
+            d.pod_budget_w,
+            "The pod's IT power budget now (lowest source).",
+        )
+        add("podagent_pod_gpu_power_budget_watts", d.gpu_budget_w, "The budget left for the GPUs.")
+        add("podagent_pod_grid_target_watts", d.grid_target_w, "The ramped grid import target.")
+        add(
+            "podagent_pod_battery_setpoint_watts",
             d.battery_setpoint_w,
             "Battery power asked (+ discharge).",
         )
-        add(
-            "podagent_power_grid_ramp_watts_per_second", self.grid_ramp_w_per_s, "Grid import rate of change."
-        )
-        add("podagent_power_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
+        add("podagent_pod_grid_ramp_watts_per_second", self.grid_ramp_w_per_s, "Grid import rate of change.")
+        add("podagent_pod_budget_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
         return out
 
 

@@ -1,9 +1,10 @@
 """Prometheus endpoint (``/metrics``) and health check (``/healthz``), served from the event loop.
 
-GPU metrics use NVIDIA dcgm-exporter's names and labels (``DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID=...}``)
-so existing Grafana dashboards work; everything else is ``podagent_*``. Every sample carries the
-timestamp of its reading, so its age is visible; readings without a value (errors) are left out and
-the device's ``podagent_device_up`` says why there is a gap.
+Names, types, help and units come from ``metrics_catalog`` (GPUs as dcgm-exporter, the rest
+``podagent_<role>_*`` in base units). Samples carry no timestamps, as dcgm-exporter's: Prometheus'
+staleness handling then works, so a value that is not current is simply not exported. A reading
+that is not GOOD (its device failed, or it is older than its staleness limit) is left out, and its
+device's ``podagent_device_up`` (0) and ``podagent_device_data_age_seconds`` say why there is a gap.
 """
 
 from __future__ import annotations
@@ -12,63 +13,36 @@ import asyncio
 import contextlib
 import json
 import math
-import re
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent import __version__
+from agent.config import HostDevice, ModbusDevice, NvmlDevice, SnmpDevice
+from agent.histogram import Histogram
 from agent.model import Quality
-from agent.state import DeviceStatus
+from agent.publish.metrics_catalog import (
+    GPU_LABELS,
+    KNOWN,
+    POD_POWER,
+    DeviceMetric,
+    Family,
+    Kind,
+    device_metric,
+    gpu_metric,
+)
+from agent.state import POD_DEVICE, DeviceStatus
 
 if TYPE_CHECKING:
     from agent.app import Agent
 
 log = structlog.get_logger(__name__)
 
-# (dcgm-exporter name, scale from our unit, help)
-DCGM_METRICS: dict[str, tuple[str, float, str]] = {
-    "temp_c": ("DCGM_FI_DEV_GPU_TEMP", 1.0, "GPU temperature (in C)."),
-    "power_w": ("DCGM_FI_DEV_POWER_USAGE", 1.0, "Power draw (in W)."),
-    "power_limit_w": ("DCGM_FI_DEV_POWER_MGMT_LIMIT", 1.0, "Power management limit (in W)."),
-    "enforced_power_limit_w": ("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", 1.0, "Enforced power limit (in W)."),
-    "energy_mj": (
-        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
-        1.0,
-        "Total energy consumption since boot (in mJ).",
-    ),
-    "util_gpu_pct": ("DCGM_FI_DEV_GPU_UTIL", 1.0, "GPU utilization (in %)."),
-    "util_mem_pct": ("DCGM_FI_DEV_MEM_COPY_UTIL", 1.0, "Memory utilization (in %)."),
-    "mem_used_bytes": ("DCGM_FI_DEV_FB_USED", 1.0 / 2**20, "Framebuffer memory used (in MiB)."),
-    "clock_sm_mhz": ("DCGM_FI_DEV_SM_CLOCK", 1.0, "SM clock frequency (in MHz)."),
-    "clock_mem_mhz": ("DCGM_FI_DEV_MEM_CLOCK", 1.0, "Memory clock frequency (in MHz)."),
-    "xid_last": ("DCGM_FI_DEV_XID_ERRORS", 1.0, "Value of the last XID error encountered."),
-    "ecc_corrected_total": ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", 1.0, "Total single-bit persistent ECC errors."),
-    "ecc_uncorrected_total": (
-        "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
-        1.0,
-        "Total double-bit persistent ECC errors.",
-    ),
-}
-
-UNIT_SUFFIX = {
-    "c": "celsius",
-    "w": "watts",
-    "kw": "kilowatts",
-    "a": "amperes",
-    "v": "volts",
-    "va": "voltamperes",
-    "wh": "watt_hours",
-    "mj": "millijoules",
-    "kpa": "kilopascals",
-    "lpm": "liters_per_minute",
-    "pct": "percent",
-    "mhz": "megahertz",
-    "s": "seconds",
-    "bytes": "bytes",
-}
-_CHANNEL = re.compile(r"^(phase|outlet|inlet)(\d+)_(.+)$")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Labels = tuple[tuple[str, str], ...]
 
 
 def _escape(value: str) -> str:
@@ -80,117 +54,258 @@ def _labels(pairs: Iterable[tuple[str, str]]) -> str:
     return "{" + inner + "}" if inner else ""
 
 
-def prom_name(metric: str) -> tuple[str, list[tuple[str, str]]]:
-    """outlet12_power_w -> ("podagent_outlet_power_watts", [("outlet", "12")])."""
-    labels: list[tuple[str, str]] = []
-    m = _CHANNEL.match(metric)
-    if m:
-        labels.append((m.group(1), m.group(2)))
-        metric = f"{m.group(1)}_{m.group(3)}"
-    base, _, suffix = metric.rpartition("_")
-    if base and suffix in UNIT_SUFFIX:
-        metric = f"{base}_{UNIT_SUFFIX[suffix]}"
-    return "podagent_" + re.sub(r"[^a-zA-Z0-9_]", "_", metric), labels
-
-
-def _fmt(value: float) -> str:
+def fmt_value(value: float) -> str:
+    """Shortest text that reads back as the same float (repr), integers without ``.0``."""
+    value = float(value)
     if math.isnan(value):
         return "NaN"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
 
 
-def render_metrics(agent: Agent, now_wall: float | None = None) -> str:
-    store = agent.store
-    now = time.monotonic()
-    families: dict[str, list[str]] = {}
-    helps: dict[str, str] = {}
+def _scaled(value: float, scale: float) -> float:
+    if scale == 1.0:
+        return value
+    # 101.3 kPa * 1000 is 101299.99999999999 in binary: 12 significant digits are more than any
+    # sensor has and drop the conversion's rounding noise.
+    return float(f"{value * scale:.12g}")
 
-    def add(
-        name: str, labels: list[tuple[str, str]], value: float, ts_wall: float | None = None, help_: str = ""
-    ) -> None:
-        line = f"{name}{_labels(labels)} {_fmt(value)}"
-        if ts_wall is not None:
-            line += f" {int(ts_wall * 1000)}"
-        families.setdefault(name, []).append(line)
-        if help_ and name not in helps:
-            helps[name] = help_
 
-    for (device, metric), r in list(store.readings().items()):
-        if r.value is None or r.quality is not Quality.GOOD:
-            continue
-        parent = store.parent_of(device)
-        if parent != device:  # a GPU (or other sub-device) of a driver
-            info = store.info(device)
-            index = device.lstrip("abcdefghijklmnopqrstuvwxyz_-") or device
-            glabels = [
-                ("gpu", index),
-                ("UUID", info.get("uuid", "")),
-                ("device", f"nvidia{index}"),
-                ("modelName", info.get("name", "")),
-                ("pci_bus_id", info.get("pci_bus_id", "")),
-                ("Hostname", agent.config.pod.id),
-            ]
-            if metric in DCGM_METRICS:
-                name, scale, help_ = DCGM_METRICS[metric]
-                add(name, glabels, r.value * scale, r.ts_wall, help_)
-            gname, extra = prom_name(metric)
-            add(
-                gname.replace("podagent_", "podagent_gpu_", 1),
-                [("device", device), *extra],
-                r.value,
-                r.ts_wall,
-            )
-            continue
-        name, extra = prom_name(metric)
-        add(name, [("device", device), *extra], r.value, r.ts_wall)
+def device_role(cfg: Any) -> str:
+    """What a configured device is, for its family names (pdu, cdu, chiller, battery, meter...)."""
+    if isinstance(cfg, SnmpDevice):
+        return "pdu"
+    if isinstance(cfg, ModbusDevice):
+        from agent.drivers.modbus import load_profile
 
-    for device, h in store.health().items():
-        status = h.current_status(now)
-        add(
-            "podagent_device_up",
-            [("device", device)],
-            1 if status is DeviceStatus.OK else 0,
-            help_="1 when the device's last poll succeeded and its data is fresh.",
+        try:
+            kind = load_profile(cfg.profile).kind or "device"
+        except ValueError:
+            return "device"
+        return "branch_meter" if kind == "pdu" and not cfg.pod_power else kind
+    if isinstance(cfg, HostDevice):
+        return "host"
+    if isinstance(cfg, NvmlDevice):
+        return "gpu"
+    return str(getattr(cfg, "kind", "device"))
+
+
+class _Families:
+    def __init__(self) -> None:
+        self.lines: dict[str, list[str]] = {}
+        self.meta: dict[str, Family] = {}
+
+    def family(self, fam: Family) -> list[str]:
+        lines = self.lines.get(fam.name)
+        if lines is None:
+            lines = self.lines[fam.name] = []
+            self.meta[fam.name] = fam
+        return lines
+
+    def add(self, fam: Family, labels: Iterable[tuple[str, str]], value: float) -> None:
+        self.family(fam).append(f"{fam.name}{_labels(labels)} {fmt_value(value)}")
+
+    def histogram(self, fam: Family, labels: Labels, hist: Histogram) -> None:
+        lines = self.family(fam)
+        for bound, count in hist.cumulative():
+            le = "+Inf" if math.isinf(bound) else fmt_value(bound)
+            lines.append(f"{fam.name}_bucket{_labels((*labels, ('le', le)))} {count}")
+        lines.append(f"{fam.name}_sum{_labels(labels)} {fmt_value(hist.sum)}")
+        lines.append(f"{fam.name}_count{_labels(labels)} {hist.count}")
+
+    def text(self) -> str:
+        out: list[str] = []
+        for name in sorted(self.lines):
+            fam = self.meta[name]
+            help_ = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {fam.kind}")
+            out.extend(self.lines[name])
+        return "\n".join(out) + "\n"
+
+
+def _source_family(name: str, help_: str, labels: list[tuple[str, str]]) -> tuple[Family, str]:
+    """A service's sample name -> (its family, the sample's suffix: "", _bucket, _sum, _count)."""
+    fam = KNOWN.get(name)
+    if fam is not None:
+        return fam, ""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name.removesuffix(suffix)
+        if base != name and base in KNOWN and KNOWN[base].kind == "histogram":
+            return KNOWN[base], suffix
+    kind: Kind = "counter" if name.endswith("_total") else "gauge"
+    return Family(name, kind, help_ or name, tuple(k for k, _ in labels)), ""
+
+
+class MetricsRenderer:
+    """Renders /metrics for one agent; caches what does not change between scrapes (roles, label
+    strings), so a full pod's scrape costs string joins, not name derivations."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._config: Any = None
+        self._roles: dict[str, str] = {}
+        self._gpu_labels: dict[str, tuple[dict[str, str], Labels]] = {}
+        self._prefix: dict[tuple[str, str, Labels], tuple[DeviceMetric, str]] = {}
+        self.hostname = socket.gethostname()
+
+    def _refresh_config(self) -> None:
+        config = self.agent.config
+        if config is self._config:
+            return
+        self._config = config
+        self._roles = {d.id: device_role(d) for d in config.device}
+        self._prefix.clear()
+
+    def gpu_labels(self, device: str) -> Labels:
+        store = self.agent.store
+        info = dict(store.info(device))
+        cached = self._gpu_labels.get(device)
+        if cached is not None and cached[0] == info:
+            return cached[1]
+        index = info.get("index") or (device[len(device.rstrip("0123456789")) :] or device)
+        labels: Labels = (
+            ("gpu", index),
+            ("UUID", info.get("uuid", "")),
+            ("pci_bus_id", info.get("pci_bus_id", "")),
+            ("device", f"nvidia{index}"),
+            ("modelName", info.get("name", "")),
+            ("Hostname", info.get("hostname") or self.hostname),
+            ("DCGM_FI_DRIVER_VERSION", info.get("driver_version", "")),
         )
-        if h.last_ok_mono is not None:
-            add(
-                "podagent_device_data_age_seconds",
-                [("device", device)],
-                round(now - h.last_ok_mono, 3),
-                help_="Seconds since the device last answered a poll.",
-            )
-        add("podagent_device_polls_total", [("device", device)], h.polls)
-        add("podagent_device_poll_errors_total", [("device", device)], h.failures)
-    for device, poller in agent.pollers.items():
-        st = poller.stats
-        for q in (0.5, 0.99):
-            v = st.quantile(q)
-            if v is not None:
-                add(
-                    "podagent_poll_duration_seconds",
-                    [("device", device), ("quantile", str(q))],
-                    round(v, 6),
-                    help_="Duration of one poll cycle of the device.",
-                )
-        add("podagent_poll_missed_deadlines_total", [("device", device)], st.missed_deadlines)
-        add("podagent_driver_restarts_total", [("device", device)], st.driver_restarts)
-    add("podagent_up", [], 1, help_="The agent is running.")
-    add("podagent_ready", [], 1 if agent.ready.is_set() else 0)
-    add("podagent_agent_uptime_seconds", [], round(now - agent.started_mono, 1))
-    for source in agent.metric_sources:
-        for name, labels, value, help_ in source():
-            add(name, labels, value, help_=help_)
+        assert tuple(k for k, _ in labels) == GPU_LABELS
+        self._gpu_labels[device] = (info, labels)
+        return labels
 
-    out: list[str] = []
-    for name in sorted(families):
-        if name in helps:
-            out.append(f"# HELP {name} {helps[name]}")
-        kind = "counter" if name.endswith("_total") else "gauge"
-        if name in ("podagent_poll_duration_seconds", "podagent_interlock_step_seconds"):
-            kind = "summary"
-        out.append(f"# TYPE {name} {kind}")
-        out.extend(families[name])
-    return "\n".join(out) + "\n"
+    def _line_prefix(
+        self, device: str, metric: str, dev_labels: Labels, gpu: bool
+    ) -> tuple[DeviceMetric, str]:
+        key = (device, metric, dev_labels)
+        hit = self._prefix.get(key)
+        if hit is not None:
+            return hit
+        if gpu:
+            dm = gpu_metric(metric)
+        elif device == POD_DEVICE and metric == "power_w":
+            dm = DeviceMetric(POD_POWER)
+        else:
+            dm = device_metric(self._roles.get(device, "device"), metric)
+        labels = dev_labels + ((dm.channel,) if dm.channel else ())
+        hit = (dm, f"{dm.family.name}{_labels(labels)} ")
+        self._prefix[key] = hit
+        return hit
+
+    def render(self) -> str:
+        self._refresh_config()
+        agent = self.agent
+        store = agent.store
+        now = time.monotonic()
+        fams = _Families()
+        roles = self._roles
+        per_device: dict[str, tuple[Labels, bool]] = {}
+        for (device, metric), r in list(store.readings().items()):
+            if r.value is None or store.effective_quality(r, now) is not Quality.GOOD:
+                continue
+            dev = per_device.get(device)
+            if dev is None:
+                parent = store.parent_of(device)
+                gpu = parent != device and roles.get(parent) == "gpu"
+                if gpu:
+                    dev = (self.gpu_labels(device), True)
+                elif device == POD_DEVICE and device not in roles:
+                    dev = ((), False)
+                else:
+                    dev = ((("device", device),), False)
+                per_device[device] = dev
+            dm, prefix = self._line_prefix(device, metric, dev[0], dev[1])
+            value = r.value
+            if not math.isfinite(value):
+                continue
+            value = round(r.ts_wall - value) if dm.transform == "boot_time" else _scaled(value, dm.scale)
+            fams.family(dm.family).append(prefix + fmt_value(value))
+        self._agent_families(fams, now)
+        self._source_families(fams)
+        return fams.text()
+
+    def _agent_families(self, fams: _Families, now: float) -> None:
+        agent = self.agent
+        store = agent.store
+        fams.add(KNOWN["podagent_build_info"], (("version", __version__),), 1)
+        fams.add(KNOWN["podagent_ready"], (), 1 if agent.ready.is_set() else 0)
+        fams.add(KNOWN["podagent_uptime_seconds"], (), round(now - agent.started_mono, 3))
+        for cfg in agent.config.device:
+            labels = (
+                ("device", cfg.id),
+                ("role", self._roles.get(cfg.id, "device")),
+                ("driver", str(cfg.kind)),
+                ("profile", str(getattr(cfg, "profile", "") or "")),
+            )
+            fams.add(KNOWN["podagent_device_info"], labels, 1)
+        for device, h in store.health().items():
+            dl = (("device", device),)
+            fams.add(KNOWN["podagent_device_up"], dl, 1 if h.current_status(now) is DeviceStatus.OK else 0)
+            if h.last_ok_mono is not None:
+                fams.add(KNOWN["podagent_device_data_age_seconds"], dl, round(now - h.last_ok_mono, 3))
+            fams.add(KNOWN["podagent_device_polls_total"], dl, h.polls)
+            fams.add(KNOWN["podagent_device_poll_errors_total"], dl, h.failures)
+        for device, poller in agent.pollers.items():
+            dl = (("device", device),)
+            st = poller.stats
+            fams.histogram(KNOWN["podagent_poll_duration_seconds"], dl, st.histogram)
+            fams.add(KNOWN["podagent_poll_missed_deadlines_total"], dl, st.missed_deadlines)
+            fams.add(KNOWN["podagent_driver_restarts_total"], dl, st.driver_restarts)
+        self._mqtt_families(fams)
+
+    def _mqtt_families(self, fams: _Families) -> None:
+        provider = self.agent.status_providers.get("mqtt")
+        if provider is None:
+            return
+        try:
+            link: Mapping[str, Any] = provider()
+        except Exception:  # a status bug must not break the scrape
+            log.exception("mqtt status provider failed")
+            return
+
+        def num(key: str) -> float:
+            value = link.get(key)
+            return float(value) if isinstance(value, int | float) else 0.0
+
+        broker = str(link.get("broker") or "")
+        fams.add(KNOWN["podagent_mqtt_connected"], (("broker", broker),), link.get("link") == "connected")
+        fams.add(KNOWN["podagent_mqtt_connects_total"], (), num("connects"))
+        fams.add(KNOWN["podagent_mqtt_published_messages_total"], (), num("published"))
+        fams.add(KNOWN["podagent_mqtt_spool_messages"], (), num("spool_depth"))
+        fams.add(KNOWN["podagent_mqtt_spool_bytes"], (), num("spool_bytes"))
+        capacity = getattr(getattr(self.agent.config, "mqtt", None), "spool_max_bytes", None)
+        if isinstance(capacity, int | float):
+            fams.add(KNOWN["podagent_mqtt_spool_capacity_bytes"], (), capacity)
+        fams.add(KNOWN["podagent_mqtt_spool_dropped_messages_total"], (), num("dropped_telemetry"))
+        fams.add(KNOWN["podagent_mqtt_commands_total"], (("result", "accepted"),), num("commands_accepted"))
+        fams.add(KNOWN["podagent_mqtt_commands_total"], (("result", "refused"),), num("commands_refused"))
+
+    def _source_families(self, fams: _Families) -> None:
+        for source in self.agent.metric_sources:
+            try:
+                samples = source()
+            except Exception:  # a service bug must not break the scrape
+                log.exception("metric source failed", source=getattr(source, "__qualname__", repr(source)))
+                continue
+            for name, labels, value, help_ in samples:
+                fam, suffix = _source_family(name, help_, labels)
+                pairs: tuple[tuple[str, str], ...] = tuple(labels)
+                if fam.labels[: len(GPU_LABELS)] == GPU_LABELS:
+                    # A GPU's own series carry dcgm-exporter's labels, to join DCGM_* on them.
+                    device = dict(pairs).get("device", "")
+                    rest = tuple((k, v) for k, v in pairs if k != "device")
+                    pairs = self.gpu_labels(device) + rest
+                fams.family(fam).append(f"{fam.name}{suffix}{_labels(pairs)} {fmt_value(float(value))}")
+
+
+def render_metrics(agent: Agent) -> str:
+    return MetricsRenderer(agent).render()
 
 
 def health(agent: Agent) -> tuple[bool, dict[str, Any]]:
@@ -215,6 +330,7 @@ class PrometheusExporter:
         self.host = host.strip("[]")
         self.port = int(port)
         self.server: asyncio.Server | None = None
+        self.renderer = MetricsRenderer(agent)
 
     async def run(self) -> None:
         try:
@@ -238,8 +354,8 @@ class PrometheusExporter:
             parts = request.decode("latin-1").split()
             path = parts[1] if len(parts) >= 2 else "/"
             if path.startswith("/metrics"):
-                body = render_metrics(self.agent).encode()
-                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                body = self.renderer.render().encode()
+                status, ctype = "200 OK", CONTENT_TYPE
             elif path.startswith("/healthz"):
                 ok, detail = health(self.agent)
                 body = json.dumps(detail).encode()
