@@ -49,9 +49,21 @@ ALL_METRICS = {
     "ecc_corrected_total",
     "ecc_uncorrected_total",
     "xid_total",
+    "xid_last",  # 0 until an XID is seen (dcgm-exporter's XID_ERRORS)
     "nvml_errors_total",
     "lost",
-}  # xid_last appears once an XID was seen
+    # dcgm-exporter default-counter parity (what NVML gives)
+    "mem_free_bytes",
+    "mem_reserved_bytes",
+    "mem_temp_c",
+    "util_enc_pct",
+    "util_dec_pct",
+    "pcie_replay_total",
+    "remapped_rows_correctable_total",
+    "remapped_rows_uncorrectable_total",
+    "row_remap_pending",
+    "row_remap_failure",
+}
 
 
 def make_gpu(i: int) -> GpuState:
@@ -135,6 +147,13 @@ async def test_every_metric_good_for_every_gpu(driver: NvmlDriver) -> None:
     assert g1["throttle_sw_thermal"] == 1 and g1["throttle_sw_power_cap"] == 0
     assert g1["ecc_corrected_total"] == 3 and g1["ecc_uncorrected_total"] == 0
     assert g1["lost"] == 0 and g1["nvml_errors_total"] == 0
+    # Memory as NVML's v2 struct: reserved apart, used without it (DCGM's FB_USED/FREE/RESERVED).
+    reserved = nv.RESERVED_BYTES
+    assert g1["mem_reserved_bytes"] == reserved
+    assert g1["mem_free_bytes"] == 80 * 1024**3 - reserved - 10 * 1024**3
+    assert g1["mem_temp_c"] == 65  # HBM a few C above the die (61 C, 40 % memory load)
+    assert (g1["util_enc_pct"], g1["util_dec_pct"], g1["pcie_replay_total"]) == (0, 0, 0)
+    assert (g1["remapped_rows_uncorrectable_total"], g1["row_remap_failure"], g1["xid_last"]) == (0, 0, 0)
     assert got[("gpu1", "power_w")].unit == "W"
     assert driver.constraints("gpu2") == (200.0, 700.0, 700.0)
 
@@ -144,7 +163,7 @@ async def test_lost_gpu(driver: NvmlDriver, pod: PodState, writer: NvmlShmWriter
     pod.gpus[1].lost = True
     writer.publish(pod)
     got = by_key(await driver.poll())
-    for m in ALL_METRICS - {"lost", "nvml_errors_total", "xid_total"}:
+    for m in ALL_METRICS - {"lost", "nvml_errors_total", "xid_total", "xid_last"}:
         r = got[("gpu1", m)]
         assert r.quality is Quality.ERROR and r.value is None, r
         assert r.error == "NVML_ERROR_GPU_IS_LOST"
@@ -189,7 +208,7 @@ async def test_xid_counting_and_events(pod: PodState, writer: NvmlShmWriter) -> 
     try:
         got = by_key(await drv.poll())
         assert got[("gpu2", "xid_total")].value == 0
-        assert ("gpu2", "xid_last") not in got
+        assert got[("gpu2", "xid_last")].value == 0  # none yet: 0, as dcgm-exporter reports
         pod.xid_events += [XidEvent(2, 79, 1), XidEvent(2, 79, 2), XidEvent(0, 48, 3)]
         writer.publish(pod)
         got = by_key(await drv.poll())
@@ -350,6 +369,12 @@ SLOW_METRICS = {
     "temp_max_operating_c",
     "ecc_corrected_total",
     "ecc_uncorrected_total",
+    "mem_reserved_bytes",
+    "pcie_replay_total",
+    "remapped_rows_correctable_total",
+    "remapped_rows_uncorrectable_total",
+    "row_remap_pending",
+    "row_remap_failure",
 }
 
 

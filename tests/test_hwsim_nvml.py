@@ -103,8 +103,35 @@ def test_values_and_units(lib: None, pod: PodState) -> None:
     assert nv.nvmlDeviceGetPowerManagementLimitConstraints(h) == [200000, 700000]
     util = nv.nvmlDeviceGetUtilizationRates(h)
     assert (util.gpu, util.memory) == (87, 42)
-    mem = nv.nvmlDeviceGetMemoryInfo(h)
-    assert (mem.total, mem.used, mem.free) == (80 * 1024**3, 30 * 1024**3, 50 * 1024**3)
+    reserved = nv.RESERVED_BYTES
+    mem = nv.nvmlDeviceGetMemoryInfo(h)  # v1: used includes the driver-reserved part
+    assert isinstance(mem, pynvml.c_nvmlMemory_t)
+    assert (mem.total, mem.used, mem.free) == (80 * 1024**3, 30 * 1024**3 + reserved, 50 * 1024**3 - reserved)
+    mem2 = nv.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
+    assert isinstance(mem2, pynvml.c_nvmlMemory_v2_t) and mem2.version == pynvml.nvmlMemory_v2
+    assert (mem2.total, mem2.reserved, mem2.used) == (80 * 1024**3, reserved, 30 * 1024**3)
+    assert mem2.free == mem2.total - mem2.reserved - mem2.used
+    with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+        nv.nvmlDeviceGetMemoryInfo(h, version=0x01000018)
+    # dcgm-exporter's default counters that NVML gives, with pynvml's names, types and units.
+    fields = nv.nvmlDeviceGetFieldValues(
+        h,
+        [
+            pynvml.NVML_FI_DEV_MEMORY_TEMP,
+            pynvml.NVML_FI_DEV_REMAPPED_UNC,
+            pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+        ],
+    )
+    assert isinstance(fields[0], pynvml.c_nvmlFieldValue_t)
+    assert fields[0].nvmlReturn == pynvml.NVML_SUCCESS
+    assert fields[0].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+    assert fields[0].value.uiVal == 61  # C: HBM above the die's 56.6 C
+    assert fields[1].value.uiVal == 2  # each uncorrectable error remapped a row
+    assert fields[2].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED  # not simulated: per entry
+    assert nv.nvmlDeviceGetRemappedRows(h) == (0, 2, 1, 0)  # corr, unc, pending, failure
+    assert nv.nvmlDeviceGetPcieReplayCounter(h) == 0
+    assert nv.nvmlDeviceGetEncoderUtilization(h) == [0, 167000]
+    assert nv.nvmlDeviceGetDecoderUtilization(h) == [0, 167000]
     assert nv.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) == 1755
     assert nv.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM) == 2619
     assert nv.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM) == 1980

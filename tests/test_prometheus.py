@@ -23,9 +23,13 @@ from tests.prom_helpers import free_port, get, parse
 
 PROMTOOL = shutil.which("promtool")
 # What promtool flags in dcgm-exporter's own output, which we reproduce on purpose so NVIDIA's
-# dashboards and alerts work: its camelCase label (modelName) and its counters named without _total
-# (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, the ECC and remapped-row counters...).
-DCGM_LINT = ("label names should be written in 'snake_case' not 'camelCase'", 'should have "_total" suffix')
+# dashboards and alerts work: its camelCase label (modelName) and its field names (counters without
+# _total: TOTAL_ENERGY_CONSUMPTION, ECC, remapped rows; PCIE_REPLAY_COUNTER "includes a type").
+DCGM_LINT = (
+    "label names should be written in 'snake_case' not 'camelCase'",
+    'should have "_total" suffix',
+    "metric name should not include type 'counter'",
+)
 
 
 def lint_problems(text: str) -> list[str]:
@@ -40,7 +44,7 @@ def lint_problems(text: str) -> list[str]:
         name = line.split(" ", 1)[0]
         labels = {k for s in exposition.samples if exposition.family_of(s.name) == name for k, _ in s.labels}
         camel = DCGM_LINT[0] in line and "modelName" in labels
-        dcgm_counter = DCGM_LINT[1] in line and name.startswith("DCGM_FI_")
+        dcgm_counter = any(text in line for text in DCGM_LINT[1:]) and name.startswith("DCGM_FI_")
         if not (camel or dcgm_counter):
             left.append(line)
     return left

@@ -117,8 +117,50 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
         ),
         _Call(
             "memory",
-            lambda m, h: m.nvmlDeviceGetMemoryInfo(h),
-            (("mem_used_bytes", lambda v: float(v.used)), ("mem_total_bytes", lambda v: float(v.total))),
+            _memory_info,
+            (
+                ("mem_used_bytes", lambda v: float(v.used)),
+                ("mem_free_bytes", lambda v: float(v.free)),
+                ("mem_total_bytes", lambda v: float(v.total)),
+            ),
+        ),
+        _Call(
+            "mem_reserved",
+            lambda m, h: m.nvmlDeviceGetMemoryInfo(h, version=m.nvmlMemory_v2),
+            (("mem_reserved_bytes", lambda v: float(v.reserved)),),
+            slow=True,
+        ),
+        _Call(
+            "mem_temp",
+            lambda m, h: m.nvmlDeviceGetFieldValues(h, [m.NVML_FI_DEV_MEMORY_TEMP]),
+            (("mem_temp_c", _field(lib, 0)),),
+        ),
+        _Call(
+            "enc",
+            lambda m, h: m.nvmlDeviceGetEncoderUtilization(h),
+            (("util_enc_pct", lambda v: float(v[0])),),
+        ),
+        _Call(
+            "dec",
+            lambda m, h: m.nvmlDeviceGetDecoderUtilization(h),
+            (("util_dec_pct", lambda v: float(v[0])),),
+        ),
+        _Call(
+            "pcie_replay",
+            lambda m, h: m.nvmlDeviceGetPcieReplayCounter(h),
+            (("pcie_replay_total", float),),
+            slow=True,
+        ),
+        _Call(
+            "remapped_rows",
+            lambda m, h: m.nvmlDeviceGetRemappedRows(h),
+            (
+                ("remapped_rows_correctable_total", lambda v: float(v[0])),
+                ("remapped_rows_uncorrectable_total", lambda v: float(v[1])),
+                ("row_remap_pending", lambda v: float(v[2])),
+                ("row_remap_failure", lambda v: float(v[3])),
+            ),
+            slow=True,
         ),
         _Call(
             "clock_sm", lambda m, h: m.nvmlDeviceGetClockInfo(h, m.NVML_CLOCK_SM), (("clock_sm_mhz", float),)
@@ -164,6 +206,50 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             slow=True,
         ),
     )
+
+
+def _memory_info(lib: ModuleType, handle: Any) -> Any:
+    # v2 (R510+) keeps driver-reserved memory out of ``used``, as DCGM's FB_USED does; a driver
+    # without it answers FUNCTION_NOT_FOUND and v1's ``used`` includes the reserved part.
+    try:
+        return lib.nvmlDeviceGetMemoryInfo(handle, version=lib.nvmlMemory_v2)
+    except lib.NVMLError as err:
+        if err.value not in (lib.NVML_ERROR_FUNCTION_NOT_FOUND, lib.NVML_ERROR_NOT_SUPPORTED):
+            raise
+        return lib.nvmlDeviceGetMemoryInfo(handle)
+
+
+class _FieldUnsupported(Exception):
+    """A field-values entry the board does not have: skipped, not an error."""
+
+
+def _field(lib: ModuleType, position: int) -> Extract:
+    """The value of entry ``position`` of an nvmlDeviceGetFieldValues answer (each entry carries
+    its own return code and value type)."""
+    unsupported = int(lib.NVML_ERROR_NOT_SUPPORTED)
+    members = {
+        int(lib.NVML_VALUE_TYPE_DOUBLE): "dVal",
+        int(lib.NVML_VALUE_TYPE_UNSIGNED_INT): "uiVal",
+        int(lib.NVML_VALUE_TYPE_UNSIGNED_LONG): "ulVal",
+        int(lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG): "ullVal",
+        int(lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG): "sllVal",
+        int(lib.NVML_VALUE_TYPE_SIGNED_INT): "siVal",
+        int(lib.NVML_VALUE_TYPE_UNSIGNED_SHORT): "usVal",
+    }
+
+    def extract(values: Any) -> float:
+        entry = values[position]
+        ret = int(entry.nvmlReturn)
+        if ret == unsupported:
+            raise _FieldUnsupported
+        if ret != 0:
+            raise ValueError(f"field {int(entry.fieldId)}: NVML error {ret}")
+        member = members.get(int(entry.valueType))
+        if member is None:
+            raise ValueError(f"field {int(entry.fieldId)}: value type {int(entry.valueType)}")
+        return float(getattr(entry.value, member))
+
+    return extract
 
 
 def _clock_reasons(lib: ModuleType, handle: Any) -> Any:
@@ -526,8 +612,9 @@ class NvmlDriver:
                 result = call.fetch(lib, gpu.handle)
             except lib.NVMLError as err:
                 name = self._err_name(err)
-                if name == "NVML_ERROR_NOT_SUPPORTED":
-                    gpu.unsupported.add(call.key)  # not present here: not an error
+                if name in ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND"):
+                    # Not present on this board, or not in this driver: not an error.
+                    gpu.unsupported.add(call.key)
                     continue
                 gpu.errors_total += 1
                 if name == "NVML_ERROR_GPU_IS_LOST":
@@ -542,6 +629,8 @@ class NvmlDriver:
             for metric, extract in call.outputs:
                 try:
                     good(metric, extract(result))
+                except _FieldUnsupported:
+                    gpu.unsupported.add(call.key)
                 except (TypeError, ValueError, IndexError, AttributeError) as err:
                     bad(metric, f"bad NVML result: {err}")
             if call.key in {"constraints", "default"}:
@@ -560,8 +649,8 @@ class NvmlDriver:
         good("nvml_errors_total", float(gpu.errors_total))
         if self._event_set is not None:
             good("xid_total", float(gpu.xid_total))
-            if gpu.xid_last is not None:
-                good("xid_last", float(gpu.xid_last))
+            # dcgm-exporter's XID_ERRORS: the last XID, 0 while there has been none.
+            good("xid_last", float(gpu.xid_last or 0))
         return out
 
     def _refresh_constraints(self, gpu: _Gpu, key: str, result: Any) -> None:

@@ -44,7 +44,8 @@ class DeviceMetric:
     scale: float = 1.0
     # An extra label from the metric's name: ("phase", "1") for phase1_current_a.
     channel: tuple[str, str] | None = None
-    # "boot_time": the value is an uptime, exported as the wall-clock time it started.
+    # "boot_time": the value is an uptime, exported as the wall-clock time it started;
+    # "floor": whole units after scaling (dcgm-exporter's MiB).
     transform: str = ""
 
 
@@ -361,7 +362,9 @@ def gpu_metric(metric: str) -> DeviceMetric:
     """An NVML reading of one GPU -> its dcgm-exporter (or podagent_gpu_*) family."""
     if metric in DCGM:
         name, kind, scale, help_ = DCGM[metric]
-        return DeviceMetric(Family(name, kind, help_, GPU_LABELS, f"nvml {metric}"), scale)
+        # dcgm-exporter's MiB are whole (bytes // 2**20).
+        floor = "floor" if scale == _MIB else ""
+        return DeviceMetric(Family(name, kind, help_, GPU_LABELS, f"nvml {metric}"), scale, None, floor)
     if metric.startswith("throttle_"):
         return DeviceMetric(GPU_CLOCK_EVENT, 1.0, ("reason", metric.removeprefix("throttle_")))
     if metric in _GPU_OWN:

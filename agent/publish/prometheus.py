@@ -224,7 +224,12 @@ class MetricsRenderer:
             value = r.value
             if not math.isfinite(value):
                 continue
-            value = round(r.ts_wall - value) if dm.transform == "boot_time" else _scaled(value, dm.scale)
+            if not dm.transform:
+                value = _scaled(value, dm.scale)
+            elif dm.transform == "floor":
+                value = math.floor(value * dm.scale)
+            else:  # boot_time
+                value = round(r.ts_wall - value)
             fams.family(dm.family).append(prefix + fmt_value(value))
         self._agent_families(fams, now)
         self._source_families(fams)

@@ -43,6 +43,7 @@ from pynvml import (
     NVML_CLOCK_GRAPHICS,
     NVML_CLOCK_MEM,
     NVML_CLOCK_SM,
+    NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_INVALID_ARGUMENT,
@@ -52,6 +53,12 @@ from pynvml import (
     NVML_ERROR_NOT_SUPPORTED,
     NVML_ERROR_TIMEOUT,
     NVML_ERROR_UNINITIALIZED,
+    NVML_FI_DEV_MEMORY_TEMP,
+    NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+    NVML_FI_DEV_REMAPPED_COR,
+    NVML_FI_DEV_REMAPPED_FAILURE,
+    NVML_FI_DEV_REMAPPED_PENDING,
+    NVML_FI_DEV_REMAPPED_UNC,
     NVML_MEMORY_ERROR_TYPE_CORRECTED,
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
     NVML_TEMPERATURE_GPU,
@@ -59,18 +66,22 @@ from pynvml import (
     NVML_TEMPERATURE_THRESHOLD_MEM_MAX,
     NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
     NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
+    NVML_VALUE_TYPE_UNSIGNED_INT,
     NVML_VOLATILE_ECC,
     NVMLError,
     c_nvmlDevice_t,
     c_nvmlEventData_t,
     c_nvmlEventSet_t,
+    c_nvmlFieldValue_t,
     c_nvmlMemory_t,
+    c_nvmlMemory_v2_t,
     c_nvmlUtilization_t,
     nvmlEventTypeClock,
     nvmlEventTypeDoubleBitEccError,
     nvmlEventTypePState,
     nvmlEventTypeSingleBitEccError,
     nvmlEventTypeXidCriticalError,
+    nvmlMemory_v2,
     nvmlPciInfo_t,
 )
 
@@ -103,6 +114,9 @@ _SUPPORTED_EVENTS = (
     | nvmlEventTypePState
     | nvmlEventTypeClock
 )
+RESERVED_BYTES = 512 * 2**20  # driver-reserved framebuffer (a few hundred MiB on H100 boards)
+REMAP_ROWS_MAX = 512  # rows the sim's HBM can remap before remapping fails
+_CODEC_SAMPLE_US = 167_000  # NVENC/NVDEC utilization sampling period NVML reports (us)
 _NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId/computeInstanceId of a non-MIG event
 _EVENT_POLL_S = 0.005  # how often a waiting event set looks at the shm ring
 
@@ -351,12 +365,24 @@ def nvmlDeviceGetUtilizationRates(handle: Any) -> Any:
 
 
 def nvmlDeviceGetMemoryInfo(handle: Any, version: int | None = None) -> Any:
+    """v1 (no version): ``used`` includes the driver-reserved memory, as on real drivers;
+    ``version=nvmlMemory_v2``: ``reserved`` apart and ``used`` without it (what DCGM's FB_USED shows)."""
     rec = _gpu(handle)[2]
-    mem = c_nvmlMemory_t()
-    mem.total = rec.mem_total_bytes
-    mem.used = min(rec.mem_used_bytes, rec.mem_total_bytes)
-    mem.free = rec.mem_total_bytes - mem.used
-    return mem
+    total = rec.mem_total_bytes
+    reserved = min(RESERVED_BYTES, total)
+    app = min(rec.mem_used_bytes, total - reserved)
+    if not version:
+        mem = c_nvmlMemory_t()
+        mem.total, mem.used = total, app + reserved
+        mem.free = total - mem.used
+        return mem
+    if version != nvmlMemory_v2:
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    mem2 = c_nvmlMemory_v2_t()
+    mem2.version = version
+    mem2.total, mem2.reserved, mem2.used = total, reserved, app
+    mem2.free = total - reserved - app
+    return mem2
 
 
 def _clock(rec: GpuNumbers, type: int, *, maximum: bool) -> int:
@@ -394,6 +420,76 @@ def nvmlDeviceGetTotalEccErrors(handle: Any, errorType: int, counterType: int) -
     if errorType == NVML_MEMORY_ERROR_TYPE_UNCORRECTED:
         return int(rec.ecc_uncorrected)
     raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+
+
+def _memory_temp_c(rec: GpuNumbers) -> int:
+    # HBM sits beside the die under the same cold plate: a few degrees above it, more under
+    # memory-bound load (H100 boards read ~2-8 C over GPU_TEMP in service).
+    return round(rec.temp_c + 2.0 + 0.06 * rec.util_mem_pct)
+
+
+def _remapped_rows(rec: GpuNumbers) -> tuple[int, int, int, int]:
+    """(correctable, uncorrectable, pending, failure) as nvmlDeviceGetRemappedRows: on HBM GPUs an
+    uncorrectable error remaps its row, active after the next GPU reset (the sim never resets)."""
+    unc = min(int(rec.ecc_uncorrected), REMAP_ROWS_MAX)
+    return 0, unc, 1 if unc else 0, 1 if rec.ecc_uncorrected > REMAP_ROWS_MAX else 0
+
+
+def nvmlDeviceGetRemappedRows(device: Any) -> tuple[int, int, int, int]:
+    return _remapped_rows(_gpu(device)[2])
+
+
+def nvmlDeviceGetPcieReplayCounter(handle: Any) -> int:
+    _gpu(handle)
+    return 0  # the sim's PCIe links never retry
+
+
+def nvmlDeviceGetEncoderUtilization(handle: Any) -> list[int]:
+    _gpu(handle)
+    return [0, _CODEC_SAMPLE_US]  # training pods do not use NVENC
+
+
+def nvmlDeviceGetDecoderUtilization(handle: Any) -> list[int]:
+    _gpu(handle)
+    return [0, _CODEC_SAMPLE_US]
+
+
+def _field_value(rec: GpuNumbers, field_id: int) -> int | None:
+    cor, unc, pending, failure = _remapped_rows(rec)
+    values = {
+        NVML_FI_DEV_MEMORY_TEMP: _memory_temp_c(rec),
+        NVML_FI_DEV_PCIE_REPLAY_COUNTER: 0,
+        NVML_FI_DEV_REMAPPED_COR: cor,
+        NVML_FI_DEV_REMAPPED_UNC: unc,
+        NVML_FI_DEV_REMAPPED_PENDING: pending,
+        NVML_FI_DEV_REMAPPED_FAILURE: failure,
+    }
+    return values.get(field_id)
+
+
+def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
+    """pynvml's array of ``c_nvmlFieldValue_t``; a field this fake does not simulate answers
+    ``nvmlReturn = NVML_ERROR_NOT_SUPPORTED`` in its own entry (the call itself succeeds), as
+    real NVML does for a field the board lacks."""
+    rec = _gpu(handle)[2]
+    values = (c_nvmlFieldValue_t * len(fieldIds))()
+    now_us = int(time.time() * 1e6)
+    for i, field_id in enumerate(fieldIds):
+        entry = values[i]
+        try:
+            entry.fieldId, entry.scopeId = field_id
+        except TypeError:
+            entry.fieldId = field_id
+        entry.timestamp = now_us
+        entry.latencyUsec = 0
+        value = _field_value(rec, int(entry.fieldId))
+        if value is None:
+            entry.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            continue
+        entry.nvmlReturn = 0
+        entry.valueType = NVML_VALUE_TYPE_UNSIGNED_INT
+        entry.value.uiVal = value
+    return values
 
 
 # -- events ----------------------------------------------------------------------------------
