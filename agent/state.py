@@ -152,9 +152,12 @@ class StateStore:
     def _sum_power(self, devices: Iterable[str]) -> tuple[float, list[str]]:
         total = 0.0
         bad = []
+        now = time.monotonic()
         for d in devices:
             r = self._latest.get((d, "power_w"))
-            if r is None or r.value is None or r.quality is not Quality.GOOD:
+            # A device gone quiet (older than its staleness limit, not yet failed by its poll
+            # timeout) must not keep adding its last value to the pod's.
+            if r is None or r.value is None or self.effective_quality(r, now) is not Quality.GOOD:
                 bad.append(d)
             else:
                 total += r.value
