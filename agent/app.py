@@ -79,7 +79,8 @@ class Agent:
         self.budget_listeners: list[Callable[[FleetBudget | None], None]] = []
         # name -> callable returning a JSON-able summary (interlocks, mqtt link, spool depth...)
         self.status_providers: dict[str, Callable[[], Any]] = {}
-        # callables returning [(prom name, labels, value, help)] for /metrics
+        # callables returning [(prom name, labels, value, help)] for /metrics; names and types are
+        # in agent/publish/metrics_catalog.py (a histogram as its _bucket/_sum/_count samples)
         self.metric_sources: list[Callable[[], list[tuple[str, list[tuple[str, str]], float, str]]]] = []
         self._apply_derivations()
 
