@@ -566,8 +566,9 @@ def reference_markdown() -> str:
     rows: dict[str, Family] = {}
     for role, metrics in _profile_metrics().items():
         for metric in metrics:
-            fam = device_metric(role, metric).family
-            rows.setdefault(fam.name, fam)
+            for as_role in (role, *(alias for alias, real in _ALIAS.items() if real == role)):
+                fam = device_metric(as_role, metric).family
+                rows.setdefault(fam.name, fam)
     rows.setdefault("podagent_cdu_gpu_heat_load_watts", device_metric("cdu", "gpu_heat_load_kw").family)
     for metric in (
         "cpu_pct",
@@ -597,6 +598,9 @@ def reference_markdown() -> str:
         "`podagent_device_up` (0) and `podagent_device_data_age_seconds` stay.",
         "GPU families use dcgm-exporter's names, units and labels; podagent_* ones use base units.",
         "`podagent_node_up` is planned (node agents, issue 12): the alert rules already use it.",
+        "Roles: SNMP PDUs and Modbus PDUs with `pod_power = true` are `pdu`; a Modbus PDU/branch meter",
+        "with `pod_power = false` is `branch_meter` (it measures what PDUs already count); Modbus units",
+        "take their profile's `kind` (cdu, chiller, battery, meter); the controller itself is `host`.",
         "",
         "| family | type | labels | help | from |",
         "|---|---|---|---|---|",
