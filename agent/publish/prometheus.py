@@ -224,7 +224,10 @@ class MetricsRenderer:
             dev = per_device.get(device)
             if dev is None:
                 parent = store.parent_of(device)
-                gpu = parent != device and roles.get(parent) == "gpu"
+                # A GPU of this host's NVML driver, or of a GPU server's node agent (issue 12).
+                gpu = parent != device and (
+                    roles.get(parent) in ("gpu", "node") or "uuid" in store.info(device)
+                )
                 if gpu:
                     dev = (self.gpu_labels(device), True)
                 elif device == POD_DEVICE and device not in roles:
