@@ -322,6 +322,37 @@ async def test_not_supported_is_skipped_not_an_error(
     assert len(calls) == 2 * N_GPUS  # tried once per GPU and kind, then skipped
 
 
+async def test_older_driver_and_board_without_a_field(
+    driver: NvmlDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pre-R510 driver has no nvmlDeviceGetMemoryInfo_v2 (pynvml raises FUNCTION_NOT_FOUND), and a
+    # board without an HBM sensor answers NOT_SUPPORTED inside its field-values entry: v1 memory
+    # numbers, no reserved and no memory temperature, and neither counts as an error.
+    v1 = nv.nvmlDeviceGetMemoryInfo
+
+    def memory_info(handle: object, version: int | None = None) -> object:
+        if version:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return v1(handle)
+
+    real_fields = nv.nvmlDeviceGetFieldValues
+
+    def fields(handle: object, ids: list[int]) -> object:
+        values = real_fields(handle, ids)
+        for entry in values:
+            entry.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
+
+    monkeypatch.setattr(nv, "nvmlDeviceGetFieldValues", fields)
+    monkeypatch.setattr(nv, "nvmlDeviceGetMemoryInfo", memory_info)
+    for _ in range(2):
+        got = by_key(await driver.poll())
+        assert ("gpu1", "mem_reserved_bytes") not in got and ("gpu1", "mem_temp_c") not in got
+        assert got[("gpu1", "mem_used_bytes")].value == 10 * 1024**3 + nv.RESERVED_BYTES  # v1: reserved in
+        assert got[("gpu1", "nvml_errors_total")].value == 0
+        assert all(r.quality is Quality.GOOD for r in got.values())
+
+
 async def test_set_during_poll_queues(driver: NvmlDriver, writer: NvmlShmWriter) -> None:
     readings, limit = await asyncio.gather(driver.poll(), driver.set_power_limit("gpu1", 420.0))
     assert limit == 420.0
