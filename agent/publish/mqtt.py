@@ -52,7 +52,27 @@ _REPLAY_CHUNK = 500
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False).encode()
+    """Everything the agent publishes goes through here, and it can never fail: a non-finite
+    number that got past every check (NaN, inf) becomes null, and is logged, rather than kill
+    the link on every publish (a ValueError from json.dumps, then a reconnect loop)."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False).encode()
+    except ValueError:
+        paths: list[str] = []
+        clean = _finite_only(obj, "", paths)
+        log.error("non-finite numbers in an outgoing message; published as null", fields=paths[:10])
+        return json.dumps(clean, separators=(",", ":"), default=str, allow_nan=False).encode()
+
+
+def _finite_only(value: Any, where: str, paths: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        paths.append(where or ".")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_only(v, f"{where}.{k}", paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(v, f"{where}[{i}]", paths) for i, v in enumerate(value)]
+    return value
 
 
 def mark_historical(payload: bytes) -> bytes:
@@ -196,6 +216,9 @@ class MqttService:
             max_bytes=self.cfg.command_max_bytes,
             max_ttl_s=self.cfg.command_max_ttl_s,
             rebirth=self._rebirth.set,
+            budget_min_w=self.cfg.command_budget_min_w,
+            budget_max_w=self.config.power.site_limit_w or 1e8,
+            state_path=Path(self.config.paths.state_dir) / "commands.json",
         )
         agent.status_providers["mqtt"] = self.link_status
         unsubscribe = [agent.store.subscribe(self._on_readings), agent.events.subscribe(self._on_event)]
@@ -221,6 +244,8 @@ class MqttService:
                 self._flush(telemetry=True)  # what is pending survives in the spool
                 self._reap()
             self.spool.close()
+            with contextlib.suppress(Exception):
+                self.commands.close()
             agent.status_providers.pop("mqtt", None)
             with contextlib.suppress(ValueError):
                 agent.metric_sources.remove(self.metrics)

@@ -68,6 +68,9 @@ class MqttConfig(Strict):
     command_hmac_key_file: Path | None = None  # when set, every command must carry a valid `sig`
     command_max_bytes: Annotated[int, Field(ge=256, le=1 << 20)] = 16384
     command_max_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # expires_at at most this far ahead
+    # set_power_budget below this is refused (a typo or a unit slip would starve the pod); above
+    # [power] site_limit_w (when set) too.
+    command_budget_min_w: Annotated[float, Field(ge=0)] = 1000.0
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
     drain_on_stop_s: Annotated[float, Field(ge=0)] = 2.0  # on a clean stop, wait this long for PUBACKs
