@@ -174,6 +174,8 @@ def parse_request(line: bytes, *, max_bytes: int, max_depth: int = 16) -> Reques
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in err.errors()
         )
+        # One line whatever the client sent as key names (a "\n" key would split the answer).
+        problems = problems.encode("unicode_escape").decode("ascii")[:1000]
         raise ProtocolError(f"bad arguments for {op}: {problems}") from None
 
 
