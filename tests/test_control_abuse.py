@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -272,3 +273,42 @@ async def root_request_raw(path: Path, data: bytes) -> dict[str, object]:
         return reply
     finally:
         writer.close()
+
+
+async def test_out_of_file_descriptors_the_accept_loop_backs_off_and_recovers(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.control.server import build_service
+    from tests.test_podctl_support import host_only_config
+
+    config = host_only_config(sock_dir)
+    control = build_service(load_config(config))
+    assert control is not None
+    async with running_agent(config, services=[control]):
+        path = load_config(config).paths.socket
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        clients = []
+        try:
+            # Leave no descriptor for accept(): the clients' own sockets take the last ones.
+            used = len(os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    clients.append(await asyncio.open_unix_connection(str(path)))
+            async with asyncio.timeout(10):
+                while control.accept_failures < 3:
+                    await asyncio.sleep(0.05)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for _, w in clients:
+                w.close()
+        # Descriptors are back: the daemon answers again, and said so once, not once per failure.
+        async with asyncio.timeout(10):
+            while True:
+                with contextlib.suppress(OSError, json.JSONDecodeError):
+                    if (await root_request(path, {"v": 1, "op": "ping"}))["ok"] is True:
+                        break
+                await asyncio.sleep(0.1)
+        out = capsys.readouterr().out
+        assert out.count("control socket cannot accept") == 1, out[-2000:]
+        assert control.accept_failures >= 3
