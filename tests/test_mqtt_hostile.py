@@ -46,12 +46,11 @@ class Fleet:
         return dict(replies[0].json())
 
 
-def raw(obj: dict[str, Any], **replace: str) -> bytes:
-    """A signed command with some values spliced in as raw JSON text (Infinity, 1e400...)."""
+def raw(obj: dict[str, Any], key: str, literal: str) -> bytes:
+    """A command signed as the fleet would sign it (json.dumps writes inf as Infinity), with the
+    value of ``key`` sent as the raw JSON text ``literal`` (1e400 parses to inf, signs the same)."""
     text = signed(obj).decode()
-    for key, literal in replace.items():
-        text = text.replace(f'"{key}": "@"', f'"{key}": {literal}')
-    return text.encode()
+    return text.replace(f'"{key}": {json.dumps(obj[key])}', f'"{key}": {literal}').encode()
 
 
 async def test_mistyped_and_non_finite_commands_are_refused_and_the_link_stays_up(
@@ -67,9 +66,15 @@ async def test_mistyped_and_non_finite_commands_are_refused_and_the_link_stays_u
         utf16 = json.dumps(json.loads(signed(cmd("u16", watts=5000.0)))).encode("utf-16")
         non_ascii_sig = json.dumps({**cmd("sig1", watts=5000.0), "sig": "é" * 64}).encode()
         hostile = [
-            ("set_power_budget", raw(cmd("inf", watts=5000.0, ramp_w_per_s="@"), ramp_w_per_s="Infinity")),
-            ("set_power_budget", raw(cmd("big", watts=5000.0, ramp_w_per_s="@"), ramp_w_per_s="1e400")),
-            ("set_power_budget", raw(cmd("nan", watts="@"), watts="NaN")),
+            (
+                "set_power_budget",
+                raw(cmd("inf", watts=5000.0, ramp_w_per_s=math.inf), "ramp_w_per_s", "Infinity"),
+            ),
+            (
+                "set_power_budget",
+                raw(cmd("big", watts=5000.0, ramp_w_per_s=math.inf), "ramp_w_per_s", "1e400"),
+            ),
+            ("set_power_budget", raw(cmd("nan", watts=math.nan), "watts", "NaN")),
             ("set_power_budget", signed(cmd("bool", watts=True))),
             ("set_power_budget", signed(cmd("str", watts="1000"))),
             ("set_power_budget", signed({**cmd("ib", watts=5000.0), "issued_at": True})),
