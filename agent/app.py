@@ -213,12 +213,11 @@ class Agent:
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, handler)
+        # A disk that refuses writes (full, read-only) is the audit log's condition, not ours.
         audit = AuditLog(self.config.paths.state_dir / "audit.jsonl")
-        try:
-            audit.attach(self.events)
-            self.audit = audit
-        except OSError as err:
-            log.error("audit log unavailable", path=str(audit.path), error=str(err))
+        audit.attach(self.events)
+        self.audit = audit
+        self.metric_sources.append(audit.metrics)
         log.info(
             "podagent starting",
             version=__version__,

@@ -55,6 +55,31 @@ class Event:
 
 EventSubscriber = Callable[[Event], None]
 
+# What the audit log keeps for its full retention time, whatever else happens (agent/audit.py).
+SAFETY_KINDS = frozenset(
+    {
+        "interlock_trip",
+        "interlock_clear",
+        "cap_applied",
+        "action",
+        "actuation_failed",
+        "actuation_recovered",
+        "reconciled",
+        "override_set",
+        "override_cleared",
+        "override_expired",
+        "ack",
+        "budget_set",
+        "budget_cleared",
+        "shed",
+    }
+)
+MAX_UNACKED = 10_000  # events awaiting an ack, kept apart from the recent ring
+
+
+def is_safety(event: Event) -> bool:
+    return event.kind in SAFETY_KINDS or event.needs_ack or event.severity is Severity.CRITICAL
+
 
 @dataclass
 class AckRecord:
@@ -68,6 +93,8 @@ class EventBus:
         self._recent: deque[Event] = deque(maxlen=keep)
         self._subscribers: list[EventSubscriber] = []
         self.acks: dict[str, AckRecord] = {}
+        # Events needing an ack stay ackable however many events come after them (oldest first).
+        self._awaiting: dict[str, Event] = {}
 
     def subscribe(self, callback: EventSubscriber) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -80,6 +107,12 @@ class EventBus:
 
     def publish(self, event: Event) -> Event:
         self._recent.append(event)
+        if event.needs_ack:
+            self._awaiting[event.id] = event
+            if len(self._awaiting) > MAX_UNACKED:
+                oldest = next(iter(self._awaiting))
+                log.warning("too many events awaiting an ack; the oldest is no longer tracked", event=oldest)
+                del self._awaiting[oldest]
         for sub in tuple(self._subscribers):
             try:
                 sub(event)
@@ -95,13 +128,16 @@ class EventBus:
         return items[-limit:]
 
     def find(self, event_id: str) -> Event | None:
+        waiting = self._awaiting.get(event_id)
+        if waiting is not None:
+            return waiting
         for e in reversed(self._recent):
             if e.id == event_id:
                 return e
         return None
 
     def unacked(self) -> list[Event]:
-        return [e for e in self._recent if e.needs_ack and e.id not in self.acks]
+        return [e for e in self._awaiting.values() if e.id not in self.acks]
 
     def ack(self, event_id: str, *, by: str) -> Event | None:
         """Acknowledge an event; returns the ack event (None: unknown id)."""
@@ -109,6 +145,7 @@ class EventBus:
         if target is None:
             return None
         self.acks[event_id] = AckRecord(event_id=event_id, by=by, ts_wall=time.time())
+        self._awaiting.pop(event_id, None)
         return self.emit(
             "ack",
             Severity.INFO,

@@ -332,7 +332,7 @@ async def test_commands_round_trip_and_each_bad_command_refused(
         ok = await send("set_power_budget", signed(cmd("c1", watts=4200.0, ramp_w_per_s=100.0)))
         assert ok["ok"] is True and ok["id"] == "c1"
         assert agent.fleet_budget is not None and agent.fleet_budget.watts == 4200.0
-        replayed = await send("set_power_budget", signed(cmd("c1", watts=1.0)))
+        replayed = await send("set_power_budget", signed(cmd("c1", watts=2000.0)))
         assert replayed["error"] == "replayed" and agent.fleet_budget.watts == 4200.0
 
         births = len(sub.on("/birth"))

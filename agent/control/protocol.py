@@ -141,7 +141,15 @@ def authorize(op: str, peer: PeerCred, admin_gids: frozenset[int] | set[int]) ->
     return bool(({peer.gid} | set(peer.groups)) & set(admin_gids))
 
 
-def parse_request(line: bytes, *, max_bytes: int) -> Request:
+def json_depth(value: Any, limit: int) -> int:
+    """How deep containers nest in ``value`` (stops counting past ``limit``)."""
+    if limit <= 0 or not isinstance(value, dict | list):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((json_depth(v, limit - 1) for v in items), default=0)
+
+
+def parse_request(line: bytes, *, max_bytes: int, max_depth: int = 16) -> Request:
     """Validate one request line; ProtocolError with a one-line reason when it is not acceptable."""
     if len(line) > max_bytes:
         raise ProtocolError(f"request too large ({len(line)} bytes; the limit is {max_bytes})")
@@ -149,6 +157,10 @@ def parse_request(line: bytes, *, max_bytes: int) -> Request:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"not JSON: {err}") from None
+    except RecursionError:
+        raise ProtocolError(f"JSON nested too deep (the limit is {max_depth})") from None
+    if json_depth(obj, max_depth + 1) > max_depth:
+        raise ProtocolError(f"JSON nested too deep (the limit is {max_depth})")
     if not isinstance(obj, dict):
         raise ProtocolError("a request is a JSON object")
     if obj.get("v") != PROTOCOL_VERSION:
@@ -162,6 +174,8 @@ def parse_request(line: bytes, *, max_bytes: int) -> Request:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in err.errors()
         )
+        # One line whatever the client sent as key names (a "\n" key would split the answer).
+        problems = problems.encode("unicode_escape").decode("ascii")[:1000]
         raise ProtocolError(f"bad arguments for {op}: {problems}") from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -129,6 +130,17 @@ class ControlServer:
         self.path = Path(path)
         self.listening = asyncio.Event()
         self._agent: Agent | None = None
+        self._conns: set[socket.socket] = set()
+        self._per_uid: dict[int, int] = {}
+        self.rejected_connections = 0
+        self.dropped_clients = 0
+        self.accept_failures = 0
+        # Refused requests: a token bucket per uid (rate limit) and a sampled audit event.
+        self._refused_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, at)
+        self._refused_total: dict[int, int] = {}
+        self._refused_since_event: dict[int, int] = {}
+        self._refused_event_at: dict[int, float] = {}
+        self._line_cache: dict[str, bytes] = {}  # event id -> its follow line (shared by followers)
         self._handlers: dict[str, Callable[..., Any]] = {
             "ping": self._ping,
             "status": self._status,
@@ -150,22 +162,125 @@ class ControlServer:
 
     async def run(self, agent: Agent) -> None:
         self._agent = agent
+        agent.metric_sources.append(self.metrics)
         self._prepare_path()
-        # limit: the StreamReader refuses a line longer than this (LimitOverrunError), so an endless
-        # request never grows the daemon's memory.
-        server = await asyncio.start_unix_server(
-            self._client, path=str(self.path), limit=self.config.max_request_bytes + 1
-        )
-        self._set_permissions()
-        log.info("control socket listening", path=str(self.path))
-        self.listening.set()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            async with server:
-                await asyncio.Future()  # until the agent's TaskGroup cancels us
+            listener.bind(str(self.path))
+            listener.listen(128)
+            listener.setblocking(False)
+            self._set_permissions()
+            log.info("control socket listening", path=str(self.path))
+            self.listening.set()
+            async with asyncio.TaskGroup() as tg:
+                await self._accept_loop(listener, tg)
         finally:
+            listener.close()
+            with contextlib.suppress(ValueError):
+                agent.metric_sources.remove(self.metrics)
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(self.path.lstat().st_mode):
                     self.path.unlink()
+
+    async def _accept_loop(self, listener: socket.socket, tg: asyncio.TaskGroup) -> None:
+        """Accept for ever. Out of file descriptors (EMFILE/ENFILE) or memory: one log line, then
+        back off (the pending connections wait in the kernel's backlog) until accepting works."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        starved = False
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as err:
+                # Out of descriptors or memory (or anything else accept() can say): never fatal.
+                self.accept_failures += 1
+                if not starved:
+                    starved = True
+                    level = log.error if err.errno in (errno.EMFILE, errno.ENFILE) else log.warning
+                    level("control socket cannot accept; backing off", error=str(err))
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            if starved:
+                starved = False
+                log.warning("control socket accepts again", failed_accepts=self.accept_failures)
+            backoff = 0.05
+            self._admit(conn, tg)
+
+    def _admit(self, conn: socket.socket, tg: asyncio.TaskGroup) -> None:
+        """Caps on connections, overall and per uid, checked before any task or buffer exists."""
+        try:
+            peer = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        cfg = self.config
+        per_uid = self._per_uid.get(peer.uid, 0)
+        if len(self._conns) >= cfg.max_connections or per_uid >= cfg.max_connections_per_uid:
+            self.rejected_connections += 1
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(p.encode(p.error("too many connections; try again later")))
+            conn.close()
+            return
+        self._per_uid[peer.uid] = per_uid + 1
+        self._conns.add(conn)
+        tg.create_task(self._connection(conn, peer), name=f"control[{peer.uid}:{peer.pid}]")
+
+    async def _connection(self, conn: socket.socket, peer: p.PeerCred) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                sock=conn, limit=self.config.max_request_bytes + 1
+            )
+        except OSError:
+            self._release(conn, peer)
+            conn.close()
+            return
+        try:
+            await self._client(reader, writer, peer)
+        except Exception:  # one connection's bug must not stop the accept loop
+            log.exception("control connection failed")
+        finally:
+            self._release(conn, peer)
+            await self._close(writer)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Hand over what is buffered (bounded in time), then close; a stalled client is cut off."""
+        if writer.transport.is_closing() or not writer.transport.get_write_buffer_size():
+            writer.transport.abort()
+            return
+        writer.close()
+        try:
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                await writer.wait_closed()
+        except (TimeoutError, OSError):
+            writer.transport.abort()
+
+    def _release(self, conn: socket.socket, peer: p.PeerCred) -> None:
+        if conn in self._conns:
+            self._conns.discard(conn)
+            left = self._per_uid.get(peer.uid, 1) - 1
+            if left > 0:
+                self._per_uid[peer.uid] = left
+            else:
+                self._per_uid.pop(peer.uid, None)
+
+    def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+        out: list[tuple[str, list[tuple[str, str]], float, str]] = [
+            ("podagent_control_connections", [], len(self._conns), "Open control socket connections."),
+            ("podagent_control_rejected_connections_total", [], self.rejected_connections,
+             "Connections closed at once: over the overall or per-uid cap."),
+            ("podagent_control_dropped_clients_total", [], self.dropped_clients,
+             "Connections dropped because the client did not read (write buffer over its limit)."),
+            ("podagent_control_accept_failures_total", [], self.accept_failures,
+             "accept() failures for lack of file descriptors or memory."),
+        ]  # fmt: skip
+        for uid, n in sorted(self._refused_total.items()):
+            out.append(
+                ("podagent_control_refused_total", [("uid", str(uid))], n,
+                 "Control requests refused (permission denied), by uid.")
+            )  # fmt: skip
+        return out
 
     def _prepare_path(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -193,12 +308,9 @@ class ControlServer:
         os.chmod(self.path, 0o660)
 
     # ------------------------------------------------------------------ connections
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            peer = peer_credentials(writer.get_extra_info("socket"))
-        except OSError:
-            writer.close()
-            return
+    async def _client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: p.PeerCred
+    ) -> None:
         try:
             while True:
                 try:
@@ -216,16 +328,29 @@ class ControlServer:
                     continue
                 if not await self._serve(line, peer, reader, writer):
                     break
-        except (ConnectionError, BrokenPipeError):
+        except (ConnectionError, BrokenPipeError, _ClientStalled):
             pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _reply(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
-        writer.write(p.encode(obj))
-        await writer.drain()
+        await self._send(writer, p.encode(obj))
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write without ever waiting long on a client: past the buffer limit it gets
+        ``drain_timeout_s`` to read, then it is dropped (_ClientStalled)."""
+        if writer.transport.is_closing():
+            raise _ClientStalled
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() <= self.config.max_write_buffer_bytes:
+            return
+        try:
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                await writer.drain()
+        except TimeoutError:
+            self.dropped_clients += 1
+            if self.dropped_clients == 1 or self.dropped_clients % 100 == 0:
+                log.warning("control client does not read; dropped", dropped_total=self.dropped_clients)
+            writer.transport.abort()
+            raise _ClientStalled from None
 
     async def _serve(
         self, line: bytes, peer: p.PeerCred, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -234,24 +359,22 @@ class ControlServer:
         agent = self._agent
         assert agent is not None
         try:
-            req = p.parse_request(line, max_bytes=self.config.max_request_bytes)
+            req = p.parse_request(
+                line, max_bytes=self.config.max_request_bytes, max_depth=self.config.max_json_depth
+            )
         except p.ProtocolError as err:
             await self._reply(writer, p.error(str(err)))
             return True
         user = user_name(peer.uid)
         if not p.authorize(req.op, peer, self.admin_gids()):
-            agent.events.emit(
-                "control_refused",
-                Severity.WARNING,
-                f"control: {req.op} refused for {user} (uid {peer.uid}): "
-                f"not root or in {self.config.admin_group}",
-                detail={"op": req.op, "uid": peer.uid, "user": user, "pid": peer.pid},
-            )
+            within_rate = self._refused(agent, req.op, peer, user)
             await self._reply(
                 writer,
-                p.error(f"permission denied: {req.op} needs root or membership of {self.config.admin_group}"),
+                p.error(f"permission denied: {req.op} needs root or membership of {self.config.admin_group}")
+                if within_rate
+                else p.error("permission denied, and too many refused requests: slow down"),
             )
-            return True
+            return within_rate  # past the rate: the connection is closed
         if isinstance(req, p.Follow):
             await self._follow(req, reader, writer)
             return False
@@ -278,6 +401,32 @@ class ControlServer:
             )  # fmt: skip
         await self._reply(writer, reply)
         return True
+
+    def _refused(self, agent: Agent, op: str, peer: p.PeerCred, user: str) -> bool:
+        """Count a refused request; one sampled ``control_refused`` event per uid and interval
+        carries the count (a flood is not a flood of audit records). False: over the uid's rate."""
+        cfg = self.config
+        uid = peer.uid
+        now = time.monotonic()
+        tokens, at = self._refused_tokens.get(uid, (float(cfg.refused_burst), now))
+        tokens = min(float(cfg.refused_burst), tokens + (now - at) * cfg.refused_per_s)
+        within = tokens >= 1.0
+        self._refused_tokens[uid] = (tokens - 1.0 if within else tokens, now)
+        self._refused_total[uid] = self._refused_total.get(uid, 0) + 1
+        self._refused_since_event[uid] = self._refused_since_event.get(uid, 0) + 1
+        last = self._refused_event_at.get(uid)
+        if last is None or now - last >= cfg.refused_event_interval_s:
+            count = self._refused_since_event.pop(uid)
+            self._refused_event_at[uid] = now
+            agent.events.emit(
+                "control_refused",
+                Severity.WARNING,
+                f"control: {op} refused for {user} (uid {uid}): not root or in {cfg.admin_group}"
+                + (f" ({count} refused since the last report)" if count > 1 else ""),
+                detail={"op": op, "uid": uid, "user": user, "pid": peer.pid, "count": count,
+                        "total": self._refused_total[uid]},
+            )  # fmt: skip
+        return within
 
     # ------------------------------------------------------------------ read ops
     def _ping(self, agent: Agent, _req: p.Ping, _by: str) -> dict[str, Any]:
@@ -416,8 +565,7 @@ class ControlServer:
         try:
             await self._reply(writer, p.ok(follow=True))
             for e in backlog:
-                writer.write(p.encode({"v": p.PROTOCOL_VERSION, "event": self._event_dict(agent, e)}))
-            await writer.drain()
+                await self._send(writer, self._follow_line(agent, e))
             while not hangup.done():
                 getter = asyncio.create_task(queue.get(), name="control-follow-get")
                 await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -425,14 +573,22 @@ class ControlServer:
                     getter.cancel()
                     break
                 if dropped:
-                    writer.write(p.encode({"v": p.PROTOCOL_VERSION, "dropped": dropped}))
+                    await self._send(writer, p.encode({"v": p.PROTOCOL_VERSION, "dropped": dropped}))
                     dropped = 0
-                await self._reply(
-                    writer, {"v": p.PROTOCOL_VERSION, "event": self._event_dict(agent, getter.result())}
-                )
+                await self._send(writer, self._follow_line(agent, getter.result()))
         finally:
             unsubscribe()
             hangup.cancel()
+
+    def _follow_line(self, agent: Agent, e: Event) -> bytes:
+        """An event's follow line, encoded once for all followers (acked_by read at encoding)."""
+        line = self._line_cache.get(e.id)
+        if line is None:
+            line = p.encode({"v": p.PROTOCOL_VERSION, "event": self._event_dict(agent, e)})
+            if len(self._line_cache) >= 4096:
+                self._line_cache.pop(next(iter(self._line_cache)))
+            self._line_cache[e.id] = line
+        return line
 
     # ------------------------------------------------------------------ changing ops
     def _ack(self, agent: Agent, req: p.Ack, by: str) -> dict[str, Any]:
@@ -511,6 +667,10 @@ class ControlServer:
         if not applied:
             raise _Refused(f"{agent.config_path} is invalid; kept the running config (podctl config check)")
         return p.ok(applied=True, reloads=agent.reloads)
+
+
+class _ClientStalled(Exception):
+    """The client stopped reading and its write buffer is full: the connection is dropped."""
 
 
 class _Refused(Exception):

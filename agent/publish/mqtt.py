@@ -37,7 +37,7 @@ from aiomqtt import Client, MqttCodeError, MqttError, ProtocolVersion, Will
 from agent import __version__
 from agent.aio import raise_if_cancelling
 from agent.config import AgentConfig
-from agent.events import Event
+from agent.events import Event, Severity
 from agent.model import Quality, Reading
 from agent.publish.commands import CommandHandler
 from agent.publish.mqtt_config import Deadband, MqttConfig
@@ -52,7 +52,27 @@ _REPLAY_CHUNK = 500
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False).encode()
+    """Everything the agent publishes goes through here, and it can never fail: a non-finite
+    number that got past every check (NaN, inf) becomes null, and is logged, rather than kill
+    the link on every publish (a ValueError from json.dumps, then a reconnect loop)."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False).encode()
+    except ValueError:
+        paths: list[str] = []
+        clean = _finite_only(obj, "", paths)
+        log.error("non-finite numbers in an outgoing message; published as null", fields=paths[:10])
+        return json.dumps(clean, separators=(",", ":"), default=str, allow_nan=False).encode()
+
+
+def _finite_only(value: Any, where: str, paths: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        paths.append(where or ".")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_only(v, f"{where}.{k}", paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_only(v, f"{where}[{i}]", paths) for i, v in enumerate(value)]
+    return value
 
 
 def mark_historical(payload: bytes) -> bytes:
@@ -104,6 +124,7 @@ class MqttService:
         self._pending: list[Reading] = []
         self._pending_events: list[bytes] = []
         self._event_wake = asyncio.Event()
+        self._next_flush_error_log = 0.0
         self._deadband_cache: dict[tuple[str, str], Deadband | None] = {}
         self._last_sent: dict[tuple[str, str], tuple[float | None, Quality]] = {}
         self._next_full_refresh = 0.0
@@ -154,6 +175,9 @@ class MqttService:
             "spool_bytes": spool.bytes if spool else 0,
             "dropped_telemetry": spool.dropped_messages if spool else 0,
             "dropped_samples": spool.dropped_samples if spool else 0,
+            "dropped_events": spool.dropped_events if spool else 0,
+            "spool_held": spool.held if spool else 0,
+            "spool_fault": spool.fault if spool else None,
             "messages_spooled": self.messages_spooled,
             "samples_spooled": self.samples_spooled,
             "published": self.published,
@@ -178,13 +202,23 @@ class MqttService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self, agent: Any) -> None:
         self.agent = agent
-        self.spool = Spool(self.spool_path, max_bytes=self.cfg.spool_max_bytes)
+        # Never raises for a disk fault (full, read-only, I/O error): it holds in memory and says so.
+        self.spool = Spool(
+            self.spool_path,
+            max_bytes=self.cfg.spool_max_bytes,
+            event_max_bytes=self.cfg.spool_event_max_bytes,
+            on_fault=self._on_spool_fault,
+        )
+        agent.metric_sources.append(self.metrics)
         self.commands = CommandHandler(
             agent,
             hmac_key=self.hmac_key,
             max_bytes=self.cfg.command_max_bytes,
             max_ttl_s=self.cfg.command_max_ttl_s,
             rebirth=self._rebirth.set,
+            budget_min_w=self.cfg.command_budget_min_w,
+            budget_max_w=self.config.power.site_limit_w or 1e8,
+            state_path=Path(self.config.paths.state_dir) / "commands.json",
         )
         agent.status_providers["mqtt"] = self.link_status
         unsubscribe = [agent.store.subscribe(self._on_readings), agent.events.subscribe(self._on_event)]
@@ -210,7 +244,48 @@ class MqttService:
                 self._flush(telemetry=True)  # what is pending survives in the spool
                 self._reap()
             self.spool.close()
+            with contextlib.suppress(Exception):
+                self.commands.close()
             agent.status_providers.pop("mqtt", None)
+            with contextlib.suppress(ValueError):
+                agent.metric_sources.remove(self.metrics)
+
+    def _on_spool_fault(self, error: str | None) -> None:
+        """The spool's disk refused writes (error) or takes them again (None): an event, once each."""
+        if self.agent is None:
+            return
+        where = str(self.spool_path)
+        if error is not None:
+            self.agent.events.emit(
+                "storage_fault",
+                Severity.WARNING,
+                f"mqtt spool: the disk refuses writes ({error}); holding messages in memory",
+                detail={"store": "spool", "path": where, "error": error},
+            )
+        else:
+            self.agent.events.emit(
+                "storage_recovered",
+                Severity.INFO,
+                "mqtt spool: the disk takes writes again",
+                detail={"store": "spool", "path": where},
+            )
+
+    def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+        spool = self.spool
+        if spool is None:
+            return []
+        store = [("store", "spool")]
+        return [
+            ("podagent_storage_fault", store, 1 if spool.faulty else 0,
+             "1 while a state-directory store cannot write (disk full, read-only, I/O error)."),
+            ("podagent_storage_faults_total", store, spool.faults, "Times a store's disk refused writes."),
+            ("podagent_spool_disk_bytes", [], spool.disk_bytes(),
+             "What the MQTT spool's files take on disk (database, WAL, journal)."),
+            ("podagent_spool_held_messages", [], spool.held,
+             "Messages held in memory because the spool's disk refused them."),
+            ("podagent_spool_dropped_events_total", [], spool.dropped_events,
+             "Events and command replies dropped from the spool past their allowance."),
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ flush: pending -> spool
     async def _flush_loop(self) -> None:
@@ -230,11 +305,15 @@ class MqttService:
                     waiter.cancel()
             self._event_wake.clear()
             now = loop.time()
-            if now >= next_t:
-                self._flush(telemetry=True)
+            full = now >= next_t
+            if full:
                 next_t = max(next_t + period, now + period / 10)
-            else:
-                self._flush(telemetry=False)
+            try:
+                self._flush(telemetry=full)
+            except Exception:  # a bug here must not take the agent (and its interlocks) down
+                if now >= self._next_flush_error_log:
+                    self._next_flush_error_log = now + 60.0
+                    log.exception("mqtt flush failed; going on")
 
     def _deadband(self, device: str, metric: str) -> Deadband | None:
         key = (device, metric)
@@ -459,6 +538,8 @@ class MqttService:
         self._reap()
         session = _Session(boundary=self.spool.max_id())
         session.queue = asyncio.Queue(maxsize=self.cfg.replay_window)
+        # What the disk refused sits in memory: it goes out with the live messages.
+        session.live.extend((m.id, m.topic, m.payload) for m in self.spool.held_messages())
         self._session = session
         if self._pending_events:
             self._event_wake.set()

@@ -60,11 +60,17 @@ class MqttConfig(Strict):
     state_min_interval_s: Annotated[float, Field(ge=0)] = 1.0  # retained `state` rate limit
     state_max_interval_s: Annotated[float, Field(gt=0)] = 60.0  # republished at least this often
     spool_path: Path | None = None  # default: {paths.state_dir}/mqtt-spool.sqlite
+    # The spool's bound on disk (database + WAL + journal); over it the oldest telemetry goes first.
     spool_max_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30  # 1 GiB
+    # Events and command replies have their own allowance inside the bound (default: a quarter).
+    spool_event_max_bytes: Annotated[int, Field(ge=1 << 12)] | None = None
     replay_window: Annotated[int, Field(ge=1, le=1000)] = 100  # publishes in flight
     command_hmac_key_file: Path | None = None  # when set, every command must carry a valid `sig`
     command_max_bytes: Annotated[int, Field(ge=256, le=1 << 20)] = 16384
     command_max_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # expires_at at most this far ahead
+    # set_power_budget below this is refused (a typo or a unit slip would starve the pod); above
+    # [power] site_limit_w (when set) too.
+    command_budget_min_w: Annotated[float, Field(ge=0)] = 1000.0
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
     drain_on_stop_s: Annotated[float, Field(ge=0)] = 2.0  # on a clean stop, wait this long for PUBACKs

@@ -49,9 +49,10 @@ class Topics:
         return f"{self.root}/telemetry/{segment(device)}"
 
     def command_name(self, topic: str) -> str | None:
-        """``{root}/cmd/poll_now`` -> ``poll_now``; None for anything else."""
+        """``{root}/cmd/poll_now`` -> ``poll_now``; ``{root}/cmd/`` -> ``""`` (``+`` matches an empty
+        level: it gets its ``unknown_command`` reply like any other name); None for anything else."""
         prefix = f"{self.root}/cmd/"
         if not topic.startswith(prefix):
             return None
         name = topic[len(prefix) :]
-        return name if name and "/" not in name else None
+        return name if "/" not in name else None
