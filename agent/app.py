@@ -17,9 +17,10 @@ from agent import __version__
 from agent.aio import tasks_with_lost_cancel
 from agent.audit import AuditLog
 from agent.budget import FleetBudget
-from agent.config import AgentConfig, ConfigError, ModbusDevice, SnmpDevice, load_config
+from agent.config import AgentConfig, ConfigError, load_config
 from agent.drivers.base import Driver, driver_class
 from agent.events import EventBus, Severity
+from agent.inventory import Inventory, build_inventory
 from agent.model import DeviceEvent
 from agent.poller import Poller
 from agent.sdnotify import Notifier, watchdog_interval_s
@@ -38,25 +39,29 @@ def build_driver(cfg: Any, *, event_sink: Any = None) -> Driver:
     return driver
 
 
-def pod_power_devices(config: AgentConfig) -> list[str]:
-    """The PDUs whose power adds up to the pod's (SNMP PDUs; Modbus meters would count twice)."""
-    return [
-        d.id
-        for d in config.device
-        if isinstance(d, SnmpDevice)
-        or (isinstance(d, ModbusDevice) and d.profile == "modbus-pdu" and d.pod_power)
-    ]
+def pod_power_devices(inventory: Inventory) -> list[str]:
+    """The devices whose power adds up to the pod's (SNMP PDUs; Modbus PDUs with pod_power: a
+    branch meter behind a counted PDU would count twice)."""
+    return list(inventory.pod_power)
 
 
-def loop_gpus(config: AgentConfig) -> dict[str, list[str]]:
-    return {d.id: list(d.gpus) for d in config.device if isinstance(d, ModbusDevice) and d.gpus}
+def loop_gpus(inventory: Inventory) -> dict[str, list[str]]:
+    """Cooling loop (CDU id) -> the GPUs it cools."""
+    return inventory.loop_gpus()
 
 
 class Agent:
     def __init__(
-        self, config: AgentConfig, *, config_path: Path | None = None, notifier: Notifier | None = None
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+        inventory: Inventory | None = None,
     ):
         self.config = config
+        # What every device is and what it connects (ConfigError if a profile is unusable).
+        self.inventory = inventory if inventory is not None else build_inventory(config)
         self.config_path = config_path
         self.store = StateStore()
         self.events = EventBus()
@@ -85,7 +90,7 @@ class Agent:
 
     def _apply_derivations(self) -> None:
         self.store.set_derivations(
-            pod_power_devices=pod_power_devices(self.config), loop_gpus=loop_gpus(self.config)
+            pod_power_devices=pod_power_devices(self.inventory), loop_gpus=loop_gpus(self.inventory)
         )
 
     # ------------------------------------------------------------------ devices

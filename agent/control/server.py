@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import AgentConfig, ModbusDevice
+from agent.config import AgentConfig
 from agent.control import protocol as p
 from agent.control.config import ControlConfig
 from agent.events import Event, Severity
@@ -290,11 +290,8 @@ class ControlServer:
         summary = agent.summary()
         cooling = []
         for cfg in agent.config.device:
-            if not isinstance(cfg, ModbusDevice):
-                continue
-            profile = cfg.profile.lower()
-            kind = "cdu" if "cdu" in profile else "chiller" if "chiller" in profile else None
-            if kind is None:
+            kind = agent.inventory.role(cfg.id)  # the profile's [device] kind
+            if kind not in ("cdu", "chiller"):
                 continue
             names = CDU_METRICS if kind == "cdu" else CHILLER_METRICS
             metrics = {}
