@@ -506,7 +506,8 @@ class ControlServer:
             raise _Refused("the daemon was started without a config file; nothing to reload")
         applied = await agent.reload()
         if not applied:
-            raise _Refused(f"{agent.config_path} is invalid; kept the running config (podctl config check)")
+            why = agent.last_reload_error or f"{agent.config_path} is invalid"
+            raise _Refused(f"reload refused (invalid config); the running config is kept:\n{why}")
         return p.ok(applied=True, reloads=agent.reloads)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -127,8 +128,7 @@ class InterlockService:
             if self.config.restore_defaults_on_stop:
                 await self._restore_defaults()
 
-    def _build_engine(self, agent: Agent) -> Engine:
-        store = agent.store
+    def _topology(self, agent: Agent, inventory: Inventory) -> Topology:
         gpus: list[str] = []
         stale: dict[str, float] = {}
         for poller in agent.pollers.values():
@@ -139,7 +139,26 @@ class InterlockService:
                     stale[g] = limit
             else:
                 stale[poller.cfg.id] = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
-        topo = topology_from_config(agent.inventory, gpus, stale)
+        return topology_from_config(inventory, gpus, stale)
+
+    def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
+        """A reload's new [interlocks] settings and topology (validated already): the next step
+        uses them; trips in progress stay (their clear conditions now use the new thresholds)."""
+        self.config = config.interlocks
+        if self.engine is not None and self.agent is not None:
+            topology = self._topology(self.agent, inventory)
+            # GPUs come from NVML discovery: a reload that restarted the NVML poller keeps the
+            # GPUs it had until that poller has polled again.
+            if not topology.gpus:
+                topology = dataclasses.replace(topology, gpus=self.engine.topology.gpus)
+            self.engine.reconfigure(self.config, topology)
+        self._full_next = True
+        self._wake.set()
+
+    def _build_engine(self, agent: Agent) -> Engine:
+        store = agent.store
+        topo = self._topology(agent, agent.inventory)
+        gpus = list(topo.gpus)
         initial = {}
         for g in gpus:
             limit_r, default_r = store.get(g, "power_limit_w"), store.get(g, "default_power_limit_w")

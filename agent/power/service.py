@@ -21,6 +21,7 @@ from agent.config import AgentConfig
 from agent.drivers.base import DriverError
 from agent.drivers.modbus import PointRole
 from agent.events import Severity
+from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
@@ -55,6 +56,12 @@ class PowerService:
         self.fleet_budget_w: float | None = None
         self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
+
+    def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
+        """A reload's new [power] settings (validated already); the next period uses them."""
+        del inventory  # the battery's points are looked up in agent.inventory at each write
+        self.config = config.power
+        self._written.clear()  # the battery (or its mode) may have changed: send everything again
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
