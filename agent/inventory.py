@@ -16,7 +16,8 @@ from agent.config import AgentConfig, ConfigError, ConfigProblem, ModbusDevice, 
 from agent.drivers.modbus import ModbusPoint, PointRole
 from agent.profiles import LoadedProfile, check_profile
 
-# Role of a device without a profile: its driver kind says what it is.
+# Role of a device without a profile: its driver kind says what it is (a kind not listed here,
+# e.g. a node agent, is its own role).
 _ROLE_OF_KIND = {"nvml": "gpu_host", "host": "host"}
 
 
@@ -114,7 +115,7 @@ def build_inventory(config: AgentConfig) -> Inventory:
             role = profile.kind
             gpus = tuple(dev.gpus)
         else:
-            role = _ROLE_OF_KIND[dev.kind]
+            role = _ROLE_OF_KIND.get(dev.kind, dev.kind)
             gpus = ()
         devices[dev.id] = DeviceEntry(dev.id, dev.kind, role, stale, profile, gpus)
         if isinstance(dev, ModbusDevice) and role == "cdu":

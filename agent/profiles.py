@@ -111,8 +111,8 @@ def _pydantic_problems(err: ValidationError, data: dict[str, object], file: str)
             else:
                 parts.append(("." if parts else "") + str(item))
         key = "".join(parts) or "(top level)"
-        if key in {"kind", "description", "word_order"}:
-            key = f"device.{key}"
+        if loc and loc[0] != "points":
+            key = f"device.{key}"  # [device] keys are merged into the model's top level
         if e["type"] == "extra_forbidden":
             valid: tuple[str, ...] = tuple(
                 ModbusPoint.model_fields if len(loc) >= 3 and loc[0] == "points" else _MODBUS_DEVICE
