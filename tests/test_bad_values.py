@@ -287,3 +287,33 @@ async def test_pod_nan_and_inf_fail_safe_end_to_end(pod: SimPod, tmp_path: Path)
             timeout=30,
             what="sensor_stale clears",
         )
+
+
+async def test_snmp_phase_current_past_the_physical_range_is_an_error() -> None:
+    """SNMP integers cannot be NaN, but a wrong map or a broken meter can read 6553.5 A: outside
+    apc-rpdu2's phase current valid_range, an ERROR reading with the reason."""
+    from agent.config import SnmpDevice
+    from agent.drivers.snmp import SnmpDriver
+    from hwsim.snmp_pdu import start_snmp_agent
+
+    phases = [PhaseState(i, voltage_v=230.0, current_a=10.0, power_w=2300.0) for i in (1, 2, 3)]
+    state = PduState(id="pdu-a", vendor="apc", model="sim", rating_a=32.0, phases=phases, outlets=[])
+    h = await start_snmp_agent(state, version="2c")
+    driver = SnmpDriver(
+        SnmpDevice(
+            id="pdu-a", kind="snmp", profile="apc-rpdu2", host="127.0.0.1", port=h.port, community="public"
+        )
+    )
+    await driver.open()
+    try:
+        first = {r.metric: r for r in await driver.poll()}
+        assert first["phase2_current_a"].quality is Quality.GOOD
+        state.phases[1].current_a = 6553.5
+        second = {r.metric: r for r in await driver.poll()}
+    finally:
+        await driver.close()
+        h.close()
+    r = second["phase2_current_a"]
+    assert r.value is None and r.quality is Quality.ERROR
+    assert "outside the physical range [0, 1000]" in (r.error or "")
+    assert second["phase1_current_a"].value == pytest.approx(10.0)

@@ -500,8 +500,8 @@ class NvmlDriver:
         dev = gpu.device
 
         def good(metric: str, value: float) -> None:
-            if (why := untrusted(value)) is not None:  # a NaN/Inf from a fake or a broken binding
-                bad(metric, why)
+            if not math.isfinite(value):  # a NaN/Inf from a fake or a broken binding: not a value
+                bad(metric, untrusted(value) or "not a finite number")
                 return
             out.append(Reading(dev, metric, value, unit_of(metric), ts_mono, ts_wall))
 

@@ -60,7 +60,7 @@ from agent.drivers.snmp_transport import (
     netsnmp_supports_v3,
     resolve,
 )
-from agent.drivers.values import untrusted
+from agent.drivers.values import isfinite, untrusted
 from agent.model import Quality, Reading, unit_of
 
 log = structlog.get_logger(__name__)
@@ -568,7 +568,11 @@ class SnmpDriver:
     def _reading(
         self, m: Metric, ch: int, value: float | None, *, mono: float, wall: float, error: str | None
     ) -> Reading:
-        if value is not None and (bad := untrusted(value, m.valid_range)) is not None:
+        if (
+            value is not None
+            and (m.valid_range is not None or not isfinite(value))  # the cheap test first: a hot path
+            and (bad := untrusted(value, m.valid_range)) is not None
+        ):
             value, error = None, bad
         return Reading(
             device=self.device_id,

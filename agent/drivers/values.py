@@ -11,6 +11,7 @@ reading (value None) with the reason, which the interlocks treat as a missing in
 from __future__ import annotations
 
 import math
+from math import isfinite
 
 ValidRange = tuple[float, float]
 
@@ -26,4 +27,4 @@ def untrusted(value: float, valid_range: ValidRange | None = None) -> str | None
     return None
 
 
-__all__ = ["ValidRange", "untrusted"]
+__all__ = ["ValidRange", "isfinite", "untrusted"]
