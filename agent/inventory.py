@@ -69,6 +69,12 @@ class Inventory:
         entry = self.devices.get(device)
         return None if entry is None else entry.stale_after_s
 
+    def gpus(self) -> list[str]:
+        """Every GPU the config names (on a loop or a feed), in natural order (gpu2 before gpu10).
+        The GPUs actually present are the NVML devices' discovery; this is what the wiring expects."""
+        named = {g for v in (*self.loops.values(), *self.pdus.values()) for g in v}
+        return sorted(named, key=_natural)
+
     def loop_gpus(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in self.loops.items()}
 
@@ -91,6 +97,12 @@ class Inventory:
         entry = self.devices.get(device)
         point = None if entry is None else entry.point_for_role(role)
         return None if point is None else point.metric
+
+
+def _natural(name: str) -> tuple[str, int]:
+    head = name.rstrip("0123456789")
+    tail = name[len(head) :]
+    return head, int(tail) if tail else -1
 
 
 def build_inventory(config: AgentConfig) -> Inventory:

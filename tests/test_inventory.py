@@ -87,6 +87,7 @@ def test_roles_come_from_the_profiles_kind_not_its_name(tmp_path: Path) -> None:
     assert dict(inv.min_flow_lpm) == {"loop-1": 12.0}
     assert pod_power_devices(inv) == ["pdu-1", "branch-1"]
     assert inv.stale_after_s("controller") == 15.0  # 3 polls of 5 s
+    assert inv.gpus() == ["gpu0", "gpu1"]
 
 
 def test_bits_enums_and_roles_are_profile_data(tmp_path: Path) -> None:
