@@ -72,6 +72,7 @@ class Agent:
         self.started_mono = time.monotonic()
         self.reloads = 0
         self.last_reload_error: str | None = None  # why the last reload was refused
+        self._reload_lock = asyncio.Lock()
         self.audit: AuditLog | None = None
         self.interlocks: Any = None  # InterlockService when running (agent.interlocks.service)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -130,14 +131,18 @@ class Agent:
         the file and key. Returns whether it was applied (``last_reload_error`` says why not)."""
         if self.config_path is None:
             return False
+        async with self._reload_lock:  # SIGHUP and podctl reload at once: one after the other
+            return await self._reload(self.config_path)
+
+    async def _reload(self, path: Path) -> bool:
         try:
-            new, inventory, drivers = self._prepare_reload(self.config_path)
+            new, inventory, drivers = self._prepare_reload(path)
         except ConfigError as err:
             self._reload_failed(err.render(), [p.model_dump() for p in err.problems], err.problems[0].file)
             return False
         except Exception as err:  # a bug in a loader or a constructor: still refused, never fatal
             log.exception("config reload crashed while preparing; keeping the running config")
-            self._reload_failed(f"{self.config_path}: {type(err).__name__}: {err}", [], None)
+            self._reload_failed(f"{path}: {type(err).__name__}: {err}", [], None)
             return False
         old_config, old_inventory = self.config, self.inventory
         changed = sorted(
