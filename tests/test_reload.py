@@ -140,3 +140,26 @@ async def test_a_reloaded_interlock_threshold_takes_effect(tiny_pod: SimPod, soc
         ran = await podctl(socket, "status", "--json")
         assert ran.rc == 0, ran
         assert json.loads(ran.out)["interlocks"]["config_hash"] == new_hash
+
+
+async def test_power_and_interlock_settings_reload_without_devices(sock_dir: Path) -> None:
+    """A reload that changes only [power] and [interlocks]: no device restarts, both services
+    run with the new settings (before, reload applied devices only)."""
+    from agent.power.service import build_service as power_service
+    from tests.test_podctl_support import host_only_config
+
+    path = host_only_config(sock_dir, extra="\n[power]\nenabled = true\nsite_limit_w = 50000.0\n")
+    config = load_config(path)
+    power = power_service(config)
+    interlocks = InterlockService(config.interlocks)
+    assert power is not None
+    async with running_agent(path, services=[power, interlocks]) as agent:
+        poller = agent.pollers["controller"]
+        text = path.read_text().replace("site_limit_w = 50000.0", "site_limit_w = 42000.0")
+        path.write_text(text + "\n[interlocks.gpu_overtemp]\ntrip_c = 70.0\nclear_c = 60.0\n")
+        assert await agent.reload()
+        assert power.config.site_limit_w == 42000.0
+        assert interlocks.config.gpu_overtemp.trip_c == 70.0
+        assert agent.pollers["controller"] is poller  # the device did not change: not restarted
+        reloaded = [e for e in agent.events.recent(limit=200) if e.kind == "config_reloaded"][-1]
+        assert reloaded.detail["changed_devices"] == [] and reloaded.detail["power_changed"] is True
