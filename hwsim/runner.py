@@ -255,7 +255,7 @@ class PodRunner:
 
     def _run_step(self, step: Step) -> None:
         if step.fault is not None:
-            self.inject(step.fault, step.device, clear=step.clear, value=step.value)
+            self.inject(step.fault, step.device, clear=step.clear, value=step.value, point=step.point)
         elif step.workload is not None:
             self.set_workload(step.workload, step.level)
 
