@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -17,9 +17,10 @@ from agent import __version__
 from agent.aio import tasks_with_lost_cancel
 from agent.audit import AuditLog
 from agent.budget import FleetBudget
-from agent.config import AgentConfig, ConfigError, ModbusDevice, SnmpDevice, load_config
+from agent.config import AgentConfig, ConfigError, ConfigProblem, load_config
 from agent.drivers.base import Driver, driver_class
 from agent.events import EventBus, Severity
+from agent.inventory import Inventory, build_inventory
 from agent.model import DeviceEvent
 from agent.poller import Poller
 from agent.sdnotify import Notifier, watchdog_interval_s
@@ -38,25 +39,29 @@ def build_driver(cfg: Any, *, event_sink: Any = None) -> Driver:
     return driver
 
 
-def pod_power_devices(config: AgentConfig) -> list[str]:
-    """The PDUs whose power adds up to the pod's (SNMP PDUs; Modbus meters would count twice)."""
-    return [
-        d.id
-        for d in config.device
-        if isinstance(d, SnmpDevice)
-        or (isinstance(d, ModbusDevice) and d.profile == "modbus-pdu" and d.pod_power)
-    ]
+def pod_power_devices(inventory: Inventory) -> list[str]:
+    """The devices whose power adds up to the pod's (SNMP PDUs; Modbus PDUs with pod_power: a
+    branch meter behind a counted PDU would count twice)."""
+    return list(inventory.pod_power)
 
 
-def loop_gpus(config: AgentConfig) -> dict[str, list[str]]:
-    return {d.id: list(d.gpus) for d in config.device if isinstance(d, ModbusDevice) and d.gpus}
+def loop_gpus(inventory: Inventory) -> dict[str, list[str]]:
+    """Cooling loop (CDU id) -> the GPUs it cools."""
+    return inventory.loop_gpus()
 
 
 class Agent:
     def __init__(
-        self, config: AgentConfig, *, config_path: Path | None = None, notifier: Notifier | None = None
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+        inventory: Inventory | None = None,
     ):
         self.config = config
+        # What every device is and what it connects (ConfigError if a profile is unusable).
+        self.inventory = inventory if inventory is not None else build_inventory(config)
         self.config_path = config_path
         self.store = StateStore()
         self.events = EventBus()
@@ -66,6 +71,8 @@ class Agent:
         self.ready = asyncio.Event()
         self.started_mono = time.monotonic()
         self.reloads = 0
+        self.last_reload_error: str | None = None  # why the last reload was refused
+        self._reload_lock = asyncio.Lock()
         self.audit: AuditLog | None = None
         self.interlocks: Any = None  # InterlockService when running (agent.interlocks.service)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -86,7 +93,7 @@ class Agent:
 
     def _apply_derivations(self) -> None:
         self.store.set_derivations(
-            pod_power_devices=pod_power_devices(self.config), loop_gpus=loop_gpus(self.config)
+            pod_power_devices=pod_power_devices(self.inventory), loop_gpus=loop_gpus(self.inventory)
         )
 
     # ------------------------------------------------------------------ devices
@@ -102,9 +109,10 @@ class Agent:
         message = f"{event.device}: {event.kind} " + " ".join(f"{k}={v}" for k, v in detail.items())
         self.events.emit(event.kind, Severity.WARNING, message, device=event.device, detail=detail)
 
-    def _start_poller(self, cfg: Any) -> None:
+    def _start_poller(self, cfg: Any, driver: Driver | None = None) -> None:
         assert self._tg is not None
-        driver = build_driver(cfg, event_sink=self.on_device_event)
+        if driver is None:
+            driver = build_driver(cfg, event_sink=self.on_device_event)
         poller = Poller(cfg, driver, self.store, self.events)
         self.pollers[cfg.id] = poller
         self._tasks[cfg.id] = self._spawn(poller.run(), f"poll[{cfg.id}]")
@@ -118,31 +126,108 @@ class Agent:
             await asyncio.wait({task}, timeout=30)
 
     async def reload(self) -> bool:
-        """Re-read the config file: apply it if valid (only changed devices restart), else keep the
-        old one. Returns whether it was applied."""
+        """Re-read the config file, transactionally: parse, validate and build every new driver
+        and service setting first; apply only when all of it succeeded (only changed devices
+        restart, one by one); otherwise change nothing and emit ``config_reload_failed`` naming
+        the file and key. Returns whether it was applied (``last_reload_error`` says why not)."""
         if self.config_path is None:
             return False
+        async with self._reload_lock:  # SIGHUP and podctl reload at once: one after the other
+            return await self._reload(self.config_path)
+
+    async def _reload(self, path: Path) -> bool:
         try:
-            new = load_config(self.config_path)
+            new, inventory, drivers = self._prepare_reload(path)
         except ConfigError as err:
-            log.error(
-                "config reload refused; keeping the running config", problems=[str(p) for p in err.problems]
-            )
+            self._reload_failed(err.render(), [p.model_dump() for p in err.problems], err.problems[0].file)
             return False
-        old = {d.id: d for d in self.config.device}
-        fresh = {d.id: d for d in new.device}
-        for dev_id, cfg in old.items():
-            if fresh.get(dev_id) != cfg:
-                await self._stop_poller(dev_id)
-        self.config = new
+        except Exception as err:  # a bug in a loader or a constructor: still refused, never fatal
+            log.exception("config reload crashed while preparing; keeping the running config")
+            self._reload_failed(f"{path}: {type(err).__name__}: {err}", [], None)
+            return False
+        old_config, old_inventory = self.config, self.inventory
+        changed = sorted(
+            dev_id
+            for dev_id in old_inventory.devices.keys() | inventory.devices.keys()
+            if _device_changed(dev_id, old_config, new, old_inventory, inventory)
+        )
+        # Apply: nothing below reads a file or can refuse.
+        self.config, self.inventory = new, inventory
         self._apply_derivations()
-        for dev_id, cfg in fresh.items():
-            if dev_id not in self.pollers:
-                self._start_poller(cfg)
+        fresh = new.devices_by_id()
+        for dev_id in changed:
+            await self._stop_poller(dev_id)
+            if dev_id in fresh:
+                self._start_poller(fresh[dev_id], drivers[dev_id])
+        for service in self._reconfigurable():
+            service.apply_config(new, inventory)
         self.reloads += 1
-        changed = sorted(k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k))
-        log.info("config reloaded", changed_devices=changed)
+        self.last_reload_error = None
+        restart = [
+            section
+            for section in ("paths", "logging", "prometheus", "mqtt", "control")
+            if getattr(old_config, section) != getattr(new, section)
+        ]
+        if old_config.interlocks.enabled != new.interlocks.enabled:
+            restart.append("interlocks.enabled")
+        if old_config.power.enabled != new.power.enabled:
+            restart.append("power.enabled")
+        from agent.interlocks.service import config_hash
+
+        detail = {
+            "file": str(self.config_path),
+            "changed_devices": changed,
+            "interlocks_changed": old_config.interlocks != new.interlocks,
+            "power_changed": old_config.power != new.power,
+            "interlock_config_hash": config_hash(new.interlocks),
+            "restart_needed_for": restart,
+        }
+        message = f"config reloaded from {self.config_path}: {len(changed)} device(s) restarted" + (
+            f"; {', '.join(restart)} take effect on restart" if restart else ""
+        )
+        self.events.emit("config_reloaded", Severity.INFO, message, detail=detail)
+        log.info("config reloaded", **detail)
         return True
+
+    def _prepare_reload(self, path: Path) -> tuple[AgentConfig, Inventory, dict[str, Driver]]:
+        """Everything a reload needs, built without touching what runs (raises on any problem)."""
+        new = load_config(path)
+        inventory = build_inventory(new)
+        drivers: dict[str, Driver] = {}
+        for i, cfg in enumerate(new.device):
+            if not _device_changed(cfg.id, self.config, new, self.inventory, inventory):
+                continue
+            try:
+                drivers[cfg.id] = build_driver(cfg, event_sink=self.on_device_event)
+            except (ValueError, OSError, TypeError, KeyError) as err:
+                problem = ConfigProblem(
+                    key=f"device[{i}](id={cfg.id})", message=f"cannot build its driver: {err}"
+                )
+                raise ConfigError(path, [problem]) from err
+        return new, inventory, drivers
+
+    def _reload_failed(self, text: str, problems: list[dict[str, Any]], file: str | None) -> None:
+        self.last_reload_error = text
+        first = problems[0] if problems else {}
+        self.events.emit(
+            "config_reload_failed",
+            Severity.WARNING,
+            f"config reload refused; keeping the running config: {text.splitlines()[-1]}",
+            detail={
+                "file": file or str(self.config_path),
+                "key": first.get("key"),
+                "problems": problems,
+            },
+        )
+        log.error("config reload refused; keeping the running config", problems=text.splitlines()[1:])
+
+    def _reconfigurable(self) -> list[Reconfigurable]:
+        """The running services that take new settings on reload (interlocks, power)."""
+        found: list[Reconfigurable] = []
+        for service in [self.interlocks, *self._extra_services]:
+            if isinstance(service, Reconfigurable) and service not in found:
+                found.append(service)
+        return found
 
     # ------------------------------------------------------------------ views and inputs
     def summary(self) -> dict[str, Any]:
@@ -308,3 +393,19 @@ class Agent:
 
 class _Shutdown(Exception):
     pass
+
+
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """A service that takes new settings from a reload (validated already; must not fail)."""
+
+    def apply_config(self, config: AgentConfig, inventory: Inventory) -> None: ...
+
+
+def _device_changed(
+    dev_id: str, old: AgentConfig, new: AgentConfig, old_inv: Inventory, new_inv: Inventory
+) -> bool:
+    """A device restarts on reload when its config or its profile changed (or it came or went)."""
+    return old.devices_by_id().get(dev_id) != new.devices_by_id().get(dev_id) or old_inv.devices.get(
+        dev_id
+    ) != new_inv.devices.get(dev_id)

@@ -16,11 +16,20 @@ from agent.config import AgentConfig, ConfigError, load_config
 DEFAULT_CONFIG = Path("/etc/podagent/podagent.toml")
 
 
-def check_config(path: Path) -> int:
+def _load(path: Path) -> AgentConfig | None:
+    """The config with every profile it names, or None after printing each problem on one line."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as err:
         print(err.render(), file=sys.stderr)
+    except Exception as err:  # a checker bug must still read as one line, never a traceback
+        print(f"{path}: cannot be checked: {type(err).__name__}: {err}", file=sys.stderr)
+    return None
+
+
+def check_config(path: Path) -> int:
+    config = _load(path)
+    if config is None:
         return 1
     kinds: dict[str, int] = {}
     for dev in config.device:
@@ -30,18 +39,24 @@ def check_config(path: Path) -> int:
     return 0
 
 
+EX_CONFIG = 78  # systemd's Restart=on-failure would loop on a bad file; the unit stops on 78
+
+
 def run(path: Path) -> int:
-    try:
-        config = load_config(path)
-    except ConfigError as err:
-        print(err.render(), file=sys.stderr)
+    config = _load(path)
+    if config is None:
         print("podagent: refusing to start with an invalid config", file=sys.stderr)
-        return 78  # EX_CONFIG: systemd's Restart=on-failure would loop; the unit stops on 78
+        return EX_CONFIG
     from agent.app import Agent
     from agent.logs import configure_logging
 
     configure_logging(config.logging.level, config.logging.format)
-    agent = Agent(config, config_path=path)
+    try:
+        agent = Agent(config, config_path=path)
+    except ConfigError as err:  # the files changed between the check and the build
+        print(err.render(), file=sys.stderr)
+        print("podagent: refusing to start with an invalid config", file=sys.stderr)
+        return EX_CONFIG
     for factory in _services():
         service = factory(config)
         if service is not None:
@@ -52,21 +67,15 @@ def run(path: Path) -> int:
 
 
 def _services() -> list[Callable[[AgentConfig], Any]]:
-    """Optional long-lived services (interlocks, MQTT, control socket), each built from the config."""
-    import importlib
+    """The long-lived services (interlocks, MQTT, control socket, power), each built from the
+    config. Imported directly: a service that cannot be imported is a broken install, and the
+    daemon must not start without its interlocks."""
+    from agent.control.server import build_service as control_service
+    from agent.interlocks.service import build_service as interlock_service
+    from agent.power.service import build_service as power_service
+    from agent.publish.mqtt import build_service as mqtt_service
 
-    found = []
-    for module, name in (
-        ("agent.interlocks.service", "build_service"),
-        ("agent.publish.mqtt", "build_service"),
-        ("agent.control.server", "build_service"),
-        ("agent.power.service", "build_service"),
-    ):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return found
+    return [interlock_service, mqtt_service, control_service, power_service]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ Secrets may come from files: any ``*_file`` key is read at load time into its si
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -79,6 +80,13 @@ class SnmpDevice(DeviceBase):
     # Which GPUs the PDU feeds at all (phase overcurrent caps these).
     gpus: list[str] = Field(default_factory=list)
     breaker_rating_a: float | None = Field(None, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected the PDU's host name or address, not an empty string")
+        return value
 
     @model_validator(mode="after")
     def _credentials(self) -> SnmpDevice:
@@ -204,11 +212,6 @@ class AgentConfig(Strict):
             if dev.id in seen:
                 raise ValueError(f"duplicate device id {dev.id!r}")
             seen.add(dev.id)
-        for dev in self.device:
-            if isinstance(dev, SnmpDevice | ModbusDevice) and not profile_path(dev.profile).is_file():
-                raise ValueError(
-                    f"device {dev.id!r}: no profile {dev.profile!r} (looked for {profile_path(dev.profile)})"
-                )
         return self
 
     def devices_by_id(self) -> dict[str, AnyDevice]:
@@ -218,6 +221,8 @@ class AgentConfig(Strict):
 class ConfigProblem(Strict):
     key: str
     message: str
+    # The file the problem is in when it is not the config file itself (a profile).
+    file: str | None = None
 
 
 class ConfigError(Exception):
@@ -230,7 +235,7 @@ class ConfigError(Exception):
 
     def render(self) -> str:
         lines = [f"{self.path}: {len(self.problems)} problem(s)"]
-        lines += [f"{self.path}: {p.key}: {p.message}" for p in self.problems]
+        lines += [f"{p.file or self.path}: {p.key}: {p.message}" for p in self.problems]
         return "\n".join(lines)
 
 
@@ -238,8 +243,10 @@ def _key_path(loc: tuple[int | str, ...], data: object) -> str:
     """pydantic's loc -> a TOML key path a person recognises: device[2].port (device id "pdu-1")."""
     parts: list[str] = []
     node = data
+    after_index = False
     for item in loc:
         if isinstance(item, int):
+            after_index = True
             label = f"[{item}]"
             if isinstance(node, list) and 0 <= item < len(node):
                 node = node[item]
@@ -247,17 +254,59 @@ def _key_path(loc: tuple[int | str, ...], data: object) -> str:
                     label = f"[{item}](id={node['id']})"
             parts.append(label)
             continue
-        if item in ("nvml", "snmp", "modbus", "host") and parts and parts[-1].startswith("["):
+        if after_index and item in ("nvml", "snmp", "modbus", "host") and parts[-1].startswith("["):
+            after_index = False
             continue  # the discriminated-union tag pydantic inserts: not a key in the file
+        after_index = False
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts) or "(top level)"
+
+
+_DEVICE_MODELS: dict[str, type[BaseModel]] = {
+    "nvml": NvmlDevice,
+    "snmp": SnmpDevice,
+    "modbus": ModbusDevice,
+    "host": HostDevice,
+}
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _valid_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the config model accepts where pydantic found an unknown one."""
+    model: type[BaseModel] | None = AgentConfig
+    for item in loc[:-1]:
+        if model is None:
+            return []
+        if isinstance(item, int):
+            continue
+        if item in _DEVICE_MODELS and model is NvmlDevice:
+            model = _DEVICE_MODELS[item]
+            continue
+        field = model.model_fields.get(item)
+        model = None if field is None else _model_in(field.annotation)
+    return [] if model is None else list(model.model_fields)
 
 
 def _message(err: dict[str, object]) -> str:
     msg = str(err.get("msg", "invalid"))
     kind = err.get("type")
     if kind == "extra_forbidden":
+        loc = err.get("loc")
+        valid = _valid_keys(tuple(loc)) if isinstance(loc, tuple | list) else []
+        bad = str(loc[-1]) if isinstance(loc, tuple | list) and loc else ""
+        close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key (did you mean {close[0]!r}?)"
         return "unknown key (a typo? see config/example.toml)"
     if kind == "missing":
         return "required key is missing"
@@ -290,24 +339,42 @@ def parse_config(data: dict[str, object], path: Path | str = "<config>") -> Agen
             ConfigProblem(key=_key_path(tuple(e["loc"]), data), message=_message(dict(e)))
             for e in err.errors()
         ]
-        raise ConfigError(path, problems) from err
+        raise ConfigError(path, problems) from None
 
 
 def load_config(path: Path | str) -> AgentConfig:
+    """Read, validate and cross-check the config and every profile it names; ``ConfigError``
+    lists every problem (file, key path, what was expected). Never raises anything else for a
+    bad file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(
             path, [ConfigProblem(key="(file)", message=f"cannot read: {err.strerror}")]
         ) from err
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        message = f"byte 0x{raw[err.start]:02x} at line {line} is not UTF-8 (TOML files are UTF-8)"
+        raise ConfigError(path, [ConfigProblem(key="(encoding)", message=message)]) from None
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(path, [ConfigProblem(key="(syntax)", message=f"not valid TOML: {err}")]) from err
+        raise ConfigError(path, [ConfigProblem(key="(syntax)", message=f"not valid TOML: {err}")]) from None
     _inline_secrets(data, path.parent)
-    config = parse_config(data, path)
+    # Profiles and the cross-checks between devices need the drivers' profile loaders (which
+    # import this module): imported here, not at the top.
+    from agent.validate import check_loaded, check_profiles_of
+
+    try:
+        config = parse_config(data, path)
+    except ConfigError as err:
+        # Still check the profiles the file names: every problem at once, not one file per run.
+        raise ConfigError(path, err.problems + check_profiles_of(data)) from None
     problems = _check_secret_files(config)
+    problems += check_loaded(config)
     if problems:
         raise ConfigError(path, problems)
     return config

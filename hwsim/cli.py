@@ -117,6 +117,20 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault_value(name: str, text: str) -> float | str:
+    """--value as the fault takes it: a number (an int where it is one), or bad-value's words."""
+    if name == "bad-value":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise PodSpecError(f"fault {name}: --value must be a number (got {text!r})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hwsim", description="A simulated pod speaking SNMP, Modbus and NVML."
@@ -136,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     fault.add_argument("name", choices=sorted(FAULTS), metavar="NAME", help=", ".join(FAULTS))
     fault.add_argument("--device", help="device id (default: the first the fault applies to)")
     fault.add_argument("--clear", action="store_true")
-    fault.add_argument("--value", type=int, help="for xid: the XID number")
+    fault.add_argument(
+        "--value",
+        help="xid: the XID number; snmp-slow: seconds; battery-fault: the bitmask;"
+        " bad-value: nan, inf, -inf, garbage or a number",
+    )
+    fault.add_argument("--point", help="bad-value: the profile point (metric) to corrupt, e.g. supply_temp_c")
     fault.add_argument("--manifest")
 
     status = sub.add_parser("status", help="what a running pod is doing")
@@ -177,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 "clear": args.clear,
             }
             if args.value is not None:
-                request["value"] = args.value
+                request["value"] = _fault_value(args.name, args.value)
+            if args.point is not None:
+                request["point"] = args.point
         elif args.command == "workload":
             request = {"cmd": "workload", "profile": args.profile, "level": args.level}
         else:

@@ -24,6 +24,8 @@ FAULTS: dict[str, str] = {
     "modbus-timeout": "the Modbus unit stops answering",
     "gpu-lost": "the GPU falls off the bus: NVML answers NVML_ERROR_GPU_IS_LOST",
     "xid": "the GPU reports an XID error (--value N, default 79); not a lasting fault",
+    "bad-value": "one Modbus point serves an untrustworthy value instead of the state's (--point METRIC"
+    " --value nan|inf|-inf|garbage|NUMBER); --clear without --point clears every point of the unit",
     "battery-fault": "the BMS reports a fault (--value bitmask, default 1: over-temperature); its"
     " contactor opens: no charge or discharge until cleared",
 }
@@ -42,7 +44,13 @@ class FaultResult:
 
 
 def apply_fault(
-    physics: Physics, name: str, device: str | None, *, clear: bool, value: int | None = None
+    physics: Physics,
+    name: str,
+    device: str | None,
+    *,
+    clear: bool,
+    value: float | str | None = None,
+    point: str | None = None,
 ) -> FaultResult:
     """Inject (or clear) a fault. ``device`` None picks the first device the fault applies to."""
     if name not in FAULTS:
@@ -91,7 +99,7 @@ def apply_fault(
             elif name == "gpu-lost":
                 st.gpus[idx].lost = on
             elif on:
-                physics.add_xid(idx, value if value is not None else 79)
+                physics.add_xid(idx, int(value) if isinstance(value, int | float) else 79)
     elif name in ("pdu-overload", "snmp-timeout", "snmp-slow"):
         ids = [p.id for p in st.pdus if (p.vendor != "modbus" or name == "pdu-overload")]
         if name == "pdu-overload":
@@ -103,7 +111,9 @@ def apply_fault(
             if name == "snmp-timeout":
                 pdu.unresponsive = on
             elif name == "snmp-slow":
-                pdu.response_delay_s = float(value if value is not None else 5) if on else 0.0
+                pdu.response_delay_s = (
+                    (float(value) if isinstance(value, int | float) else 5.0) if on else 0.0
+                )
             else:
                 (physics.overloaded_pdus.add if on else physics.overloaded_pdus.discard)(dev)
     elif name == "battery-fault":
@@ -112,8 +122,8 @@ def apply_fault(
         assert bat is not None
 
         def action() -> None:
-            bat.faults = (value if value is not None else BMS_FAULT_OVERTEMP) if on else 0
-    else:  # modbus-exception, modbus-timeout
+            bat.faults = (int(value) if isinstance(value, int | float) else BMS_FAULT_OVERTEMP) if on else 0
+    else:  # modbus-exception, modbus-timeout, bad-value
         units: dict[str, object] = {c.id: c for c in st.cdus}
         units.update({c.id: c for c in st.chillers})
         units.update({p.id: p for p in st.pdus if p.vendor == "modbus"})
@@ -123,9 +133,32 @@ def apply_fault(
             units[st.site_meter.id] = st.site_meter
         dev = pick(list(units), "Modbus unit")
         unit = units[dev]
+        if name == "bad-value":
+            return _bad_value(unit, dev, point, value, clear=clear)
 
         def action() -> None:
             setattr(unit, "busy" if name == "modbus-exception" else "unresponsive", on)
 
     action()
     return FaultResult(name=name, device=dev, active=on and name != "xid", description=FAULTS[name])
+
+
+def _bad_value(unit: object, dev: str, point: str | None, value: object, *, clear: bool) -> FaultResult:
+    from hwsim.modbus_codec import parse_bad_value
+
+    bad: dict[str, float | str] = getattr(unit, "bad_values")  # noqa: B009 - every Modbus state has it
+    if clear:
+        if point is None:
+            bad.clear()
+        else:
+            bad.pop(point, None)
+        return FaultResult("bad-value", dev, bool(bad), FAULTS["bad-value"])
+    if not point:
+        raise FaultError("fault bad-value needs --point METRIC (the profile point to corrupt)")
+    if not hasattr(unit, point) and not point.startswith(("phase", "outlet")):
+        raise FaultError(f"fault bad-value: {dev} serves no point {point!r}")
+    try:
+        bad[point] = parse_bad_value(value)
+    except ValueError as err:
+        raise FaultError(str(err)) from None
+    return FaultResult("bad-value", dev, True, FAULTS["bad-value"])

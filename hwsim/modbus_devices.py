@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,7 +40,8 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from agent.drivers.modbus import ModbusPoint, ModbusProfile, decode_value, encode_value, load_profile
+from agent.drivers.modbus import ModbusPoint, ModbusProfile, load_profile
+from hwsim.modbus_codec import decode, encode
 from hwsim.state import CduState, ChillerState, PduState
 
 log = structlog.get_logger(__name__)
@@ -54,13 +54,6 @@ WordOrder = Literal["big", "little"]
 _FC_TABLE: dict[int, str] = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 4: "input"}
 _FC_TABLE.update(dict.fromkeys((3, 6, 16, 22, 23), "holding"))
 
-_RAW_RANGE: dict[str, tuple[float, float]] = {
-    "int16": (-(2**15), 2**15 - 1),
-    "uint16": (0, 2**16 - 1),
-    "int32": (-(2**31), 2**31 - 1),
-    "uint32": (0, 2**32 - 1),
-    "float32": (-3.4e38, 3.4e38),
-}
 
 _PHASE = re.compile(r"^phase(\d+)_(.+)$")
 _OUTLET = re.compile(r"^outlet(\d+)_(.+)$")
@@ -131,14 +124,10 @@ class _UnitImage:
 
     def _encode(self, mapped: _Mapped) -> list[int]:
         point = mapped.point
-        value = mapped.get()
-        try:
-            return encode_value(point, value, self.word_order)
-        except (ValueError, OverflowError):
-            # The physics went past what the register can hold: saturate, as meters do.
-            lo, hi = _RAW_RANGE.get(point.type, (0, 0))
-            raw = min(max(value / point.scale, lo), hi) if not math.isnan(value) else 0.0
-            return encode_value(point, raw * point.scale, self.word_order)
+        # Fault bad-value: this point serves NaN / Inf / a number / garbage instead of the state.
+        bad = self.state.bad_values.get(point.metric)
+        value: float | str = bad if bad is not None else mapped.get()
+        return encode(point.type, point.scale, value, self.word_order)
 
     def read(self, table: str, address: int, count: int) -> list[int] | list[bool] | ExcCodes:
         out: list[int] = []
@@ -169,7 +158,8 @@ class _UnitImage:
             width = mapped.point.width
             if i + width > len(words):
                 return ExcCodes.ILLEGAL_ADDRESS
-            updates.append((mapped, decode_value(mapped.point, words[i : i + width], self.word_order)))
+            point = mapped.point
+            updates.append((mapped, decode(point.type, point.scale, words[i : i + width], self.word_order)))
             i += width
         for mapped, value in updates:
             assert mapped.set is not None

@@ -255,15 +255,21 @@ class PodRunner:
 
     def _run_step(self, step: Step) -> None:
         if step.fault is not None:
-            self.inject(step.fault, step.device, clear=step.clear, value=step.value)
+            self.inject(step.fault, step.device, clear=step.clear, value=step.value, point=step.point)
         elif step.workload is not None:
             self.set_workload(step.workload, step.level)
 
     # ------------------------------------------------------------------ commands
     def inject(
-        self, name: str, device: str | None, *, clear: bool, value: int | None = None
+        self,
+        name: str,
+        device: str | None,
+        *,
+        clear: bool,
+        value: float | str | None = None,
+        point: str | None = None,
     ) -> dict[str, Any]:
-        result = apply_fault(self.physics, name, device, clear=clear, value=value)
+        result = apply_fault(self.physics, name, device, clear=clear, value=value, point=point)
         key = (result.name, result.device)
         if result.active:
             self.faults[key] = self.physics.state.sim_time_s
@@ -309,6 +315,7 @@ class PodRunner:
                     request.get("device"),
                     clear=bool(request.get("clear", False)),
                     value=request.get("value"),
+                    point=request.get("point"),
                 ),
             }
         if cmd == "workload":

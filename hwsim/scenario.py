@@ -33,7 +33,9 @@ class Step(BaseModel):
     fault: str | None = None
     device: str | None = None
     clear: bool = False
-    value: int | None = None
+    # A number for most faults; bad-value also takes "nan", "inf", "-inf", "garbage".
+    value: int | float | str | None = None
+    point: str | None = None  # bad-value: the profile point to corrupt
     workload: Literal["training", "synchronized", "steady", "idle"] | None = None
     level: float | None = Field(None, ge=0, le=1.2)
 

@@ -93,6 +93,9 @@ class PduState:
     energy_wh: float = 0.0
     # Faults: an agent that never answers (snmp-timeout), a Modbus unit answering "busy".
     unresponsive: bool = False
+    # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
+    # "garbage"); see hwsim/modbus_codec.py.
+    bad_values: dict[str, float | str] = field(default_factory=dict)
     busy: bool = False
     response_delay_s: float = 0.0  # fault snmp-slow: every answer comes this late
 
@@ -135,6 +138,9 @@ class CduState:
     alarms: int = 0
     busy: bool = False  # fault modbus-exception: every request answered with exception 6
     unresponsive: bool = False
+    # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
+    # "garbage"); see hwsim/modbus_codec.py.
+    bad_values: dict[str, float | str] = field(default_factory=dict)
 
     SETPOINT_RANGE = (15.0, 45.0)
 
@@ -173,6 +179,9 @@ class ChillerState:
     alarms: int = 0
     busy: bool = False
     unresponsive: bool = False
+    # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
+    # "garbage"); see hwsim/modbus_codec.py.
+    bad_values: dict[str, float | str] = field(default_factory=dict)
     power_w: float = 0.0  # electrical input (compressor + fans): part of the site's auxiliary load
 
     SETPOINT_RANGE = (10.0, 30.0)
@@ -221,6 +230,9 @@ class BatteryState:
     energy_discharged_wh: float = 0.0
     busy: bool = False
     unresponsive: bool = False
+    # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
+    # "garbage"); see hwsim/modbus_codec.py.
+    bad_values: dict[str, float | str] = field(default_factory=dict)
 
     def set_power_setpoint_w(self, watts: float) -> None:
         if not -self.rated_charge_w <= watts <= self.rated_discharge_w:
@@ -250,6 +262,9 @@ class SiteMeterState:
     energy_export_wh: float = 0.0
     busy: bool = False
     unresponsive: bool = False
+    # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
+    # "garbage"); see hwsim/modbus_codec.py.
+    bad_values: dict[str, float | str] = field(default_factory=dict)
 
 
 @dataclass

@@ -81,7 +81,7 @@ BROKEN = [
     (
         "bad profile",
         lambda t: t.replace('profile = "apc-rpdu2"', 'profile = "apc-rpdu9"'),
-        "(top level)",
+        "device[1](id=pdu-1).profile",
         "no profile 'apc-rpdu9'",
     ),
     (

@@ -275,11 +275,15 @@ async def test_word_order_override(served: list[ModbusHandle]) -> None:
         good = {r.metric: r.value for r in await right.poll()}
         assert good["flow_lpm"] == pytest.approx(7123.4)
         assert good["heat_removed_kw"] == pytest.approx(42.5)
-        bad = {r.metric: r.value for r in await wrong.poll()}
-        # 71234 = 0x0001_1642: swapped words read as 0x1642_0001 tenths.
-        assert bad["flow_lpm"] == pytest.approx(0x16420001 / 10)
-        assert bad["heat_removed_kw"] != pytest.approx(42.5)
-        assert bad["supply_temp_c"] == pytest.approx(31.4)  # 16-bit values do not care
+        bad = {r.metric: r for r in await wrong.poll()}
+        # 71234 = 0x0001_1642: swapped words read as 0x1642_0001 tenths (37 million L/min): past
+        # the profile's physical range, so the wrong map shows as an ERROR, not as a flow.
+        assert bad["flow_lpm"].value is None and "physical range" in (bad["flow_lpm"].error or "")
+        assert {p.metric: p.value for p in await wrong.poll_raw()}["flow_lpm"] == pytest.approx(
+            0x16420001 / 10
+        )
+        assert bad["heat_removed_kw"].value != pytest.approx(42.5)
+        assert bad["supply_temp_c"].value == pytest.approx(31.4)  # 16-bit values do not care
         raw = {p.metric: p.raw for p in await right.poll_raw()}
         assert raw["flow_lpm"] == [0x1642, 0x0001]
         assert raw["supply_temp_c"] == [314]

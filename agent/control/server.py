@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import AgentConfig, ModbusDevice
+from agent.config import AgentConfig
 from agent.control import protocol as p
 from agent.control.config import ControlConfig
 from agent.events import Event, Severity
@@ -439,11 +439,8 @@ class ControlServer:
         summary = agent.summary()
         cooling = []
         for cfg in agent.config.device:
-            if not isinstance(cfg, ModbusDevice):
-                continue
-            profile = cfg.profile.lower()
-            kind = "cdu" if "cdu" in profile else "chiller" if "chiller" in profile else None
-            if kind is None:
+            kind = agent.inventory.role(cfg.id)  # the profile's [device] kind
+            if kind not in ("cdu", "chiller"):
                 continue
             names = CDU_METRICS if kind == "cdu" else CHILLER_METRICS
             metrics = {}
@@ -665,7 +662,8 @@ class ControlServer:
             raise _Refused("the daemon was started without a config file; nothing to reload")
         applied = await agent.reload()
         if not applied:
-            raise _Refused(f"{agent.config_path} is invalid; kept the running config (podctl config check)")
+            why = agent.last_reload_error or f"{agent.config_path} is invalid"
+            raise _Refused(f"reload refused (invalid config); the running config is kept:\n{why}")
         return p.ok(applied=True, reloads=agent.reloads)
 
 

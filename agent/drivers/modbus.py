@@ -35,6 +35,7 @@ from pymodbus.pdu import ModbusPDU
 
 from agent.config import ModbusDevice, profile_path
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, register
+from agent.drivers.values import untrusted
 from agent.model import Quality, Reading, unit_of
 
 log = structlog.get_logger(__name__)
@@ -42,6 +43,9 @@ log = structlog.get_logger(__name__)
 Table = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["int16", "uint16", "int32", "uint32", "float32", "bool"]
 WordOrder = Literal["big", "little"]
+# setpoint: the supply temperature setpoint (interlocks lower it); pump_speed: the pump command;
+# power_setpoint / grid_target / mode: a battery inverter's commands (the power controller).
+PointRole = Literal["setpoint", "pump_speed", "power_setpoint", "grid_target", "mode"]
 _Client = AsyncModbusTcpClient | AsyncModbusSerialClient
 
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete"})
@@ -90,6 +94,15 @@ class ModbusPoint(_ProfileModel):
     min: float | None = None
     max: float | None = None
     description: str = ""
+    # What a writable point is for, so services find it by role, not by metric name.
+    role: PointRole | None = None
+    # The physical range of a reading, in engineering units: a value outside it (a sensor
+    # absent, a wrong map) is an ERROR reading, never a number.
+    valid_range: tuple[float, float] | None = None
+    # A bitmask's named bits ({ 0 = "pump fault", ... }: bit number -> name) and an enumeration's
+    # named values ({ 0 = "power_setpoint", 1 = "grid_target" }: raw value -> name).
+    bits: dict[int, str] = Field(default_factory=dict)
+    enum: dict[int, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModbusPoint:
@@ -104,7 +117,25 @@ class ModbusPoint(_ProfileModel):
             raise ValueError(f"{self.metric}: runs past address 65535")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"{self.metric}: min > max")
+        if self.role is not None and not self.writable:
+            raise ValueError(f"{self.metric}: a role is for writable points (writable = true)")
+        if self.valid_range is not None:
+            lo, hi = self.valid_range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"{self.metric}: valid_range must be [low, high] with low < high")
+        if any(not 0 <= bit < 16 * self.width for bit in self.bits):
+            raise ValueError(f"{self.metric}: bits are numbered 0..{16 * self.width - 1}")
         return self
+
+    def bit_names(self, raw: int) -> list[str]:
+        """The names of the bits set in ``raw`` (unnamed bits as hex)."""
+        names = [name for bit, name in sorted(self.bits.items()) if raw >> bit & 1]
+        unnamed = raw & ~sum(1 << b for b in self.bits)
+        return names + ([f"0x{unnamed:x}"] if unnamed else [])
+
+    def enum_value(self, name: str) -> int | None:
+        """The raw value of an enumeration's named value (None: the profile names no such value)."""
+        return next((raw for raw, n in self.enum.items() if n == name), None)
 
     @property
     def width(self) -> int:
@@ -130,7 +161,12 @@ class ModbusProfile(_ProfileModel):
     def _unique(self) -> ModbusProfile:
         seen: set[str] = set()
         used: dict[tuple[str, int], str] = {}
+        roles: set[str] = set()
         for point in self.points:
+            if point.role is not None:
+                if point.role in roles:
+                    raise ValueError(f"role {point.role} given to two points")
+                roles.add(point.role)
             if point.metric in seen:
                 raise ValueError(f"metric {point.metric} mapped twice")
             seen.add(point.metric)
@@ -146,12 +182,15 @@ class ModbusProfile(_ProfileModel):
                 return point
         raise KeyError(metric)
 
+    def point_for_role(self, role: PointRole) -> ModbusPoint | None:
+        return next((p for p in self.points if p.role == role), None)
+
 
 @lru_cache(maxsize=64)
-def _load_profile_file(path: Path) -> ModbusProfile:
+def _load_profile_file(path: Path, _stamp: tuple[int, int]) -> ModbusProfile:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ValueError(f"Modbus profile {path}: {err}") from err
     device = data.get("device", {})
     try:
@@ -161,8 +200,16 @@ def _load_profile_file(path: Path) -> ModbusProfile:
 
 
 def load_profile(name: str) -> ModbusProfile:
-    """``generic-cdu`` -> the parsed, validated ``config/profiles/generic-cdu.toml``."""
-    return _load_profile_file(profile_path(name).resolve())
+    """``generic-cdu`` -> the parsed, validated ``config/profiles/generic-cdu.toml``.
+
+    Cached per file version (mtime, size): a reload after an edit reads the edited file."""
+    path = profile_path(name).resolve()
+    try:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (0, 0)
+    return _load_profile_file(path, stamp)
 
 
 # ------------------------------------------------------------------------------ encode / decode
@@ -414,17 +461,20 @@ class ModbusDriver:
                 failed(block, err)
                 continue
             good += 1
-            readings.extend(
-                Reading(
-                    device=self.device_id,
-                    metric=point.metric,
-                    value=value,
-                    unit=point.unit_name,
-                    ts_mono=now_mono,
-                    ts_wall=now_wall,
+            for point, value in self._decode_block(block, words):
+                bad = untrusted(value, point.valid_range)
+                readings.append(
+                    Reading(
+                        device=self.device_id,
+                        metric=point.metric,
+                        value=None if bad else value,
+                        unit=point.unit_name,
+                        ts_mono=now_mono,
+                        ts_wall=now_wall,
+                        quality=Quality.ERROR if bad else Quality.GOOD,
+                        error=bad,
+                    )
                 )
-                for point, value in self._decode_block(block, words)
-            )
         if not good and errors:
             self._mark(available=False, reason=errors[0].reason)
             raise errors[0]

@@ -33,6 +33,7 @@ import structlog
 
 from agent.config import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
+from agent.drivers.values import untrusted
 from agent.model import DeviceEvent, Quality, Reading, unit_of
 
 log = structlog.get_logger(__name__)
@@ -586,6 +587,9 @@ class NvmlDriver:
         dev = gpu.device
 
         def good(metric: str, value: float) -> None:
+            if not math.isfinite(value):  # a NaN/Inf from a fake or a broken binding: not a value
+                bad(metric, untrusted(value) or "not a finite number")
+                return
             out.append(Reading(dev, metric, value, unit_of(metric), ts_mono, ts_wall))
 
         def bad(metric: str, error: str) -> None:

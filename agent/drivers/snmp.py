@@ -60,6 +60,7 @@ from agent.drivers.snmp_transport import (
     netsnmp_supports_v3,
     resolve,
 )
+from agent.drivers.values import isfinite, untrusted
 from agent.model import Quality, Reading, unit_of
 
 log = structlog.get_logger(__name__)
@@ -100,6 +101,7 @@ class Metric:
     digits: tuple[str, int] | None = None  # (table, column) holding decimal digits, same index
     value_map: dict[int, float] | None = None
     optional: bool = False  # absent on some firmware: no reading rather than an ERROR one
+    valid_range: tuple[float, float] | None = None  # physical range; outside: an ERROR reading
 
     def match(self, index: Oid) -> int | None:
         """The channel if ``index`` fits this metric's pattern (0 when it has no channel), else None."""
@@ -165,6 +167,19 @@ def _index(raw: object, where: str, *, need_channel: bool) -> tuple[int | None, 
     if need_channel and out.count(None) != 1:
         raise ProfileError(f'{where}.index: needs exactly one "n"')
     return tuple(out)
+
+
+def _valid_range(raw: object, where: str) -> tuple[float, float] | None:
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in raw)
+        or not raw[0] < raw[1]
+    ):
+        raise ProfileError(f"{where}.valid_range: expected [low, high] with low < high")
+    return float(raw[0]), float(raw[1])
 
 
 def load_profile(name: str) -> SnmpProfile:
@@ -235,6 +250,7 @@ def load_profile(name: str) -> SnmpProfile:
                 digits=digits,
                 value_map=value_map,
                 optional=bool(m.get("optional", False)),
+                valid_range=_valid_range(m.get("valid_range"), mw),
             )
         )
     if not metrics:
@@ -552,6 +568,12 @@ class SnmpDriver:
     def _reading(
         self, m: Metric, ch: int, value: float | None, *, mono: float, wall: float, error: str | None
     ) -> Reading:
+        if (
+            value is not None
+            and (m.valid_range is not None or not isfinite(value))  # the cheap test first: a hot path
+            and (bad := untrusted(value, m.valid_range)) is not None
+        ):
+            value, error = None, bad
         return Reading(
             device=self.device_id,
             metric=m.metric_name(ch),

@@ -226,6 +226,16 @@ class Engine:
         self._input_pos: dict[str, int] | None = None  # stale-rule input -> its place in topology order
         self._step_limits: _LazyLimits = _LazyLimits({})
 
+    def reconfigure(self, config: InterlockConfig, topology: Topology) -> None:
+        """New thresholds and topology (a config reload). Instances and GPU memory stay: a trip in
+        progress is not forgotten by a reload; the next step evaluates with the new settings."""
+        self.config = config
+        self.topology = topology
+        for gpu in topology.gpus:
+            self.gpu_mem.setdefault(gpu, GpuMemory())
+        self._inputs = None
+        self._input_pos = None
+
     # ------------------------------------------------------------------ helpers
     def _event_id(self, now_wall: float) -> str:
         self._seq += 1

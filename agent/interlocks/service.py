@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import AgentConfig, ModbusDevice, SnmpDevice
+from agent.config import AgentConfig
 from agent.drivers.base import DriverError
 from agent.events import Event, Severity
 from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
+from agent.inventory import Inventory
 from agent.model import Reading
 
 if TYPE_CHECKING:
@@ -128,9 +130,7 @@ class InterlockService:
             if self.config.restore_defaults_on_stop:
                 await self._restore_defaults()
 
-    def _build_engine(self, agent: Agent) -> Engine:
-        cfg = agent.config
-        store = agent.store
+    def _topology(self, agent: Agent, inventory: Inventory) -> Topology:
         gpus: list[str] = []
         stale: dict[str, float] = {}
         for poller in agent.pollers.values():
@@ -141,7 +141,26 @@ class InterlockService:
                     stale[g] = limit
             else:
                 stale[poller.cfg.id] = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
-        topo = topology_from_config(cfg, gpus, stale)
+        return topology_from_config(inventory, gpus, stale)
+
+    def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
+        """A reload's new [interlocks] settings and topology (validated already): the next step
+        uses them; trips in progress stay (their clear conditions now use the new thresholds)."""
+        self.config = config.interlocks
+        if self.engine is not None and self.agent is not None:
+            topology = self._topology(self.agent, inventory)
+            # GPUs come from NVML discovery: a reload that restarted the NVML poller keeps the
+            # GPUs it had until that poller has polled again.
+            if not topology.gpus:
+                topology = dataclasses.replace(topology, gpus=self.engine.topology.gpus)
+            self.engine.reconfigure(self.config, topology)
+        self._full_next = True
+        self._wake.set()
+
+    def _build_engine(self, agent: Agent) -> Engine:
+        store = agent.store
+        topo = self._topology(agent, agent.inventory)
+        gpus = list(topo.gpus)
         initial = {}
         for g in gpus:
             limit_r, default_r = store.get(g, "power_limit_w"), store.get(g, "default_power_limit_w")
@@ -620,32 +639,17 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(tail) if tail else -1
 
 
-def topology_from_config(cfg: AgentConfig, gpus: Sequence[str], stale: Mapping[str, float]) -> Topology:
+def topology_from_config(inventory: Inventory, gpus: Sequence[str], stale: Mapping[str, float]) -> Topology:
+    """The engine's topology from the pod's inventory, limited to the GPUs actually found."""
     known = set(gpus)
-    loops: dict[str, tuple[str, ...]] = {}
-    pdus: dict[str, tuple[str, ...]] = {}
-    ratings: dict[str, float] = {}
-    min_flow: dict[str, float] = {}
-    outlets: dict[str, dict[int, tuple[str, ...]]] = {}
-    for dev in cfg.device:
-        if isinstance(dev, ModbusDevice) and dev.gpus and dev.profile != "modbus-pdu":
-            loops[dev.id] = tuple(g for g in dev.gpus if g in known)
-            if dev.min_flow_lpm is not None:
-                min_flow[dev.id] = dev.min_flow_lpm
-        elif isinstance(dev, SnmpDevice | ModbusDevice) and (dev.gpus or dev.breaker_rating_a):
-            pdus[dev.id] = tuple(g for g in dev.gpus if g in known)
-            if dev.breaker_rating_a:
-                ratings[dev.id] = dev.breaker_rating_a
-            if isinstance(dev, SnmpDevice) and dev.outlet_gpus:
-                outlets[dev.id] = {int(k): tuple(v) for k, v in dev.outlet_gpus.items()}
     return Topology(
         gpus=tuple(gpus),
-        loops=loops,
-        pdus=pdus,
-        pdu_rating_a=ratings,
-        min_flow_lpm=min_flow,
+        loops={k: tuple(g for g in v if g in known) for k, v in inventory.loops.items()},
+        pdus={k: tuple(g for g in v if g in known) for k, v in inventory.pdus.items()},
+        pdu_rating_a=dict(inventory.pdu_rating_a),
+        min_flow_lpm=dict(inventory.min_flow_lpm),
         stale_after_s=dict(stale),
-        outlet_gpus=outlets,
+        outlet_gpus={k: dict(v) for k, v in inventory.outlet_gpus.items()},
     )
 
 

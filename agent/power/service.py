@@ -19,7 +19,9 @@ import structlog
 from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
 from agent.drivers.base import DriverError
+from agent.drivers.modbus import PointRole
 from agent.events import Severity
+from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
@@ -31,9 +33,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CAP_REASON = "power_budget"
-# The BMS fault bitmask (config/profiles/generic-bms.toml).
-BMS_FAULT_NAMES = {0x1: "over-temperature", 0x2: "cell imbalance", 0x4: "inverter"}
-MODE_SETPOINT, MODE_GRID_TARGET = 0, 1
 
 
 class PowerService:
@@ -57,6 +56,12 @@ class PowerService:
         self.fleet_budget_w: float | None = None
         self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
+
+    def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
+        """A reload's new [power] settings (validated already); the next period uses them."""
+        del inventory  # the battery's points are looked up in agent.inventory at each write
+        self.config = config.power
+        self._written.clear()  # the battery (or its mode) may have changed: send everything again
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
@@ -155,9 +160,8 @@ class PowerService:
         faults = battery.faults if battery is not None else self._battery_faults
         if faults == self._battery_faults:
             return
-        names = [n for bit, n in BMS_FAULT_NAMES.items() if faults & bit] or (
-            [f"0x{faults:x}"] if faults else []
-        )
+        # The fault bits' names are the profile's (generic-bms.toml `bits`).
+        names = self.agent.inventory.bit_names(self.config.battery or "", "faults", faults)
         if faults:
             self.agent.events.emit(
                 "battery_fault",
@@ -218,6 +222,19 @@ class PowerService:
         return decision
 
     # ------------------------------------------------------------------ battery
+    def _point(self, role: PointRole) -> str:
+        """The battery's writable point with this role (the profile's ``role``); check-config
+        makes sure the [power] battery has them all."""
+        assert self.agent is not None
+        return self.agent.inventory.writable(self.config.battery or "", role) or role
+
+    def _mode(self, name: str) -> tuple[str, float]:
+        """(mode point, raw value) selecting the inverter mode ``name`` (the profile's ``enum``)."""
+        assert self.agent is not None
+        metric = self._point("mode")
+        raw = self.agent.inventory.enum_value(self.config.battery or "", metric, name)
+        return metric, float("nan") if raw is None else float(raw)  # NaN: write_point refuses it
+
     def _driver(self) -> Any:
         assert self.agent is not None
         poller = self.agent.pollers.get(self.config.battery or "")
@@ -229,12 +246,12 @@ class PowerService:
         writes: list[tuple[str, float]] = []
         if self.config.battery_mode == "grid_target" and d.grid_target_w is not None:
             # Target first: the inverter must never hold a stale target in grid-target mode.
-            writes.append(("grid_target_w", float(round(d.grid_target_w))))
-            writes.append(("mode", float(MODE_GRID_TARGET)))
+            writes.append((self._point("grid_target"), float(round(d.grid_target_w))))
+            writes.append(self._mode("grid_target"))
         else:
             setpoint = d.battery_setpoint_w if self.config.battery_mode == "setpoint" else None
-            writes.append(("power_setpoint_w", float(round(setpoint or 0.0))))
-            writes.append(("mode", float(MODE_SETPOINT)))
+            writes.append((self._point("power_setpoint"), float(round(setpoint or 0.0))))
+            writes.append(self._mode("power_setpoint"))
         writes = [(m, v) for m, v in writes if self._written.get(m) != v]
         if writes:
             self._write = asyncio.get_running_loop().create_task(self._send(writes), name="power.battery")
@@ -268,8 +285,8 @@ class PowerService:
                 await self._write
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
-                await self._driver().write_point("power_setpoint_w", 0.0)
-                await self._driver().write_point("mode", float(MODE_SETPOINT))
+                await self._driver().write_point(self._point("power_setpoint"), 0.0)
+                await self._driver().write_point(*self._mode("power_setpoint"))
 
     # ------------------------------------------------------------------ views
     def status(self) -> dict[str, Any]:
