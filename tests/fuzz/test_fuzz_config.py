@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -97,12 +96,6 @@ def test_random_text(tmp_path: Path, data: bytes) -> None:
     load(tmp_path / "podagent.toml", data)
 
 
-@pytest.mark.xfail(
-    raises=UnicodeDecodeError,
-    strict=False,
-    reason="found by this suite: load_config lets UnicodeDecodeError out for a non-UTF-8 file "
-    "(agent/config.py read_text; h10a owns config.py)",
-)
 def test_a_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     load(tmp_path / "podagent.toml", b'[pod]\nsite = "\x80"\n')
 
