@@ -299,7 +299,13 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, handler)
         # A disk that refuses writes (full, read-only) is the audit log's condition, not ours.
-        audit = AuditLog(self.config.paths.state_dir / "audit.jsonl")
+        audit_cfg = self.config.audit
+        audit = AuditLog(
+            self.config.paths.state_dir / "audit.jsonl",
+            max_bytes=audit_cfg.max_bytes,
+            backups=audit_cfg.backups,
+            safety_keep_s=audit_cfg.safety_keep_days * 86400.0,
+        )
         audit.attach(self.events)
         self.audit = audit
         self.metric_sources.append(audit.metrics)

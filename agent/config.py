@@ -175,6 +175,16 @@ class Paths(Strict):
     socket: Path = Path("/run/podagent/podagent.sock")
 
 
+class Audit(Strict):
+    """The local audit log (state_dir/audit.jsonl, every event) and its safety record
+    (state_dir/safety.jsonl: trips, clears, actions, overrides, acks), kept by age whatever else
+    is logged."""
+
+    max_bytes: int = Field(10 * 2**20, ge=64 * 1024)
+    backups: int = Field(5, ge=1, le=1000)
+    safety_keep_days: float = Field(90.0, gt=0, le=3660)
+
+
 class Logging(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "auto": human-friendly on a terminal, JSON lines otherwise (journald).
@@ -198,6 +208,7 @@ class AgentConfig(Strict):
     pod: PodIdentity
     paths: Paths = Paths()
     logging: Logging = Logging()
+    audit: Audit = Audit()
     prometheus: Prometheus = Prometheus()
     mqtt: MqttConfig = MqttConfig()
     control: ControlConfig = ControlConfig()
