@@ -285,3 +285,71 @@ class ContractMeter:
             )
             self._evaluated_at = now
         return self.report
+
+
+def report_status(rep: ContractReport | None, contract: GridContract) -> dict[str, object]:
+    """The contract's entry in the power service's status (MQTT state, podctl status --json)."""
+    out: dict[str, object] = {
+        "window_s": contract.window_s,
+        "evaluated": rep is not None,
+    }
+    if rep is None:
+        return out
+    out.update(
+        seconds=round(rep.seconds, 1),
+        rate_hz=rep.rate_hz,
+        ok=rep.ok,
+        binding=rep.binding,
+        band_hz=[rep.band_hz[0], round(rep.band_hz[1], 3)],
+        band_share=None if rep.band_share is None else round(rep.band_share, 4),
+        terms={
+            t.name: {
+                "measured": None if t.measured is None else round(t.measured, 3),
+                "limit": t.limit,
+                "ratio": None if t.ratio is None else round(t.ratio, 4),
+                "outside_s": round(t.outside_s, 2),
+            }
+            for t in rep.terms
+        },
+    )
+    return out
+
+
+def report_metrics(rep: ContractReport | None) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+    """Prometheus samples: per term its measured / limit and time outside; the band share."""
+    out: list[tuple[str, list[tuple[str, str]], float, str]] = []
+    if rep is None:
+        return out
+    binding = rep.binding
+    for t in rep.terms:
+        labels = [("term", t.name)]
+        if t.ratio is not None:
+            out.append(
+                ("podagent_power_contract_ratio", labels, t.ratio, "Grid contract term: measured / limit.")
+            )
+        out.append(
+            (
+                "podagent_power_contract_outside_seconds",
+                labels,
+                t.outside_s,
+                "Time the grid import broke this contract term, in the window evaluated.",
+            )
+        )
+        out.append(
+            (
+                "podagent_power_contract_binding",
+                labels,
+                1.0 if t.name == binding else 0.0,
+                "1 for the contract term closest to (or furthest past) its limit.",
+            )
+        )
+    if rep.band_share is not None:
+        out.append(
+            (
+                "podagent_power_contract_band_share_ratio",
+                [],
+                rep.band_share,
+                "Share of the grid import's swing energy inside the contract's band.",
+            )
+        )
+    return out

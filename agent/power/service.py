@@ -22,6 +22,7 @@ from agent.drivers.base import DriverError
 from agent.events import Severity
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
+from agent.power.contract import ContractMeter, report_metrics, report_status
 from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
 from agent.state import POD_DEVICE
 
@@ -57,6 +58,12 @@ class PowerService:
         self.fleet_budget_w: float | None = None
         self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
+        # The grid contract, measured live on the site meter (agent/power/contract.py).
+        self.contract = (
+            ContractMeter(config.grid_contract, 1.0 / config.control_period_s, config.grid_import_limit_w)
+            if config.grid_contract is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
@@ -212,6 +219,9 @@ class PowerService:
                 self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
                 self.max_grid_ramp_w_per_s = max(self.max_grid_ramp_w_per_s, abs(self.grid_ramp_w_per_s))
             self._last_grid = (now, grid)
+        if self.contract is not None:
+            self.contract.add(now, grid)  # a missing reading restarts the window
+            self.contract.evaluate(now)
         if inputs.battery is not None:
             self._command_battery(decision)
         self.steps += 1
@@ -326,6 +336,9 @@ class PowerService:
                 "grid_ramp_w_per_s": r(self.grid_ramp_w_per_s),
                 "max_grid_ramp_w_per_s": r(self.max_grid_ramp_w_per_s),
             },
+            "contract": None
+            if self.contract is None
+            else report_status(self.contract.report, self.contract.contract),
         }
 
     def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
@@ -350,6 +363,8 @@ class PowerService:
             "podagent_power_grid_ramp_watts_per_second", self.grid_ramp_w_per_s, "Grid import rate of change."
         )
         add("podagent_power_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
+        if self.contract is not None:
+            out.extend(report_metrics(self.contract.report))
         return out
 
 
