@@ -3,12 +3,16 @@ software fallback (control.soft_floor_step) and smoothing profile choice."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from pathlib import Path
 
+import pynvml
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hwsim.nvml as nv
 from agent.power.config import GridContract, PowerConfig
 from agent.power.control import (
     SMOOTHING_ALONE,
@@ -20,6 +24,7 @@ from agent.power.control import (
     control_step,
     soft_floor_step,
 )
+from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.physics import Physics
 from hwsim.podspec import PodSpec, load_pod_spec
 
@@ -179,3 +184,34 @@ def test_choose_smoothing_from_the_contract_and_battery() -> None:
     assert choose_smoothing(with_contract, battery_ok=True) is SMOOTHING_WITH_BATTERY
     assert choose_smoothing(with_contract, battery_ok=False) is SMOOTHING_ALONE
     assert SMOOTHING_ALONE.floor_pct > SMOOTHING_WITH_BATTERY.floor_pct
+
+
+def test_nvml_fake_answers_not_supported_for_h100_smoothing_and_profiles(tmp_path: Path) -> None:
+    phys = Physics(spec(smoothing=False))
+    writer = NvmlShmWriter(tmp_path / "nvml.shm", len(phys.state.gpus))
+    writer.publish(phys.state)
+    nv.set_state_path(writer.path)
+    try:
+        with pytest.raises(pynvml.NVMLError_Uninitialized):
+            nv.nvmlDevicePowerSmoothingSetState(None, None)
+        nv.nvmlInit()
+        handle = nv.nvmlDeviceGetHandleByIndex(0)
+        calls = [
+            lambda: nv.nvmlDevicePowerSmoothingSetState(handle, pynvml.c_nvmlPowerSmoothingState_v1_t()),
+            lambda: nv.nvmlDevicePowerSmoothingActivatePresetProfile(
+                handle, pynvml.c_nvmlPowerSmoothingProfile_v1_t()
+            ),
+            lambda: nv.nvmlDevicePowerSmoothingUpdatePresetProfileParam(
+                handle, pynvml.c_nvmlPowerSmoothingProfile_v1_t()
+            ),
+            lambda: nv.nvmlDeviceWorkloadPowerProfileGetCurrentProfiles(handle, None),
+            lambda: nv.nvmlDeviceWorkloadPowerProfileUpdateProfiles_v1(handle, None),
+        ]
+        for call in calls:
+            with pytest.raises(pynvml.NVMLError_NotSupported):
+                call()
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            nv.nvmlShutdown()
+        nv.set_state_path(None)
+        writer.close()
