@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.power.allocate import GpuInput, allocate
 from agent.power.config import GridContract, PowerConfig
-from agent.power.contract import evaluate
+from agent.power.contract import evaluate, ramp
 from agent.power.control import (
     BatteryInput,
     Inputs,
@@ -46,6 +46,8 @@ from agent.power.control import (
     control_step,
     soft_floor_step,
 )
+from agent.power.curtail import CurtailOrder, curtail_limit_w
+from agent.power.ridethrough import outage_pod_budget_w, stagger
 from hwsim.physics import Physics
 from hwsim.podspec import BatterySpec, PodSpec, SiteMeterSpec, load_pod_spec
 from hwsim.state import BATTERY_MODE_GRID_TARGET
@@ -65,6 +67,9 @@ class Case:
     smoothing: bool  # Blackwell-class GPUs with NVIDIA power smoothing (profile from the agent)
     power: PowerConfig | None  # None: no control
     filler: bool = False  # software fallback: the agent's filler floors applied
+    outage: tuple[float, float] | None = None  # (start s, length s): grid outage, ride-through
+    curtail: CurtailOrder | None = None  # start_wall/duration in simulated seconds
+    stagger_s: float = 2.0  # re-energisation: one server released every this many seconds
 
 
 def pod_spec(battery: bool, smoothing: bool = False) -> PodSpec:
@@ -84,7 +89,7 @@ def simulate(case: Case, seconds: float, seed: int) -> dict[str, Any]:
     phys = Physics(pod_spec(case.battery, case.smoothing), seed=seed)
     st = phys.state
     cfg = case.power
-    ramp = RampState()
+    ramp_state = RampState()
     floors_state = SoftFloorState()
     caps: dict[str, float] = {}
     applied: dict[int, float] = {g.index: g.default_limit_w for g in st.gpus}
@@ -107,14 +112,41 @@ def simulate(case: Case, seconds: float, seed: int) -> dict[str, Any]:
                 )
     grid: list[float] = []
     warm = round(WARM_S / TICK_S)
+    server_of = {f"gpu{g.index}": g.server for g in st.gpus}
+    held: dict[str, float] = {}  # caps at the grid's return (stagger)
+    import_at_curtail: float | None = None
     soc: list[float] = []
     site_j = gpu_j0 = work0 = 0.0
     for k in range(round(seconds / TICK_S)):
         t = k * TICK_S
         if k == warm:
             gpu_j0, work0 = sum(g.energy_j for g in st.gpus), phys.work_done_s()
+        out_now = case.outage is not None and case.outage[0] <= t < case.outage[0] + case.outage[1]
+        if out_now and not phys.grid_outage:
+            phys.grid_outage = True
+        elif phys.grid_outage and not out_now:
+            phys.grid_outage = False
+            held = dict(caps)
         if cfg is not None and k > 0 and k % period_ticks == 0:
             bat = st.battery
+            pod_limits: dict[str, float] = {}
+            grid_limit = cfg.grid_import_limit_w
+            if phys.grid_outage and bat is not None:
+                # The agent knows the grid is out (BMS/meter status); the battery must hold the
+                # pod for the rest of the configured hold time (the outage's length here).
+                assert case.outage is not None and bat.capacity_wh > 0
+                above_wh = max(0.0, bat.soc_pct - cfg.soc_min_pct) / 100.0 * bat.capacity_wh
+                aux = phys.aux_load_w()
+                pod_limits["ride_through"] = outage_pod_budget_w(
+                    bat.max_discharge_w, above_wh, case.outage[1], aux, margin_w=1000.0
+                )
+                grid_limit = 0.0
+            if case.curtail is not None:
+                if import_at_curtail is None and t >= case.curtail.start_wall:
+                    import_at_curtail = st.site_meter.power_w if st.site_meter else None
+                lim = curtail_limit_w(case.curtail, t, import_at_curtail, cfg.ramp_limit_w_per_s)
+                if lim is not None:
+                    grid_limit = lim if grid_limit is None else min(grid_limit, lim)
             inputs = Inputs(
                 dt=CONTROL_S,
                 pod_power_w=phys.pod_load_w(),
@@ -125,10 +157,10 @@ def simulate(case: Case, seconds: float, seed: int) -> dict[str, Any]:
                 else BatteryInput(
                     bat.soc_pct, bat.power_w, bat.max_charge_w, bat.max_discharge_w, bat.faults
                 ),
-                pod_limits={},
-                grid_limit_w=cfg.grid_import_limit_w,
+                pod_limits=pod_limits,
+                grid_limit_w=grid_limit,
             )
-            d = control_step(cfg, inputs, ramp)
+            d = control_step(cfg, inputs, ramp_state)
             if bat is not None and d.grid_target_w is not None:
                 bat.set_grid_target_w(d.grid_target_w)
             gpus = {
@@ -138,6 +170,11 @@ def simulate(case: Case, seconds: float, seed: int) -> dict[str, Any]:
                 for g in st.gpus
             }
             caps = allocate(d.gpu_budget_w, gpus, previous=caps, hysteresis_w=cfg.hysteresis_w).caps
+            if held and case.outage is not None:
+                since = t - (case.outage[0] + case.outage[1])
+                caps = stagger(caps, held, server_of, since, case.stagger_s)
+                if since > case.stagger_s * (len(set(server_of.values())) + 1):
+                    held = {}
             for g in st.gpus:  # the interlock engine's combine: lower at once, raise by the ramp
                 want = caps.get(f"gpu{g.index}", g.default_limit_w)
                 cur = applied[g.index]
@@ -169,6 +206,7 @@ def simulate(case: Case, seconds: float, seed: int) -> dict[str, Any]:
             if st.battery is not None:
                 soc.append(st.battery.soc_pct)
     return {
+        "unserved_j": phys.unserved_j,
         "grid": grid,
         "work_s": phys.work_done_s() - work0,
         "gpu_j": sum(g.energy_j for g in st.gpus) - gpu_j0,
@@ -268,6 +306,61 @@ def cases(limit_w: float, ramp_w_per_s: float, contract: GridContract) -> list[C
     ]
 
 
+def events(args: argparse.Namespace, contract: GridContract) -> list[dict[str, Any]]:
+    """Ride-through (a 30 s grid outage at 90 s, battery carrying the pod) and curtailment to 50%
+    of the import (at 90 s for 30 s), both on the battery case; figures at the site meter."""
+    limit = args.grid_limit_kw * 1000.0
+    cfg = PowerConfig(
+        enabled=True,
+        grid_import_limit_w=limit,
+        ramp_limit_w_per_s=args.ramp_kw_per_s * 1000.0,
+        control_period_s=CONTROL_S,
+        grid_contract=contract,
+    )
+    start, length, seconds = 90.0, 30.0, 240.0
+    out: list[dict[str, Any]] = []
+    rt = Case("ride_through", "ride-through: 30 s outage", True, False, cfg, outage=(start, length))
+    run = simulate(rt, seconds, 1)
+    back = round((start + length - WARM_S) / TICK_S)
+    after = run["grid"][back:]
+    r100 = ramp(after, 1.0 / TICK_S, 0.1)
+    r1 = ramp(after, 1.0 / TICK_S, 1.0)
+    full = max(run["grid"][: round((start - WARM_S) / TICK_S)])
+    reach = next((i * TICK_S for i, w in enumerate(after) if w >= 0.9 * full), None)
+    out.append(
+        {
+            "case": rt.key,
+            "outage_s": length,
+            "unserved_kwh": run["unserved_j"] / 3.6e6,
+            "max_rise_after_return_w_per_s_100ms": r100.up_w_per_s,
+            "max_rise_after_return_w_per_s_1s": r1.up_w_per_s,
+            "contract_ramp_w_per_s": contract.ramp_up_w_per_s,
+            "s_to_90pct_of_peak_import": reach,
+            "soc_min_pct": run["soc"][0] if run["soc"] else None,
+        }
+    )
+    order = CurtailOrder("c-1", None, 0.5, start, length, 2.0)
+    cu = Case("curtail", "curtail to 50%", True, False, cfg, curtail=order)
+    run = simulate(cu, seconds, 1)
+    i0 = round((start - WARM_S) / TICK_S)
+    at_start = run["grid"][i0 - 1]
+    target = 0.5 * at_start
+    during = run["grid"][i0 : i0 + round(length / TICK_S)]
+    reach = next((i * TICK_S for i, w in enumerate(during) if w <= target + 1.0), None)
+    release = ramp(run["grid"][i0 + round(length / TICK_S) :], 1.0 / TICK_S, 1.0)
+    out.append(
+        {
+            "case": cu.key,
+            "import_at_start_w": at_start,
+            "target_w": target,
+            "s_to_reach": reach,
+            "max_import_during_w": max(during[round(order.deadline_s / TICK_S) :]),
+            "max_rise_after_release_w_per_s_1s": release.up_w_per_s,
+        }
+    )
+    return out
+
+
 def _fmt_range(r: dict[str, Any], key: str, scale: float, digits: int) -> str:
     v = r.get(key)
     if v is None:
@@ -293,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--band-share-max", type=float, default=0.2)
     ap.add_argument("--only", action="append", help="case key (repeatable); 'none' always runs")
     ap.add_argument("--json", action="store_true", help="one JSON object per case")
+    ap.add_argument("--events", action="store_true", help="only the ride-through and curtailment runs")
     ap.add_argument("--series", type=Path, help="write DIR/<case>.csv (t_s,grid_w at 40 Hz, seed 1)")
     args = ap.parse_args(argv)
     limit = args.grid_limit_kw * 1000.0
@@ -306,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         band_hi_hz=20.0,
         band_share_max=args.band_share_max,
     )
+    if args.events:
+        for row in events(args, contract):
+            print(json.dumps(row, sort_keys=True))
+        return 0
     todo = [
         c
         for c in cases(limit, args.ramp_kw_per_s * 1000.0, contract)

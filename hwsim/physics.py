@@ -104,6 +104,11 @@ class Physics:
         self._xid_seq = 0
         # Per GPU (same index as state.gpus): power smoothing, filler floor, work done.
         self.smoothing: list[GpuSmoothingState] = []
+        # Grid outage (ride-through): the battery carries the site; what it cannot is unserved
+        # (a real site would trip or shed it). The site meter reads 0.
+        self.grid_outage = False
+        self.unserved_w = 0.0
+        self.unserved_j = 0.0
         self._build()
 
     # ----------------------------------------------------------------- construction
@@ -570,8 +575,12 @@ class Physics:
         if bat is not None:
             self._update_battery(bat, load, dt)
         meter = self.state.site_meter
+        self.unserved_w = 0.0
+        if self.grid_outage:
+            self.unserved_w = max(0.0, load - (bat.power_w if bat is not None else 0.0))
+            self.unserved_j += self.unserved_w * dt
         if meter is not None:
-            meter.power_w = load - (bat.power_w if bat is not None else 0.0)
+            meter.power_w = 0.0 if self.grid_outage else load - (bat.power_w if bat is not None else 0.0)
             hours = dt / 3600.0
             if meter.power_w >= 0:
                 meter.energy_import_wh += meter.power_w * hours
@@ -589,6 +598,8 @@ class Physics:
         target from its own current transformer) within the BMS's limits; SoC integrates."""
         self._battery_limits(bat)
         want = load_w - bat.grid_target_w if bat.mode == BATTERY_MODE_GRID_TARGET else bat.power_setpoint_w
+        if self.grid_outage:
+            want = load_w  # islanded: the inverter carries the whole site, whatever it was told
         power = min(max(want, -bat.max_charge_w), bat.max_discharge_w)
         if dt > 0.0 and bat.capacity_wh > 0.0:
             hours = dt / 3600.0
