@@ -72,11 +72,16 @@ class Case:
     stagger_s: float = 2.0  # re-energisation: one server released every this many seconds
 
 
+STEP_S = [12.0]  # the training step (s); --step-s sets it
+
+
 def pod_spec(battery: bool, smoothing: bool = False) -> PodSpec:
     spec = load_pod_spec("demo")
     data = spec.model_dump()
     data["tick_s"] = TICK_S
-    data["workload"].update(profile="synchronized", checkpoint_every=10, checkpoint_s=20.0)
+    data["workload"].update(
+        profile="synchronized", checkpoint_every=10, checkpoint_s=20.0, period_s=STEP_S[0]
+    )
     data["battery"] = BatterySpec(id="bms-1").model_dump() if battery else None
     data["site_meter"] = SiteMeterSpec(id="site-meter").model_dump()
     if smoothing:
@@ -388,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per case")
     ap.add_argument("--events", action="store_true", help="only the ride-through and curtailment runs")
     ap.add_argument("--series", type=Path, help="write DIR/<case>.csv (t_s,grid_w at 40 Hz, seed 1)")
+    ap.add_argument("--step-s", type=float, default=12.0, help="training step length (12 s: 0.083 Hz)")
     args = ap.parse_args(argv)
+    STEP_S[0] = args.step_s
     limit = args.grid_limit_kw * 1000.0
     contract = GridContract(
         import_limit_w=limit,
@@ -439,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r, sort_keys=True))
         return 0
     print(
-        f"demo pod, 64 GPUs, synchronized training (12 s steps, checkpoint 20 s every 10 steps), "
+        f"demo pod, 64 GPUs, synchronized training ({args.step_s:g} s steps, checkpoint 20 s every "
+        f"10 steps), "
         f"{args.seconds:.0f} s simulated at 40 Hz ({WARM_S:.0f} s warm-up not counted), {args.rounds} "
         f"round(s): median (range)\ncontract: import {args.grid_limit_kw:g} kW, ramp up/down "
         f"{args.contract_ramp_kw_per_s:g} kW/s on 0.1 s and 1 s means, dynamic range "
