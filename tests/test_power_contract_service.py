@@ -61,3 +61,41 @@ async def test_contract_is_measured_on_the_site_meter_and_names_the_binding_term
             assert any(n == "podagent_power_contract_ratio" for n, _ in names)
     finally:
         stop_pod(sim)
+
+
+SOFT = """
+[interlocks]
+release_interval_s = 0.5
+release_step_pct = 50.0
+
+[power]
+enabled = true
+control_period_s = 0.2
+site_meter = "site-meter"
+ramp_limit_w_per_s = 500.0
+no_battery_fallback = "soft_floor"
+soft_floor_frac = 0.85
+"""
+
+
+async def test_soft_floor_fallback_plans_floors_and_caps_nothing(tmp_path: Path) -> None:
+    sim = start_pod(tmp_path / "pod", str(_pod_file(tmp_path)))
+    try:
+        path = tmp_path / "podagent.toml"
+        path.write_text(sim.agent_config(tmp_path / "state", extra=SOFT, poll_interval_s=0.5))
+        config = load_config(path)
+        power = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), power]) as agent:
+            await until(agent, lambda: len(power.floors) == 8, timeout=20.0, what="filler floors for 8 GPUs")
+            for gpu, floor in power.floor_source().items():
+                draw = agent.store.value(gpu, "power_w")
+                default = agent.store.value(gpu, "default_power_limit_w")
+                assert draw is not None and default is not None
+                assert 0.0 < floor <= default
+                # Steady load: the floor is frac x the peak seen, so about frac x the draw.
+                assert floor >= 0.85 * draw * 0.8
+            assert not power.caps  # the ramp is not held with caps in this mode
+            status = agent.summary()["power"]["allocation"]
+            assert status["soft_floor_gpus"] == 8 and status["capped_gpus"] == 0
+    finally:
+        stop_pod(sim)

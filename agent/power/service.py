@@ -23,7 +23,15 @@ from agent.events import Severity
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.contract import ContractMeter, report_metrics, report_status
-from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
+from agent.power.control import (
+    BatteryInput,
+    Decision,
+    Inputs,
+    RampState,
+    SoftFloorState,
+    control_step,
+    soft_floor_step,
+)
 from agent.state import POD_DEVICE
 
 if TYPE_CHECKING:
@@ -58,6 +66,10 @@ class PowerService:
         self.fleet_budget_w: float | None = None
         self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
+        # Software fallback (no_battery_fallback = "soft_floor"): per-GPU filler floors for the
+        # nodes (issue 12 applies them; floor_source is their hook).
+        self.floors: dict[str, float] = {}
+        self._floor_state = SoftFloorState()
         # The grid contract, measured live on the site meter (agent/power/contract.py).
         self.contract = (
             ContractMeter(config.grid_contract, 1.0 / config.control_period_s, config.grid_import_limit_w)
@@ -92,6 +104,10 @@ class PowerService:
 
     def cap_source(self) -> Mapping[str, tuple[float, str]]:
         return {g: (w, CAP_REASON) for g, w in self.caps.items()}
+
+    def floor_source(self) -> Mapping[str, float]:
+        """Filler floors (W) per GPU for the nodes to hold (software fallback); empty: none."""
+        return dict(self.floors)
 
     # ------------------------------------------------------------------ the period
     def pod_limits(self, now_wall: float) -> dict[str, float]:
@@ -214,6 +230,15 @@ class PowerService:
             idle_margin_w=cfg.idle_margin_w,
         )
         self.caps = self.allocation.caps
+        no_battery = decision.discharge_avail_w == 0.0 and decision.charge_avail_w == 0.0
+        if cfg.no_battery_fallback == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
+            draws = {g: x.power_w for g, x in gpus.items()}
+            limits = {g: self.caps.get(g, x.default_w) for g, x in gpus.items()}
+            self.floors = soft_floor_step(
+                cfg, self._floor_state, now, dt, draws, limits, cfg.ramp_limit_w_per_s
+            )
+        else:
+            self.floors = {}
         if grid is not None:
             if self._last_grid is not None and now > self._last_grid[0]:
                 self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
@@ -313,6 +338,8 @@ class PowerService:
                 "cap_min_w": r(min(self.caps.values())) if self.caps else None,
                 "cap_max_w": r(max(self.caps.values())) if self.caps else None,
                 "applied_by_interlocks": self.interlocks_attached,
+                "soft_floor_gpus": len(self.floors),
+                "soft_floor_max_w": r(max(self.floors.values())) if self.floors else None,
             },
             "battery": None
             if bat is None
