@@ -366,15 +366,16 @@ def events(args: argparse.Namespace, contract: GridContract) -> list[dict[str, A
     return out
 
 
-def _fmt_range(r: dict[str, Any], key: str, scale: float, digits: int) -> str:
+def _fmt_range(r: dict[str, Any], key: str, scale: float, digits: int, unit: str = "") -> str:
     v = r.get(key)
     if v is None:
         return "-"
     rng = r.get(f"{key}_range")
     s = f"{v * scale:.{digits}f}"
     if rng and abs(rng[1] - rng[0]) * scale >= 10 ** (-digits):
-        s += f" ({rng[0] * scale:.{digits}f}-{rng[1] * scale:.{digits}f})"
-    return s
+        s += f"{unit} ({rng[0] * scale:.{digits}f}-{rng[1] * scale:.{digits}f})"
+        return s
+    return s + unit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,13 +468,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['name']} | {_fmt_range(r, 'peak_w', 1e-3, 1)} "
             f"| {_fmt_range(r, 'max_ramp_w_per_s_100ms', 1e-3, 1)} | {r['ramp_cut_100ms_x']:.0f}x "
             f"| {_fmt_range(r, 'max_ramp_w_per_s_1s', 1e-3, 2)} | {r['ramp_cut_1s_x']:.0f}x "
-            f"| {_fmt_range(r, 'band_share', 100, 1)}% "
+            f"| {_fmt_range(r, 'band_share', 100, 1, '%')} "
             f"| {_fmt_range(r, 'outside_dynamic_range_s', 1, 1)} "
             f"| {_fmt_range(r, 'outside_any_term_s', 1, 1)} ({r['binding']}) "
-            f"| {_fmt_range(r, 'work_ratio', 100, 1)}% "
-            f"| {_fmt_range(r, 'work_ratio_vs_limit_only', 100, 1)}% "
-            f"| {_fmt_range(r, 'extra_energy_ratio', 100, 1)}% "
-            f"| {_fmt_range(r, 'energy_per_work_ratio', 100, 1)}% "
+            f"| {_fmt_range(r, 'work_ratio', 100, 1, '%')} "
+            f"| {_fmt_range(r, 'work_ratio_vs_limit_only', 100, 1, '%')} "
+            f"| {_fmt_range(r, 'extra_energy_ratio', 100, 1, '%')} "
+            f"| {_fmt_range(r, 'energy_per_work_ratio', 100, 1, '%')} "
             f"| {soc} |"
         )
     n = round((args.seconds - WARM_S) / TICK_S)

@@ -223,9 +223,10 @@ class SmoothingProfile:
     hysteresis_ms: float
 
 
-# With a battery carrying the slow swing: a low floor (the checkpoint pauses cost little) and fast
-# rates (the rise costs ~0.1 s of a step); the GPUs only take the edges off.
-SMOOTHING_WITH_BATTERY = SmoothingProfile("with_battery", 30.0, 2000.0, 2000.0, 500.0)
+# With a battery carrying the slow swing: a low floor (the checkpoint pauses cost little), fast
+# rates (the rise costs ~0.1 s of a step) and a short hysteresis (every held fall is burnt energy:
+# 500 ms cost 11% on 4 s steps); the GPUs only take the edges off.
+SMOOTHING_WITH_BATTERY = SmoothingProfile("with_battery", 20.0, 2000.0, 2000.0, 100.0)
 # Alone: the floor fills the troughs (the step left is 100 - floor % of TMP at most) and the rates
 # hold the pod's ramp >= 10x under the unsmoothed one, at the cost of energy in the troughs.
 SMOOTHING_ALONE = SmoothingProfile("alone", 80.0, 600.0, 100.0, 2000.0)
