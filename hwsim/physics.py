@@ -38,6 +38,7 @@ from hwsim.state import (
     BatteryState,
     CduState,
     ChillerState,
+    GpuSmoothingState,
     GpuState,
     OutletState,
     PduState,
@@ -101,6 +102,13 @@ class Physics:
         self.runaway: set[int] = set()
         self.overloaded_pdus: set[str] = set()
         self._xid_seq = 0
+        # Per GPU (same index as state.gpus): power smoothing, filler floor, work done.
+        self.smoothing: list[GpuSmoothingState] = []
+        # Grid outage (ride-through): the battery carries the site; what it cannot is unserved
+        # (a real site would trip or shed it). The site meter reads 0.
+        self.grid_outage = False
+        self.unserved_w = 0.0
+        self.unserved_j = 0.0
         self._build()
 
     # ----------------------------------------------------------------- construction
@@ -138,6 +146,7 @@ class Physics:
         for _ in self.state.gpus:
             self._phase_offset.append(self.rng.uniform(0.0, 1.0))
             self._spike_until.append(-1.0)
+            self.smoothing.append(GpuSmoothingState(supported=g.power_smoothing))
 
         for p in spec.pdu:
             phases = [PhaseState(index=i, voltage_v=p.voltage_v) for i in (1, 2, 3)]
@@ -244,6 +253,50 @@ class Physics:
         gpu.power_limit_w = min(max(watts, gpu.min_limit_w), gpu.max_limit_w)
         gpu.enforced_limit_w = gpu.power_limit_w
 
+    def set_power_smoothing(
+        self,
+        gpu_index: int,
+        *,
+        enabled: bool | None = None,
+        floor_pct: float | None = None,
+        ramp_up_w_per_s: float | None = None,
+        ramp_down_w_per_s: float | None = None,
+        hysteresis_ms: float | None = None,
+    ) -> None:
+        """NVIDIA power smoothing on one GPU (what nvmlDevicePowerSmoothing* would set).
+        ValueError: not supported on this GPU (H100) or a value out of range."""
+        sm = self.smoothing[gpu_index]
+        if not sm.supported:
+            raise ValueError("power smoothing not supported on this GPU")
+        if floor_pct is not None and not 0.0 <= floor_pct <= 100.0:
+            raise ValueError("floor_pct must be 0..100")
+        for rate in (ramp_up_w_per_s, ramp_down_w_per_s):
+            if rate is not None and not rate > 0.0:
+                raise ValueError("ramp rates must be > 0 W/s")
+        if hysteresis_ms is not None and not 0.0 <= hysteresis_ms <= 60_000.0:
+            raise ValueError("hysteresis_ms must be 0..60000")
+        if enabled is not None:
+            sm.enabled = enabled
+        if floor_pct is not None:
+            sm.floor_pct = floor_pct
+        if ramp_up_w_per_s is not None:
+            sm.ramp_up_w_per_s = ramp_up_w_per_s
+        if ramp_down_w_per_s is not None:
+            sm.ramp_down_w_per_s = ramp_down_w_per_s
+        if hysteresis_ms is not None:
+            sm.hysteresis_ms = hysteresis_ms
+
+    def set_soft_floor(self, gpu_index: int, watts: float) -> None:
+        """The software fallback's filler floor on one GPU (0: off); any GPU model."""
+        if not math.isfinite(watts) or watts < 0.0:
+            raise ValueError("soft floor must be a finite W >= 0")
+        self.smoothing[gpu_index].soft_floor_w = watts
+
+    def work_done_s(self) -> float:
+        """Seconds of full-speed progress, summed over the GPUs (a synchronized job moves at its
+        slowest GPU's pace; with equal caps that is the same figure)."""
+        return sum(sm.work_s for sm in self.smoothing)
+
     # ----------------------------------------------------------------- time
     def step(self, dt: float) -> None:
         """Advance the pod by dt seconds of simulated time."""
@@ -330,6 +383,11 @@ class Physics:
             reasons |= CLOCKS_EVENT_HW_SLOWDOWN | CLOCKS_EVENT_HW_THERMAL
         if frac <= 0.01:
             reasons |= CLOCKS_EVENT_GPU_IDLE
+        sm = self.smoothing[gpu.index]
+        useful, power = self._smooth(gpu, sm, power, t, dt)
+        sm.demand_w, sm.useful_w = demand, useful
+        if demand > 0.0:
+            sm.work_s += dt * min(1.0, useful / demand)
         gpu.power_w = power
         gpu.clocks_event_reasons = reasons
         gpu.energy_j += power * dt
@@ -337,11 +395,45 @@ class Physics:
         gpu.util_mem_pct = min(100.0, 60.0 * frac)
         gpu.mem_used_bytes = int(gpu.mem_total_bytes * (0.85 if frac > 0.05 else 0.01))
         # Clocks scale roughly with the cube root of the power the GPU may draw vs. what it wants.
-        ratio = power / demand if demand > 0 else 1.0
+        ratio = min(1.0, useful / demand) if demand > 0 else 1.0
         gpu.clock_sm_mhz = round(gpu.clock_sm_max_mhz * ratio ** (1 / 3)) if frac > 0.01 else 345.0
         r = g.r_c_per_w * r_flow * (RUNAWAY_R_FACTOR if gpu.index in self.runaway else 1.0)
         target = coolant + power * r
         gpu.temp_c += (target - gpu.temp_c) * alpha
+
+    @staticmethod
+    def _smooth(
+        gpu: GpuState, sm: GpuSmoothingState, power: float, t: float, dt: float
+    ) -> tuple[float, float]:
+        """(power the job gets, power drawn) after the filler floor and the GPU's power smoothing.
+        Firmware smoothing (GB200-class): the draw never falls below floor_pct of TMP, rises at
+        most ramp_up W/s (the job gets less meanwhile: slower), and a fall waits hysteresis_ms then
+        goes down at most ramp_down W/s (the excess is burnt). Neither floor exceeds the enforced
+        limit. Work only comes from what the phase wanted."""
+        useful = power
+        drawn = power
+        if sm.soft_floor_w > 0.0:
+            drawn = max(drawn, min(sm.soft_floor_w, gpu.enforced_limit_w))
+        if sm.enabled:
+            floor = min(sm.floor_pct / 100.0 * gpu.default_limit_w, gpu.enforced_limit_w)
+            target = max(drawn, floor)
+            prev = gpu.power_w
+            if target > prev:
+                drawn = min(target, prev + sm.ramp_up_w_per_s * dt)
+                useful = min(useful, drawn)
+                sm.fall_since_s = None
+            elif target < prev:
+                if sm.fall_since_s is None:
+                    sm.fall_since_s = t - dt
+                if (t - sm.fall_since_s) * 1000.0 < sm.hysteresis_ms:
+                    drawn = prev
+                else:
+                    drawn = max(target, prev - sm.ramp_down_w_per_s * dt)
+                drawn = min(drawn, gpu.enforced_limit_w)  # a lowered cap applies at once
+            else:
+                drawn = target
+                sm.fall_since_s = None
+        return useful, drawn
 
     def _update_pump(self, loop: _Loop, dt: float) -> None:
         cdu = loop.cdu
@@ -483,8 +575,12 @@ class Physics:
         if bat is not None:
             self._update_battery(bat, load, dt)
         meter = self.state.site_meter
+        self.unserved_w = 0.0
+        if self.grid_outage:
+            self.unserved_w = max(0.0, load - (bat.power_w if bat is not None else 0.0))
+            self.unserved_j += self.unserved_w * dt
         if meter is not None:
-            meter.power_w = load - (bat.power_w if bat is not None else 0.0)
+            meter.power_w = 0.0 if self.grid_outage else load - (bat.power_w if bat is not None else 0.0)
             hours = dt / 3600.0
             if meter.power_w >= 0:
                 meter.energy_import_wh += meter.power_w * hours
@@ -502,6 +598,8 @@ class Physics:
         target from its own current transformer) within the BMS's limits; SoC integrates."""
         self._battery_limits(bat)
         want = load_w - bat.grid_target_w if bat.mode == BATTERY_MODE_GRID_TARGET else bat.power_setpoint_w
+        if self.grid_outage:
+            want = load_w  # islanded: the inverter carries the whole site, whatever it was told
         power = min(max(want, -bat.max_charge_w), bat.max_discharge_w)
         if dt > 0.0 and bat.capacity_wh > 0.0:
             hours = dt / 3600.0

@@ -34,6 +34,9 @@ class GpuSpec(_Spec):
     r_c_per_w: float = Field(0.055, gt=0)
     tau_s: float = Field(8.0, gt=0)
     memory_gib: int = 80
+    # Blackwell-class (GB200/GB300): NVIDIA power smoothing in firmware (a floor as % of TMP, ramp
+    # rates, ramp-down hysteresis). H100: not supported (NVML answers NOT_SUPPORTED).
+    power_smoothing: bool = False
 
     @model_validator(mode="after")
     def _limits(self) -> GpuSpec:

@@ -304,3 +304,29 @@ def _by_id(items: list[_T], device: str) -> _T:
         if item.id == device:
             return item
     raise KeyError(device)
+
+
+@dataclass
+class GpuSmoothingState:
+    """Per GPU, beside ``GpuState`` (kept apart so that the NVML fake's shared-memory layout, which
+    carries every GpuState field, is unchanged until the fake serves these): NVIDIA power
+    smoothing (Blackwell-class only), the software fallback's filler floor, and the work done.
+    ``hwsim/physics.py`` applies them."""
+
+    supported: bool = False  # Blackwell-class; H100: NVML answers NOT_SUPPORTED
+    enabled: bool = False
+    profile: int = 0  # active preset profile (0..4)
+    floor_pct: float = 0.0  # of TMP (the default limit here) held in the troughs
+    ramp_up_w_per_s: float = float("inf")
+    ramp_down_w_per_s: float = float("inf")
+    hysteresis_ms: float = 0.0  # a fall waits this long before the ramp down starts
+    lifetime_pct: float = 100.0  # NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING
+    # Software fallback (any GPU): the node keeps the GPU busy with filler work so that its draw
+    # stays >= this (never above the enforced limit). Filler adds no work.
+    soft_floor_w: float = 0.0
+    # Work: what the phase wants (W) and seconds of full-speed progress (slower while the GPU gets
+    # less than its phase wants; floors and filler burn power but add none).
+    demand_w: float = 0.0
+    useful_w: float = 0.0
+    work_s: float = 0.0
+    fall_since_s: float | None = None  # when the current fall began (hysteresis)

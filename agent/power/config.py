@@ -9,6 +9,36 @@ from pydantic import Field, model_validator
 from agent.config_base import Strict
 
 
+class GridContract(Strict):
+    """``[power.grid_contract]``: the utility's terms on the site meter's import (docs/power.md).
+
+    Measured live (``agent/power/contract.py``), never enforced by itself: status and metrics say
+    which term binds. A term left out (None) is not measured."""
+
+    import_limit_w: float | None = Field(None, gt=0)  # None: [power] grid_import_limit_w
+    ramp_up_w_per_s: float | None = Field(None, gt=0)
+    ramp_down_w_per_s: float | None = Field(None, gt=0)
+    # Ramps are measured on the means of consecutive blocks of these lengths (0.1 s and 1 s).
+    ramp_horizons_s: tuple[float, ...] = (0.1, 1.0)
+    dynamic_range_w: float | None = Field(None, gt=0)  # max - min of the import within any window
+    dynamic_range_window_s: float = Field(60.0, gt=0)
+    # Share of the swing's spectral energy (detrended) inside [band_lo_hz, band_hi_hz].
+    band_lo_hz: float = Field(0.1, ge=0)
+    band_hi_hz: float = Field(20.0, gt=0)
+    band_share_max: float | None = Field(None, gt=0, le=1)
+    # Live measurement: the trailing window evaluated, and how often (the FFT's cost stays small).
+    window_s: float = Field(120.0, ge=10, le=3600)
+    evaluate_every_s: float = Field(5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _band(self) -> GridContract:
+        if self.band_lo_hz >= self.band_hi_hz:
+            raise ValueError("need band_lo_hz < band_hi_hz")
+        if not self.ramp_horizons_s or any(h <= 0 for h in self.ramp_horizons_s):
+            raise ValueError("ramp_horizons_s: need at least one horizon, each > 0")
+        return self
+
+
 class PowerConfig(Strict):
     enabled: bool = False
     # Control period: reads the site meter / battery / pod power, moves the battery, re-plans caps.
@@ -36,6 +66,13 @@ class PowerConfig(Strict):
     idle_margin_w: float = Field(50.0, ge=0)  # an idle GPU keeps its draw plus this
     margin_w: float = Field(0.0, ge=0)  # aim this far under every budget
     stale_after_s: float = Field(2.0, gt=0)  # inputs older than this are not used
+    grid_contract: GridContract | None = None  # measured against the site meter (contract.py)
+    # Without a (usable) battery: "trough_caps" holds the load to the ramped target with GPU caps
+    # (costs most of the work on synchronized training); "soft_floor" caps nothing for the ramp and
+    # fills the troughs instead (control.soft_floor_step: filler work on the nodes).
+    no_battery_fallback: Literal["trough_caps", "soft_floor"] = "trough_caps"
+    soft_floor_frac: float = Field(0.85, ge=0, le=1)  # floor = this x the GPU's recent peak draw
+    soft_floor_hold_s: float = Field(5.0, ge=0)  # the peak is held this long (a trough is shorter)
 
     @model_validator(mode="after")
     def _soc(self) -> PowerConfig:

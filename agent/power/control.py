@@ -16,6 +16,7 @@ at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.power.config import PowerConfig
@@ -104,6 +105,9 @@ def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
             desired = state.load_avg_w - cfg.soc_gain_w_per_pct * (bat.soc_pct - cfg.soc_target_pct)
         else:
             desired = site
+        soft = not has_battery and cfg.no_battery_fallback == "soft_floor"
+        if soft:
+            state.capping = False  # the filler floor smooths the load; caps would cost work
         step = cfg.ramp_limit_w_per_s * dt
         upper, lower = state.grid_cmd_w + step, state.grid_cmd_w - step
         if state.capping:
@@ -117,10 +121,19 @@ def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
         grid_target = g
         if bat is not None:
             setpoint = min(max(site - g, -chg), dis)
-        ramp_pod = g + dis - (aux or 0.0)
-        state.capping = site - dis >= g - 0.01 * max(g, 1.0)
-        if pod_budget is None or ramp_pod < pod_budget:
-            pod_budget, source = ramp_pod, "grid_ramp"
+        if soft:
+            # The target only reports; budgets (the import limit among them) still cap at once.
+            g = min(site, grid_limit) if grid_limit is not None else site
+            state.grid_cmd_w = grid_target = g
+            if grid_limit is not None:
+                grid_pod = grid_limit - (aux or 0.0)
+                if pod_budget is None or grid_pod < pod_budget:
+                    pod_budget, source = grid_pod, "grid_import_limit"
+        else:
+            ramp_pod = g + dis - (aux or 0.0)
+            state.capping = site - dis >= g - 0.01 * max(g, 1.0)
+            if pod_budget is None or ramp_pod < pod_budget:
+                pod_budget, source = ramp_pod, "grid_ramp"
     elif grid_limit is not None and site is not None:
         # No ramp limiting: only the grid import limit; the battery shaves what is over it.
         grid_target = grid_limit
@@ -145,3 +158,83 @@ def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
         discharge_avail_w=dis,
         charge_avail_w=chg,
     )
+
+
+# ---------------------------------------------------------------------- software fallback
+@dataclass
+class SoftFloorState:
+    envelope_w: dict[str, float] = field(default_factory=dict)  # per GPU: its recent peak draw
+    hold_until: dict[str, float] = field(default_factory=dict)
+
+
+def soft_floor_step(
+    cfg: PowerConfig,
+    state: SoftFloorState,
+    now: float,
+    dt: float,
+    draws: Mapping[str, float | None],
+    caps: Mapping[str, float],
+    ramp_down_w_per_s: float,
+) -> dict[str, float]:
+    """Per-GPU filler floors (W) for the software fallback without battery or GPU smoothing.
+
+    Why a floor and not a rise limit: on synchronized training the rise from a trough is the whole
+    swing (23 kW on the demo pod) and a compute phase is 9 s: holding it to 1 kW/s with caps
+    starves every compute phase (today 42% of the work). Filling the troughs costs energy, not
+    work: each GPU's draw is held at ``soft_floor_frac`` of its recent peak (held
+    ``soft_floor_hold_s``, longer than a communication trough), and the peak then decays at the
+    pod's ramp-down rate shared over the GPUs, so the job's end or a long pause reaches the grid
+    as a ramp. The rise above the floor is left alone (1 - frac of the peak can still step).
+    A GPU with no reading keeps no floor; no floor is above the GPU's cap."""
+    n = max(1, len(draws))
+    down = ramp_down_w_per_s / n
+    floors: dict[str, float] = {}
+    for gpu, draw in draws.items():
+        if draw is None or not math.isfinite(draw):
+            state.envelope_w.pop(gpu, None)
+            state.hold_until.pop(gpu, None)
+            continue
+        env = state.envelope_w.get(gpu)
+        if env is None or draw >= env:
+            env = draw
+            state.hold_until[gpu] = now + cfg.soft_floor_hold_s
+        elif now >= state.hold_until.get(gpu, now):
+            env = max(draw, env - down * max(dt, 0.0))
+        state.envelope_w[gpu] = env
+        floor = cfg.soft_floor_frac * env
+        cap = caps.get(gpu)
+        floors[gpu] = min(floor, cap) if cap is not None else floor
+    for gone in set(state.envelope_w) - set(draws):
+        del state.envelope_w[gone]
+        state.hold_until.pop(gone, None)
+    return floors
+
+
+# ---------------------------------------------------------------------- GPU power smoothing
+@dataclass(frozen=True, slots=True)
+class SmoothingProfile:
+    """What the agent asks of NVIDIA power smoothing on a GPU (nvmlPowerSmoothingProfile_v1 params:
+    PERCENT_TMP_FLOOR, RAMP_UP_RATE, RAMP_DOWN_RATE in W/s, RAMP_DOWN_HYSTERESIS in ms)."""
+
+    name: str
+    floor_pct: float
+    ramp_up_w_per_s: float
+    ramp_down_w_per_s: float
+    hysteresis_ms: float
+
+
+# With a battery carrying the slow swing: a low floor (the checkpoint pauses cost little), fast
+# rates (the rise costs ~0.1 s of a step) and a short hysteresis (every held fall is burnt energy:
+# 500 ms cost 11% on 4 s steps); the GPUs only take the edges off.
+SMOOTHING_WITH_BATTERY = SmoothingProfile("with_battery", 20.0, 2000.0, 2000.0, 100.0)
+# Alone: the floor fills the troughs (the step left is 100 - floor % of TMP at most) and the rates
+# hold the pod's ramp >= 10x under the unsmoothed one, at the cost of energy in the troughs.
+SMOOTHING_ALONE = SmoothingProfile("alone", 80.0, 600.0, 100.0, 2000.0)
+
+
+def choose_smoothing(cfg: PowerConfig, battery_ok: bool) -> SmoothingProfile | None:
+    """The profile for the GPUs that have smoothing, from the contract and the battery's state;
+    None: release it (no ramp to keep, nothing to smooth for)."""
+    if cfg.ramp_limit_w_per_s is None and cfg.grid_contract is None:
+        return None
+    return SMOOTHING_WITH_BATTERY if battery_ok else SMOOTHING_ALONE

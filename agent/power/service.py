@@ -24,7 +24,16 @@ from agent.events import Severity
 from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
-from agent.power.control import BatteryInput, Decision, Inputs, RampState, control_step
+from agent.power.contract import ContractMeter, report_metrics, report_status
+from agent.power.control import (
+    BatteryInput,
+    Decision,
+    Inputs,
+    RampState,
+    SoftFloorState,
+    control_step,
+    soft_floor_step,
+)
 from agent.state import POD_DEVICE
 
 if TYPE_CHECKING:
@@ -56,11 +65,30 @@ class PowerService:
         self.fleet_budget_w: float | None = None
         self._battery_faults = 0
         self._fleet_ramp: tuple[tuple[str, float], float | None, float] | None = None  # key, from, t0
+        # Software fallback (no_battery_fallback = "soft_floor"): per-GPU filler floors for the
+        # nodes (issue 12 applies them; floor_source is their hook).
+        self.floors: dict[str, float] = {}
+        self._floor_state = SoftFloorState()
+        # The grid contract, measured live on the site meter (agent/power/contract.py).
+        self.contract = (
+            ContractMeter(config.grid_contract, 1.0 / config.control_period_s, config.grid_import_limit_w)
+            if config.grid_contract is not None
+            else None
+        )
 
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [power] settings (validated already); the next period uses them."""
         del inventory  # the battery's points are looked up in agent.inventory at each write
         self.config = config.power
+        self.contract = (
+            ContractMeter(
+                config.power.grid_contract,
+                1.0 / config.power.control_period_s,
+                config.power.grid_import_limit_w,
+            )
+            if config.power.grid_contract is not None
+            else None
+        )
         self._written.clear()  # the battery (or its mode) may have changed: send everything again
 
     # ------------------------------------------------------------------ wiring
@@ -90,6 +118,10 @@ class PowerService:
 
     def cap_source(self) -> Mapping[str, tuple[float, str]]:
         return {g: (w, CAP_REASON) for g, w in self.caps.items()}
+
+    def floor_source(self) -> Mapping[str, float]:
+        """Filler floors (W) per GPU for the nodes to hold (software fallback); empty: none."""
+        return dict(self.floors)
 
     # ------------------------------------------------------------------ the period
     def pod_limits(self, now_wall: float) -> dict[str, float]:
@@ -211,11 +243,23 @@ class PowerService:
             idle_margin_w=cfg.idle_margin_w,
         )
         self.caps = self.allocation.caps
+        no_battery = decision.discharge_avail_w == 0.0 and decision.charge_avail_w == 0.0
+        if cfg.no_battery_fallback == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
+            draws = {g: x.power_w for g, x in gpus.items()}
+            limits = {g: self.caps.get(g, x.default_w) for g, x in gpus.items()}
+            self.floors = soft_floor_step(
+                cfg, self._floor_state, now, dt, draws, limits, cfg.ramp_limit_w_per_s
+            )
+        else:
+            self.floors = {}
         if grid is not None:
             if self._last_grid is not None and now > self._last_grid[0]:
                 self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
                 self.max_grid_ramp_w_per_s = max(self.max_grid_ramp_w_per_s, abs(self.grid_ramp_w_per_s))
             self._last_grid = (now, grid)
+        if self.contract is not None:
+            self.contract.add(now, grid)  # a missing reading restarts the window
+            self.contract.evaluate(now)
         if inputs.battery is not None:
             self._command_battery(decision)
         self.steps += 1
@@ -320,6 +364,8 @@ class PowerService:
                 "cap_min_w": r(min(self.caps.values())) if self.caps else None,
                 "cap_max_w": r(max(self.caps.values())) if self.caps else None,
                 "applied_by_interlocks": self.interlocks_attached,
+                "soft_floor_gpus": len(self.floors),
+                "soft_floor_max_w": r(max(self.floors.values())) if self.floors else None,
             },
             "battery": None
             if bat is None
@@ -343,6 +389,9 @@ class PowerService:
                 "grid_ramp_w_per_s": r(self.grid_ramp_w_per_s),
                 "max_grid_ramp_w_per_s": r(self.max_grid_ramp_w_per_s),
             },
+            "contract": None
+            if self.contract is None
+            else report_status(self.contract.report, self.contract.contract),
         }
 
     def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
@@ -369,6 +418,8 @@ class PowerService:
         )
         add("podagent_pod_grid_ramp_watts_per_second", self.grid_ramp_w_per_s, "Grid import rate of change.")
         add("podagent_pod_budget_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
+        if self.contract is not None:
+            out.extend(report_metrics(self.contract.report))
         return out
 
 

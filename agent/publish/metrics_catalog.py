@@ -530,6 +530,34 @@ SERVICES: tuple[Family, ...] = (
         "power",
     ),
     Family("podagent_pod_budget_capped_gpus", "gauge", "GPUs capped by the power budget.", (), "power"),
+    Family(
+        "podagent_pod_grid_contract_ratio",
+        "gauge",
+        "Grid contract term: measured / limit over the window evaluated (1 = at the limit).",
+        ("term",),
+        "power",
+    ),
+    Family(
+        "podagent_pod_grid_contract_outside_seconds",
+        "gauge",
+        "Time the grid import broke this contract term, in the window evaluated.",
+        ("term",),
+        "power",
+    ),
+    Family(
+        "podagent_pod_grid_contract_binding",
+        "gauge",
+        "1 for the contract term closest to (or furthest past) its limit.",
+        ("term",),
+        "power",
+    ),
+    Family(
+        "podagent_pod_grid_contract_band_share_ratio",
+        "gauge",
+        "Share of the grid import's swing energy inside the contract's band (0-1).",
+        (),
+        "power",
+    ),
 )
 # Defined for the node agent (issue 12) and the alert rules; exported by the controller once
 # nodes are polled as devices.

@@ -570,3 +570,45 @@ def nvmlEventSetFree(eventSet: Any) -> None:
     addr = ctypes.cast(eventSet, ctypes.c_void_p).value or 0
     if _event_sets.pop(addr, None) is None:
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+
+
+# ---------------------------------------------------------------- power smoothing, workload profiles
+# Blackwell-class only (GB200/GB300, root): every GPU the fake serves today is H100-class, which
+# answers NOT_SUPPORTED, after the usual checks (initialised, a present GPU). hwsim's physics models
+# smoothing for a Blackwell-class GPU (``Physics.set_power_smoothing``, ``GpuSmoothingState``); the
+# fake serves it once the shared-memory layout carries that state and a request slot for it.
+def _not_supported(handle: Any) -> None:
+    _gpu(handle)
+    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+
+
+def nvmlDevicePowerSmoothingSetState(device: Any, state: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDevicePowerSmoothingActivatePresetProfile(device: Any, profile: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDevicePowerSmoothingUpdatePresetProfileParam(device: Any, profile: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDeviceWorkloadPowerProfileGetProfilesInfo(device: Any, profilesInfo: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDeviceWorkloadPowerProfileGetCurrentProfiles(device: Any, currentProfiles: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(device: Any, requestedProfiles: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDeviceWorkloadPowerProfileClearRequestedProfiles(device: Any, requestedProfiles: Any) -> None:
+    _not_supported(device)
+
+
+def nvmlDeviceWorkloadPowerProfileUpdateProfiles_v1(device: Any, updateProfiles: Any) -> None:
+    _not_supported(device)

@@ -1,0 +1,98 @@
+"""``curtail``: a fleet order to hold the site's grid import down (Texas SB6-style curtailment).
+
+Pure validation and plan; the MQTT command (agent/publish/commands.py) parses the envelope
+(id, issued_at, expires_at) as for every command and hands the body here. Body:
+``{"target_w": W}`` or ``{"fraction": 0..1}`` (of the grid import when the order starts),
+``"start_at"`` (ms since epoch, UTC; absent: now), ``"duration_s"`` (> 0), ``"deadline_s"``
+(how long after start the target must be reached; default 2 s). A refusal says why.
+
+In force, the order's limit is one more grid import limit (the lowest wins, budgets beat the ramp,
+so the target applies at once); after ``start + duration`` it is released at the contract's ramp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_DURATION_S = 24 * 3600.0
+
+
+class CurtailRefused(ValueError):
+    """The order is refused; the message says why (it goes into the command reply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CurtailOrder:
+    id: str
+    target_w: float | None
+    fraction: float | None
+    start_wall: float  # s since epoch
+    duration_s: float
+    deadline_s: float
+
+
+def _number(body: Mapping[str, object], key: str) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise CurtailRefused(f"{key}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def validate_curtail(
+    order_id: str, body: Mapping[str, object], now_wall: float, *, min_site_w: float = 0.0
+) -> CurtailOrder:
+    """A valid order, or ``CurtailRefused`` with the reason. ``min_site_w``: the site's floor
+    (cooling plus every GPU at its minimum); a target under it cannot be delivered."""
+    unknown = set(body) - {"target_w", "fraction", "start_at", "duration_s", "deadline_s"}
+    if unknown:
+        raise CurtailRefused(f"unknown keys: {', '.join(sorted(unknown))}")
+    target, fraction = _number(body, "target_w"), _number(body, "fraction")
+    if (target is None) == (fraction is None):
+        raise CurtailRefused("give exactly one of target_w or fraction")
+    if target is not None and target < 0:
+        raise CurtailRefused("target_w must be >= 0")
+    if target is not None and target < min_site_w:
+        raise CurtailRefused(
+            f"target_w {target:.0f} W is under what the site can go down to ({min_site_w:.0f} W)"
+        )
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        raise CurtailRefused("fraction must be in [0, 1)")
+    duration = _number(body, "duration_s")
+    if duration is None or not 0.0 < duration <= MAX_DURATION_S:
+        raise CurtailRefused(f"duration_s must be in (0, {MAX_DURATION_S:.0f}]")
+    start_ms = _number(body, "start_at")
+    start = now_wall if start_ms is None else start_ms / 1000.0
+    if start + duration <= now_wall:
+        raise CurtailRefused("the order ends in the past")
+    deadline = _number(body, "deadline_s")
+    deadline = 2.0 if deadline is None else deadline
+    if not 0.0 < deadline <= duration:
+        raise CurtailRefused("deadline_s must be in (0, duration_s]")
+    return CurtailOrder(order_id, target, fraction, start, duration, deadline)
+
+
+def curtail_limit_w(
+    order: CurtailOrder, now_wall: float, import_at_start_w: float | None, ramp_w_per_s: float | None
+) -> float | None:
+    """The grid import limit the order sets now (None: not in force). A fraction applies to the
+    import measured when the order started (``import_at_start_w``; None: not known yet, no limit).
+    After the end the limit rises at ``ramp_w_per_s`` (None: released at once) until it no longer
+    binds (the caller drops the order once the limit is above the import)."""
+    if now_wall < order.start_wall:
+        return None
+    if order.target_w is not None:
+        target = order.target_w
+    elif import_at_start_w is not None and order.fraction is not None:
+        target = order.fraction * import_at_start_w
+    else:
+        return None
+    end = order.start_wall + order.duration_s
+    if now_wall < end:
+        return target
+    if ramp_w_per_s is None:
+        return None
+    return target + ramp_w_per_s * (now_wall - end)
