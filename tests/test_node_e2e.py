@@ -19,7 +19,7 @@ from agent.interlocks.service import InterlockService
 from agent.model import Quality
 from tests.agent_helpers import running_agent
 from tests.conftest import SimPod, start_pod, stop_pod
-from tests.node_helpers import NodeFleet, RawClient, duo_pod_file, node_fleet, request_body
+from tests.node_helpers import NodeFleet, RawClient, duo_pod_file, node_fleet, request_body, wait_armed
 
 DEFAULT_W, MIN_W = 700.0, 200.0
 FAILSAFE_W = 0.6 * DEFAULT_W
@@ -294,3 +294,27 @@ async def test_coolant_leak_caps_the_gpus_of_every_node_on_the_loop(tmp_path: Pa
                 pod, lambda lim: lim == [MIN_W] * 8, within=15, what="every GPU on the loop at minimum"
             )
             assert all(service.actuation[g].requested_w == MIN_W for g in everything)
+
+
+async def test_node_restart_keeps_each_gpu_limit_until_the_controller_decides(tmp_path: Path) -> None:
+    with duo(tmp_path) as pod, node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S) as fleet:
+        node = fleet.nodes[0]
+        client = RawClient(node.port, fleet.key)
+        try:
+            assert client.send_raw(client.frame(**request_body("srv-0", "b1", 1, {"0": 450.0, "2": 300.0})))[
+                "ok"
+            ]
+        finally:
+            client.close()
+        await until_truth(
+            pod, lambda lim: lim[:4] == [450.0, DEFAULT_W, 300.0, DEFAULT_W], within=5, what="caps"
+        )
+        node.kill()
+        node.start()
+        await asyncio.to_thread(wait_armed, node)
+        await asyncio.sleep(4 * POLL_S)  # several of the new node's ticks, no controller yet
+        assert limits(pod)[:4] == [450.0, DEFAULT_W, 300.0, DEFAULT_W]  # held, no jump to default
+        assert any(r.get("kind") == "reconciled" for r in node.log_lines())
+        # The controller's first decision takes over (here: no caps -> ramped back to the default).
+        async with controller(fleet, tmp_path) as (_agent, _service):
+            await until_truth(pod, lambda lim: lim == [DEFAULT_W] * 8, within=30, what="released")
