@@ -53,7 +53,7 @@ def hwsim_nodes(pod: SimPod) -> Iterator[dict[str, Any]]:
             "--manifest",
             manifest,
             "--poll-interval",
-            "0.5",
+            "1.0",
             "--lost-after",
             "3",
         ],

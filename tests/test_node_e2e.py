@@ -23,7 +23,10 @@ from tests.node_helpers import NodeFleet, RawClient, duo_pod_file, node_fleet, r
 
 DEFAULT_W, MIN_W = 700.0, 200.0
 FAILSAFE_W = 0.6 * DEFAULT_W
-POLL_S = 0.5
+POLL_S = 0.5  # the controller's
+# The nodes' NVML poll: their own sensor_stale trips after 3 of these (kept at 1 s so that a
+# loaded test machine does not make a node's GPU temperatures stale).
+NODE_POLL_S = 1.0
 LOST_S = 3.0
 # Node and controller ramp alike: +10% of the default limit every second (tests stay short).
 NODE_EXTRA = "[interlocks]\nrelease_interval_s = 1.0\n[interlocks.gpu_runaway]\nclear_hold_s = 3.0\n"
@@ -117,7 +120,9 @@ async def test_runaway_with_no_controller_is_capped_by_its_node(tmp_path: Path) 
         pod.request(cmd="workload", profile="steady", level=0.95)
         # No controller at all, and never "lost" within the test: the node holds the limits it
         # found (700 W) and its own rules are all that act.
-        with node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S, extra=NODE_EXTRA) as fleet:
+        with node_fleet(
+            pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S, extra=NODE_EXTRA
+        ) as fleet:
             node = fleet.nodes[1]
             await until_log(
                 node, lambda r: r.get("event") == "node interlocks armed", within=20, what="armed"
@@ -137,7 +142,10 @@ async def test_runaway_with_no_controller_is_capped_by_its_node(tmp_path: Path) 
 
 
 async def test_forged_replayed_and_expired_caps_change_nothing(tmp_path: Path) -> None:
-    with duo(tmp_path) as pod, node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S) as fleet:
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+    ):
         node = fleet.nodes[0]
         await until_log(node, lambda r: r.get("event") == "node interlocks armed", within=20, what="armed")
         client = RawClient(node.port, fleet.key)
@@ -190,7 +198,9 @@ async def test_forged_replayed_and_expired_caps_change_nothing(tmp_path: Path) -
 async def test_controller_lost_means_failsafe_and_its_return_releases_ramped(tmp_path: Path) -> None:
     with (
         duo(tmp_path) as pod,
-        node_fleet(pod, tmp_path, lost_after_s=LOST_S, poll_interval_s=POLL_S, extra=NODE_EXTRA) as fleet,
+        node_fleet(
+            pod, tmp_path, lost_after_s=LOST_S, poll_interval_s=NODE_POLL_S, extra=NODE_EXTRA
+        ) as fleet,
     ):
         async with controller(fleet, tmp_path, "ctl-1") as (agent, _service):
             await until_agent(
@@ -232,7 +242,10 @@ async def test_controller_lost_means_failsafe_and_its_return_releases_ramped(tmp
 
 
 async def test_dead_or_hung_node_goes_stale_while_the_other_keeps_cadence(tmp_path: Path) -> None:
-    with duo(tmp_path) as pod, node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S) as fleet:
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+    ):
         async with controller(fleet, tmp_path) as (agent, service):
             everything = [g for s in (0, 1) for g in gpu_ids(s)]
             await until_agent(
@@ -279,7 +292,10 @@ async def test_dead_or_hung_node_goes_stale_while_the_other_keeps_cadence(tmp_pa
 
 
 async def test_coolant_leak_caps_the_gpus_of_every_node_on_the_loop(tmp_path: Path) -> None:
-    with duo(tmp_path) as pod, node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S) as fleet:
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+    ):
         async with controller(fleet, tmp_path) as (agent, service):
             everything = [g for s in (0, 1) for g in gpu_ids(s)]
             await until_agent(
@@ -297,7 +313,10 @@ async def test_coolant_leak_caps_the_gpus_of_every_node_on_the_loop(tmp_path: Pa
 
 
 async def test_node_restart_keeps_each_gpu_limit_until_the_controller_decides(tmp_path: Path) -> None:
-    with duo(tmp_path) as pod, node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=POLL_S) as fleet:
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S, extra=NODE_EXTRA) as fleet,
+    ):
         node = fleet.nodes[0]
         client = RawClient(node.port, fleet.key)
         try:

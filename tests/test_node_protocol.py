@@ -77,6 +77,7 @@ def test_a_flipped_bit_never_passes_as_another_request(pos: int, bit: int) -> No
 def test_request_checks() -> None:
     req = check(body())
     assert req.caps == {0: 400.0}  # type: ignore[attr-defined]
+    assert check(body(caps=None)).caps is None  # type: ignore[attr-defined]
     for bad, reason in (
         (body(node="srv-1"), "node"),
         (body(expires_at=int(NOW * 1000)), "expired"),
@@ -121,6 +122,18 @@ def test_lease_modes() -> None:
     lease.update(21.5)
     assert lease.mode == "failsafe" and lease.failsafe_entered == 2
     assert lease.external_caps(failsafe) == {"gpu0": (300.0, "controller"), "gpu1": (420.0, "failsafe")}
+    # A restarted controller that has not decided yet: what is enforced stays, no step up.
+    lease.accept(None, expires_wall=NOW + 3, now=22.0)
+    lease.update(22.0)
+    assert lease.mode == "controller"
+    assert lease.external_caps(failsafe) == {"gpu0": (300.0, "controller"), "gpu1": (420.0, "controller")}
+
+
+def test_no_decision_yet_keeps_held_limits() -> None:
+    lease = LeaseState(lost_after_s=10.0, started=0.0, held={"gpu0": 500.0})
+    lease.accept(None, expires_wall=NOW + 3, now=1.0)
+    assert lease.update(1.0) is not None and lease.mode == "controller"
+    assert lease.external_caps({"gpu0": 420.0}) == {"gpu0": (500.0, "controller")}
 
 
 def test_check_config_takes_a_node_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

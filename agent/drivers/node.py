@@ -47,7 +47,7 @@ class _Link:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def request(self, op: str, caps: Mapping[int, float], lease_s: float) -> JsonObj:
+    async def request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
         async with self._lock:
             try:
                 async with asyncio.timeout(self.cfg.timeout_s):
@@ -59,7 +59,7 @@ class _Link:
                 await self.close()
                 raise DeviceUnavailable(self.cfg.id, f"{type(err).__name__}: {err}") from None
 
-    async def _request(self, op: str, caps: Mapping[int, float], lease_s: float) -> JsonObj:
+    async def _request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(
                 self.cfg.host, self.cfg.port, limit=MAX_FRAME + 2
@@ -74,7 +74,7 @@ class _Link:
             "op": op,
             "issued_at": issued,
             "expires_at": issued + int(lease_s * 1000),
-            "caps": {str(i): round(w, 3) for i, w in caps.items()},
+            "caps": None if caps is None else {str(i): round(w, 3) for i, w in caps.items()},
         }
         self._writer.write(encode(self.key, REQ, body))
         await self._writer.drain()
@@ -119,7 +119,10 @@ class NodeDriver:
         self._key: bytes | None = None
         self._poll: _Link | None = None
         self._act: _Link | None = None
-        self._lease: dict[int, float] = {}  # local index -> W: renewed with every poll
+        # local index -> W, renewed with every poll. None until the first answer: the lease then
+        # starts as the limits the GPUs have (as the interlock engine reconciles at start), so a
+        # controller restart never releases a cap the node enforces.
+        self._lease: dict[int, float] | None = None
         self._info: dict[str, dict[str, str]] = {}
         self._constraints: dict[str, tuple[float, float, float]] = {}
         self.hostname: str | None = None
@@ -144,8 +147,20 @@ class NodeDriver:
     async def poll(self) -> list[Reading]:
         if self._poll is None:
             raise DeviceUnavailable(self.device_id, "not open")
-        answer = await self._poll.request("poll", dict(self._lease), self.lease_s)
-        return self._readings(answer)
+        answer = await self._poll.request("poll", self._lease, self.lease_s)
+        readings = self._readings(answer)
+        if self._lease is None:
+            self._lease = self._applied(answer)
+        return readings
+
+    @staticmethod
+    def _applied(answer: JsonObj) -> dict[int, float]:
+        raw = answer.get("applied_w")
+        out: dict[int, float] = {}
+        for k, v in (raw if isinstance(raw, dict) else {}).items():
+            if isinstance(v, int | float) and math.isfinite(v) and v > 0 and str(k).isdigit():
+                out[int(k)] = float(v)
+        return out
 
     # -- answers -------------------------------------------------------------------------------
     def _readings(self, answer: JsonObj) -> list[Reading]:
@@ -253,7 +268,7 @@ class NodeDriver:
         """Send the new lease now; per GPU, the cap the node honours (its limit, when at or under
         the cap: a lower one, from the node's own rules, honours it too) or the error."""
         out: dict[str, float | DriverError] = {}
-        lease = dict(self._lease)
+        lease = dict(self._lease or {})
         asked: dict[str, tuple[int, float]] = {}
         for device, requested in limits.items():
             index = self._index(device)

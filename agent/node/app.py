@@ -241,7 +241,8 @@ class NodeAgent:
     async def on_request(self, req: CapRequest) -> dict[str, float]:
         """A valid request from the controller: take its lease; a ``caps`` request is applied now."""
         t0 = time.monotonic()
-        caps = {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in self.lease_gpus()}
+        gpus = self.lease_gpus()
+        caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
         self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
         if req.op != "caps":
             self._wake.set()

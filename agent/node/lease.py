@@ -6,7 +6,8 @@ Pure (the caller passes the time). Three modes:
   decision or ``controller_lost_after_s``.
 - ``controller``: a valid request within ``controller_lost_after_s``: the lease's caps apply (a GPU
   the lease does not name has no controller cap). An expired lease never raises a cap on its own:
-  its caps stay until a newer lease or the fail-safe.
+  its caps stay until a newer lease or the fail-safe. A request with no lease (``caps`` null: a
+  controller that has not decided yet, right after its start) keeps the caps in force as they are.
 - ``failsafe``: nothing valid for ``controller_lost_after_s``: each GPU gets the lower of its
   fail-safe cap and its last lease (or held) cap.
 The node's own interlocks combine with these in the engine: the lowest cap wins, and a rising
@@ -39,13 +40,22 @@ class LeaseState:
     last_valid: float | None = None
     mode: Mode = "hold"
     failsafe_entered: int = 0
+    _enforced: dict[str, float] = field(default_factory=dict)  # the last external caps handed out
 
-    def accept(self, caps: Mapping[str, float], *, expires_wall: float, now: float) -> None:
-        """A valid request: its lease replaces the previous one."""
-        self.caps = dict(caps)
+    def accept(self, caps: Mapping[str, float] | None, *, expires_wall: float, now: float) -> None:
+        """A valid request: its lease replaces the previous one. ``None`` (a controller that has
+        not decided yet) only says it is alive: the caps in force stay (held ones included)."""
+        if caps is None:
+            # Keep what is enforced now: held limits, or the fail-safe merged with the last lease.
+            if self.last_valid is None:
+                self.caps = dict(self.held)
+            elif self.mode == "failsafe":
+                self.caps = dict(self._enforced)
+        else:
+            self.caps = dict(caps)
+            self.held = {}
         self.expires_wall = expires_wall
         self.last_valid = now
-        self.held = {}
 
     def silent_for(self, now: float) -> float:
         return now - (self.last_valid if self.last_valid is not None else self.started)
@@ -73,12 +83,12 @@ class LeaseState:
             base = {g: (w, "hold") for g, w in self.held.items()}
         else:
             base = {g: (w, "controller") for g, w in self.caps.items()}
-        if self.mode != "failsafe":
-            return base
         out = dict(base)
-        for gpu, w in failsafe_w.items():
-            if gpu not in out or w < out[gpu][0]:
-                out[gpu] = (w, "failsafe")
+        if self.mode == "failsafe":
+            for gpu, w in failsafe_w.items():
+                if gpu not in out or w < out[gpu][0]:
+                    out[gpu] = (w, "failsafe")
+        self._enforced = {g: w for g, (w, _) in out.items()}
         return out
 
 

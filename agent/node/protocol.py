@@ -8,8 +8,9 @@ tag stops a node's answer from being reflected back to it as a request.
 Request (controller -> node): ``node`` (the node's id: a request for another node is refused),
 ``boot`` (the controller's boot id), ``seq`` (per boot, strictly increasing), ``issued_at`` and
 ``expires_at`` (ms since the epoch, UTC), ``op`` (``poll`` or ``caps``) and ``caps``: the
-controller's lease, {local GPU index: W} (an empty map is a lease with no cap). Every request,
-polls included, renews the lease until ``expires_at``.
+controller's lease, {local GPU index: W} (an empty map is a lease with no cap), or null: no
+decision yet (a controller's first poll after its start: the node keeps what it enforces). Every
+request, polls included, renews the lease until ``expires_at``.
 
 Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
 request is refused), ``ok``, and for polls the readings (see ``agent/node/server.py``).
@@ -105,7 +106,7 @@ class CapRequest:
     op: str
     issued_at_ms: int
     expires_at_ms: int
-    caps: dict[int, float]  # local GPU index -> W
+    caps: dict[int, float] | None  # local GPU index -> W; None: no decision yet (keep the lease)
 
 
 class ReplayGuard:
@@ -147,7 +148,7 @@ def check_request(
         and isinstance(seq, int)
         and isinstance(issued, int)
         and isinstance(expires, int)
-        and isinstance(raw_caps, dict)
+        and (raw_caps is None or isinstance(raw_caps, dict))
         and isinstance(target, str)
         and op in ("poll", "caps")
     ):
@@ -158,16 +159,17 @@ def check_request(
         raise ProtocolError("expired", f"expired {now - expires / 1000:.1f} s ago")
     if abs(issued / 1000 - now) > max_skew_s:
         raise ProtocolError("skew", f"issued {issued / 1000 - now:+.1f} s from now")
-    caps: dict[int, float] = {}
-    for k, v in raw_caps.items():
+    parsed: dict[int, float] = {}
+    for k, v in (raw_caps or {}).items():
         try:
             index, watts = int(k), float(v)
         except (TypeError, ValueError):
             raise ProtocolError("frame", f"bad cap {k!r}: {v!r}") from None
         if index < 0 or not math.isfinite(watts) or watts <= 0:
             raise ProtocolError("frame", f"bad cap {k!r}: {v!r}")
-        caps[index] = watts
+        parsed[index] = watts
     guard.check(boot, seq, now)
+    caps = None if raw_caps is None else parsed
     return CapRequest(boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps)
 
 

@@ -104,7 +104,7 @@ class NodeServer:
         self.guard.accept(req.boot, req.seq, time.time())
         if not node.ready.is_set():
             node.lease.accept(
-                {f"gpu{i}": w for i, w in req.caps.items()},
+                None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items()},
                 expires_wall=req.expires_at_ms / 1000,
                 now=time.monotonic(),
             )
