@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("podagent.node")
 
-IDLE_S = 300.0
-MAX_CLIENTS = 16
+IDLE_S = 300.0  # an authenticated connection (the controller's) may idle this long
+FIRST_FRAME_S = 5.0  # a connection that has sent no valid request yet is dropped after this
+MAX_CLIENTS = 64  # with FIRST_FRAME_S, a LAN peer cannot hold the controller out for long
 
 
 class NodeServer:
@@ -64,10 +65,11 @@ class NodeServer:
             return
         if task is not None:
             self._clients.add(task)
+        trusted = False
         try:
             while True:
                 try:
-                    async with asyncio.timeout(IDLE_S):
+                    async with asyncio.timeout(IDLE_S if trusted else FIRST_FRAME_S):
                         line = await reader.readline()
                 except (TimeoutError, ValueError):  # idle, or a line over MAX_FRAME
                     if not reader.at_eof():
@@ -76,6 +78,7 @@ class NodeServer:
                 if not line:
                     return
                 answer = await self._answer(line, peer)
+                trusted = trusted or bool(answer.get("ok"))
                 writer.write(encode(self.node.key, RSP, answer))
                 await writer.drain()
         except (ConnectionError, OSError):
