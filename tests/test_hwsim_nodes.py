@@ -24,6 +24,7 @@ from tests.test_node_e2e import (
     duo,
     fresh,
     gpu_ids,
+    still_polled,
     until_agent,
     until_truth,
 )
@@ -82,17 +83,6 @@ def hwsim_nodes(pod: SimPod) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-async def still_polled(agent: Any, gpus: list[str]) -> None:
-    """The other node keeps its cadence: new, good readings keep arriving from it."""
-    since = time.monotonic()
-
-    def new(g: str) -> bool:
-        r = agent.store.get(g, "temp_c")
-        return r is not None and r.ts_mono > since and r.value is not None
-
-    await until_agent(agent, lambda: all(new(g) for g in gpus), within=5, what=f"new readings from {gpus}")
 
 
 def node_fault(pod: SimPod, name: str, device: str, *, clear: bool = False) -> None:

@@ -147,7 +147,13 @@ class NodeDriver:
     async def poll(self) -> list[Reading]:
         if self._poll is None:
             raise DeviceUnavailable(self.device_id, "not open")
-        answer = await self._poll.request("poll", self._lease, self.lease_s)
+        for attempt in range(self.cfg.retries + 1):  # within the poller's budget for this device
+            try:
+                answer = await self._poll.request("poll", self._lease, self.lease_s)
+                break
+            except DeviceUnavailable:
+                if attempt == self.cfg.retries:
+                    raise
         readings = self._readings(answer)
         if self._lease is None:
             self._lease = self._applied(answer)
