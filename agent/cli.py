@@ -28,6 +28,10 @@ def _load(path: Path) -> AgentConfig | None:
 
 
 def check_config(path: Path) -> int:
+    from agent.node.cli import check_node_config, is_node_config
+
+    if is_node_config(path):  # a [node] table: a GPU server's node agent config
+        return check_node_config(path)
     config = _load(path)
     if config is None:
         return 1
@@ -84,11 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the agent in the foreground (systemd runs this)")
     r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    c = sub.add_parser("check-config", help="validate a config file; print every problem")
+    n = sub.add_parser("node", help="run a GPU server's node agent in the foreground")
+    n.add_argument("--config", type=Path, default=Path("/etc/podagent/node.toml"))
+    c = sub.add_parser(
+        "check-config", help="validate a config file (controller or node); print every problem"
+    )
     c.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "node":
+        from agent.node.cli import run_node
+
+        return run_node(args.config)
     return run(args.config)
 
 

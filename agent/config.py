@@ -147,7 +147,30 @@ class HostDevice(DeviceBase):
     disk_paths: list[str] = Field(default_factory=lambda: ["/"])
 
 
-AnyDevice = Annotated[NvmlDevice | SnmpDevice | ModbusDevice | HostDevice, Field(discriminator="kind")]
+class NodeDevice(DeviceBase):
+    """A GPU server's node agent (``podagent node``), reached over the pod network (docs/node.md).
+    Its GPUs are sub-devices ``{gpu_prefix}{local index}`` (default ``{id}-gpu0``...)."""
+
+    kind: Literal["node"]
+    host: str
+    port: int = Field(9410, ge=1, le=65535)
+    # The pod key shared with every node agent of the pod (>= 16 bytes).
+    key_file: Path
+    # How long each cap lease runs; every poll renews it. None: 3 poll intervals.
+    lease_s: float | None = Field(None, gt=0, le=3600)
+    # None: f"{id}-gpu" (pod-unique GPU ids, e.g. srv-3-gpu5).
+    gpu_prefix: str | None = None
+
+    @model_validator(mode="after")
+    def _lease(self) -> NodeDevice:
+        if self.lease_s is not None and self.lease_s <= self.poll_interval_s:
+            raise ValueError("lease_s must be longer than poll_interval_s (every poll renews the lease)")
+        return self
+
+
+AnyDevice = Annotated[
+    NvmlDevice | SnmpDevice | ModbusDevice | HostDevice | NodeDevice, Field(discriminator="kind")
+]
 
 
 def profile_path(name: str) -> Path:
@@ -265,7 +288,7 @@ def _key_path(loc: tuple[int | str, ...], data: object) -> str:
                     label = f"[{item}](id={node['id']})"
             parts.append(label)
             continue
-        if after_index and item in ("nvml", "snmp", "modbus", "host") and parts[-1].startswith("["):
+        if after_index and item in ("nvml", "snmp", "modbus", "host", "node") and parts[-1].startswith("["):
             after_index = False
             continue  # the discriminated-union tag pydantic inserts: not a key in the file
         after_index = False
@@ -440,6 +463,7 @@ __all__ = [
     "DeviceBase",
     "HostDevice",
     "ModbusDevice",
+    "NodeDevice",
     "NvmlDevice",
     "SnmpDevice",
     "Strict",

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from hwsim.faults import FAULTS
+from hwsim.nodes import NODE_FAULTS
 from hwsim.podspec import PodSpecError, load_pod_spec
 from hwsim.runner import PodRunner, control_request
 from hwsim.scenario import load_scenario
@@ -67,7 +68,46 @@ def find_manifest(explicit: str | None) -> Path:
     )
 
 
+def _nodes_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    """The `hwsim nodes` manifest next to the running pod's."""
+    path = find_manifest(args.manifest).parent / "nodes.json"
+    if not path.is_file():
+        raise PodSpecError(f"no node agents running for this pod (no {path}): start `hwsim nodes`")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+async def _run_nodes(args: argparse.Namespace) -> int:
+    from hwsim.nodes import NodeFleet
+
+    manifest_path = find_manifest(args.manifest)
+    manifest = json.loads(manifest_path.read_text())
+    fleet = NodeFleet(
+        manifest,
+        manifest_path.parent,
+        key_file=Path(args.key_file) if args.key_file else None,
+        poll_interval_s=args.poll_interval,
+        controller_lost_after_s=args.lost_after,
+        base_port=args.base_port,
+    )
+    try:
+        nodes = await fleet.start()
+        structlog.get_logger("hwsim").info(
+            "node agents running", nodes=len(nodes["nodes"]), manifest=str(fleet.manifest_path)
+        )
+        await fleet.run()
+    finally:
+        await fleet.close()
+    return 0
+
+
 def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    if request.get("cmd") == "fault" and request.get("name") in NODE_FAULTS:
+        control = _nodes_manifest(args)["control"]
+        try:
+            return control_request(control, request)
+        except OSError as err:
+            raise PodSpecError(f"cannot reach the node agents at {control}: {err.strerror or err}") from err
     manifest = json.loads(find_manifest(args.manifest).read_text())
     try:
         return control_request(manifest["control"], request)
@@ -147,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--scenario", help="a TOML timeline of faults and workload changes")
 
     fault = sub.add_parser("fault", help="inject or clear a fault in a running pod")
-    fault.add_argument("name", choices=sorted(FAULTS), metavar="NAME", help=", ".join(FAULTS))
+    all_faults = {**FAULTS, **NODE_FAULTS}
+    fault.add_argument("name", choices=sorted(all_faults), metavar="NAME", help=", ".join(all_faults))
     fault.add_argument("--device", help="device id (default: the first the fault applies to)")
     fault.add_argument("--clear", action="store_true")
     fault.add_argument(
@@ -172,6 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     agentconf = sub.add_parser("agent-config", help="print a podagent config for a running pod")
     agentconf.add_argument("--manifest")
     agentconf.add_argument("--state-dir", default="/var/lib/podagent")
+    agentconf.add_argument(
+        "--nodes", action="store_true", help="GPUs through the `hwsim nodes` agents (kind = node)"
+    )
+    agentconf.add_argument("--node", metavar="ID", help="print node ID's own config (e.g. srv-0)")
+
+    nodes = sub.add_parser("nodes", help="run a podagent node per simulated server (foreground)")
+    nodes.add_argument("--manifest")
+    nodes.add_argument("--key-file", help="the pod key (default: RUN_DIR/pod.key, made if missing)")
+    nodes.add_argument("--poll-interval", type=float, default=1.0)
+    nodes.add_argument("--lost-after", type=float, default=10.0, help="controller_lost_after_s")
+    nodes.add_argument("--base-port", type=int, default=0, help="server N listens on BASE+N (0: free)")
 
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
@@ -179,14 +231,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(_run(args))
         if args.command == "faults":
-            for name, text in FAULTS.items():
+            for name, text in {**FAULTS, **NODE_FAULTS}.items():
                 print(f"{name:18} {text}")
             return 0
+        if args.command == "nodes":
+            return asyncio.run(_run_nodes(args))
         if args.command == "agent-config":
-            from hwsim.agentconf import render_agent_config
+            from hwsim.agentconf import NodeLayout, render_agent_config
 
             manifest = json.loads(find_manifest(args.manifest).read_text())
-            sys.stdout.write(render_agent_config(manifest, state_dir=args.state_dir))
+            if args.node:
+                found = [n for n in _nodes_manifest(args)["nodes"] if n["id"] == args.node]
+                if not found:
+                    raise PodSpecError(f"no node {args.node!r} in this pod's node agents")
+                sys.stdout.write(Path(found[0]["config"]).read_text())
+                return 0
+            layout = None
+            if args.nodes:
+                nm = _nodes_manifest(args)
+                layout = NodeLayout(
+                    key_file=nm["key_file"], ports={n["server"]: n["port"] for n in nm["nodes"]}
+                )
+            sys.stdout.write(render_agent_config(manifest, state_dir=args.state_dir, nodes=layout))
             return 0
         if args.command == "fault":
             request: dict[str, Any] = {

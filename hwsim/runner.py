@@ -177,6 +177,8 @@ class PodRunner:
         }
         chillers = {ch.id: {"cdus": ch.cdus} for ch in self.spec.chiller}
         topo: dict[str, Any] = {"gpus": len(st.gpus), "pdus": pdus, "cdus": cdus, "chillers": chillers}
+        # Each server's GPUs in local index order (what its node agent's NVML shows: 0..k-1).
+        topo["servers"] = {str(s): gpus for s, gpus in sorted(gpus_of_server.items())}
         if self.spec.battery is not None:
             b = self.spec.battery
             topo["battery"] = {

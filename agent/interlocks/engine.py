@@ -189,6 +189,11 @@ class _LazyLimits(dict[str, "GpuLimits | None"]):
             value = known[1]
         else:
             value = Engine._limits(key)
+            if value is None and known is not None:
+                # A GPU's constraints do not change when its driver goes silent (a dead node agent,
+                # NVML unreachable): keep the last known ones, so sensor_stale can still name the
+                # fail-safe cap it holds.
+                value = known[1]
             self._memo[gpu] = (key, value)
         self[gpu] = value
         return value

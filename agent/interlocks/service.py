@@ -134,7 +134,7 @@ class InterlockService:
         gpus: list[str] = []
         stale: dict[str, float] = {}
         for poller in agent.pollers.values():
-            if poller.cfg.kind == "nvml":  # type: ignore[attr-defined]
+            if poller.cfg.kind in ("nvml", "node"):  # type: ignore[attr-defined]
                 limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
                 for g in sorted(poller.sub_devices, key=_natural):
                     gpus.append(g)

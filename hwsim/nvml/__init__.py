@@ -9,6 +9,11 @@ pointers of pynvml's own types (never dereferenced), returned structures are pyn
 How the fake finds the pod: ``set_state_path(path)`` (the agent's driver calls it when its config
 says ``library = "hwsim"``), else the environment variable ``HWSIM_NVML_STATE``.
 
+Which GPUs it shows: by default every GPU of the pod (one host seeing the whole pod: the controller's
+``nvml`` device kind against a simulated pod). ``set_server(n)`` (the node agent calls it from its
+config), else ``HWSIM_NVML_SERVER=n``, shows only simulated server ``n``'s GPUs, as NVML on that
+server would: indices 0..k-1 local to the server (``nvmlDeviceGetIndex``), each with its own UUID.
+
 ``nvmlInit`` without a pod, chosen to match what real NVML does:
 - no state path configured at all: ``NVMLError_LibraryNotFound`` (12), as pynvml raises when
   ``libnvidia-ml.so.1`` is not installed: there is nothing to talk to.
@@ -102,6 +107,7 @@ _REEXPORT = (
 globals().update({_k: _v for _k, _v in vars(_pynvml).items() if _k.startswith(_REEXPORT)})
 
 ENV_STATE = "HWSIM_NVML_STATE"
+ENV_SERVER = "HWSIM_NVML_SERVER"
 DRIVER_VERSION = "570.133.20"  # what a current datacenter driver branch reports
 NVML_VERSION = "12.570.133.20"
 PCI_DEVICE_ID = 0x233010DE  # H100 SXM5 80GB (device 0x2330, vendor 0x10DE)
@@ -121,10 +127,14 @@ _NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId/computeInstanceId of a non-MIG event
 _EVENT_POLL_S = 0.005  # how often a waiting event set looks at the shm ring
 
 _state_path: Path | None = None
+_server: int | None = None
 _reader: NvmlShmReader | None = None
 _refcount = 0
+# Handles are per visible GPU, in local index order; a handle's "address" encodes the GPU's index
+# in the pod's shm file (the reader's index), so every per-handle call works on pod indices.
 _handles: list[Any] = []
-_handle_index: dict[int, int] = {}  # id(handle object we made) -> GPU index
+_handle_index: dict[int, int] = {}  # id(handle object we made) -> GPU index in the shm file
+_local: dict[int, int] = {}  # GPU index in the shm file -> the local index NVML reports
 _lock = threading.Lock()
 
 
@@ -134,9 +144,28 @@ def set_state_path(path: str | os.PathLike[str] | None) -> None:
     _state_path = Path(path) if path is not None else None
 
 
+def set_server(server: int | None) -> None:
+    """Show only this simulated server's GPUs (hwsim-only; takes precedence over
+    ``HWSIM_NVML_SERVER``); None shows the whole pod. Takes effect at the next ``nvmlInit``."""
+    global _server  # noqa: PLW0603
+    _server = server
+
+
+def _selected_server() -> int | None:
+    if _server is not None:
+        return _server
+    raw = os.environ.get(ENV_SERVER, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT) from None
+
+
 # -- library ---------------------------------------------------------------------------------
 def nvmlInitWithFlags(flags: int) -> None:  # flags only select GPUs to skip: nothing to skip here
-    global _reader, _refcount, _handles, _handle_index  # noqa: PLW0603
+    global _reader, _refcount, _handles, _handle_index, _local  # noqa: PLW0603
     with _lock:
         if _reader is not None:
             _refcount += 1
@@ -153,11 +182,20 @@ def nvmlInitWithFlags(flags: int) -> None:  # flags only select GPUs to skip: no
         if not reader.alive():
             reader.close()
             raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
-        handles = [
-            ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + i), c_nvmlDevice_t) for i in range(reader.n_gpus)
-        ]
+        try:
+            server = _selected_server()
+        except NVMLError:
+            reader.close()
+            raise
+        if server is None:
+            visible = list(range(reader.n_gpus))
+        else:
+            # A server's GPUs in the order the pod lists them (its local index order).
+            visible = [i for i in range(reader.n_gpus) if reader.numbers(i).server == server]
+        handles = [ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + i), c_nvmlDevice_t) for i in visible]
         _handles = handles
-        _handle_index = {id(h): i for i, h in enumerate(handles)}
+        _handle_index = {id(h): i for h, i in zip(handles, visible, strict=True)}
+        _local = {i: n for n, i in enumerate(visible)}
         _reader = reader
         _refcount = 1
 
@@ -205,20 +243,21 @@ def nvmlSystemGetNVMLVersion() -> str:
 
 
 def nvmlDeviceGetCount() -> int:
-    return _lib().n_gpus
+    _lib()
+    return len(_handles)
 
 
 # -- handles ---------------------------------------------------------------------------------
 def _index(handle: Any, reader: NvmlShmReader) -> int:
     idx = _handle_index.get(id(handle))
-    if idx is not None and _handles[idx] is handle:
+    if idx is not None and _handles[_local[idx]] is handle:
         return idx
     try:
         addr = ctypes.cast(handle, ctypes.c_void_p).value or 0
     except (TypeError, ctypes.ArgumentError):
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT) from None
     idx = addr - _HANDLE_BASE
-    if not 0 <= idx < reader.n_gpus:
+    if not 0 <= idx < reader.n_gpus or idx not in _local:  # not a GPU of this (simulated) host
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     return idx
 
@@ -235,26 +274,27 @@ def _gpu(handle: Any) -> tuple[NvmlShmReader, int, GpuNumbers]:
 
 def nvmlDeviceGetHandleByIndex(index: int) -> Any:
     reader = _lib()
-    if not isinstance(index, int) or not 0 <= index < reader.n_gpus:
+    if not isinstance(index, int) or not 0 <= index < len(_handles):
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-    if reader.numbers(index).lost:
+    handle = _handles[index]
+    if reader.numbers(_handle_index[id(handle)]).lost:
         raise NVMLError(NVML_ERROR_GPU_IS_LOST)
-    return _handles[index]
+    return handle
 
 
 def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> Any:
     reader = _lib()
     want = uuid.decode() if isinstance(uuid, bytes) else uuid
-    for i in range(reader.n_gpus):
+    for i, local in _local.items():
         if reader.strings(i).uuid == want:
             if reader.numbers(i).lost:
                 raise NVMLError(NVML_ERROR_GPU_IS_LOST)
-            return _handles[i]
+            return _handles[local]
     raise NVMLError(NVML_ERROR_NOT_FOUND)
 
 
 def nvmlDeviceGetIndex(handle: Any) -> int:
-    return _gpu(handle)[1]
+    return _local[_gpu(handle)[1]]
 
 
 def nvmlDeviceGetUUID(handle: Any) -> str:
@@ -544,10 +584,10 @@ def nvmlEventSetWait_v2(eventSet: Any, timeoutms: int) -> Any:
     while True:
         events, cursor = reader.xid_events(es.cursor)
         for n, (_seq, gpu, xid) in enumerate(events):
-            if gpu < len(_handles) and es.masks.get(gpu, 0) & nvmlEventTypeXidCriticalError:
+            if gpu in _local and es.masks.get(gpu, 0) & nvmlEventTypeXidCriticalError:
                 es.cursor = cursor - len(events) + n + 1
                 data = c_nvmlEventData_t()
-                data.device = _handles[gpu]
+                data.device = _handles[_local[gpu]]
                 data.eventType = nvmlEventTypeXidCriticalError
                 data.eventData = xid
                 data.gpuInstanceId = _NO_INSTANCE

@@ -1,0 +1,327 @@
+"""Node driver: one GPU server's node agent, over the pod network (agent/node/protocol.py).
+
+Polled like any device. A poll reads every GPU of the server (its readings keep the node's sample
+age, so staleness is judged on when NVML was read, not when the answer came) and renews the cap
+lease; ``set_power_limits`` sends a new lease at once and returns what the node read back. GPUs
+are sub-devices ``{gpu_prefix}{local index}``; their info carries the dcgm-exporter identity
+(``hostname``, ``gpu`` = local index, ``uuid``).
+
+Two connections, each a request/answer stream with its own boot id (so the node's replay guard
+sees two ordered streams): one for polls, one for caps, so a cap never waits behind a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import NodeDevice
+from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, DriverError, register
+from agent.model import Quality, Reading, unit_of
+from agent.node.protocol import MAX_FRAME, REQ, RSP, JsonObj, ProtocolError, decode, encode, load_key, now_ms
+
+log = structlog.get_logger(__name__)
+
+CAP_TOLERANCE_W = 1.0
+_QUALITIES = {q.value: q for q in Quality}
+
+
+class _Link:
+    """One connection to the node: signed requests, answers checked against the request."""
+
+    def __init__(self, cfg: NodeDevice, key: bytes, stream: str) -> None:
+        self.cfg = cfg
+        self.key = key
+        self.boot = f"{os.urandom(6).hex()}-{stream}"
+        self._seq = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    return await self._request(op, caps, lease_s)
+            except TimeoutError:
+                await self.close()
+                raise DeviceUnavailable(self.cfg.id, f"no answer within {self.cfg.timeout_s:g} s") from None
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError) as err:
+                await self.close()
+                raise DeviceUnavailable(self.cfg.id, f"{type(err).__name__}: {err}") from None
+
+    async def _request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(
+                self.cfg.host, self.cfg.port, limit=MAX_FRAME + 2
+            )
+        assert self._reader is not None
+        issued = now_ms()
+        seq = next(self._seq)
+        body = {
+            "node": self.cfg.id,
+            "boot": self.boot,
+            "seq": seq,
+            "op": op,
+            "issued_at": issued,
+            "expires_at": issued + int(lease_s * 1000),
+            "caps": None if caps is None else {str(i): round(w, 3) for i, w in caps.items()},
+        }
+        self._writer.write(encode(self.key, REQ, body))
+        await self._writer.drain()
+        line = await self._reader.readline()
+        if not line:
+            raise ConnectionError("node closed the connection")
+        try:
+            answer = decode(self.key, RSP, line.rstrip(b"\n"))
+        except ProtocolError as err:
+            await self.close()
+            raise DeviceError(self.cfg.id, f"answer refused: {err}") from None
+        re = answer.get("re")
+        if not isinstance(re, dict) or re.get("boot") != self.boot or re.get("seq") != seq:
+            if answer.get("error") == "mac":
+                raise AuthError(self.cfg.id, "the node refused our signature (different pod key?)")
+            await self.close()
+            raise DeviceError(self.cfg.id, f"answer to another request ({re!r})")
+        if not answer.get("ok"):
+            error = str(answer.get("error"))
+            if error == "starting":
+                raise DeviceUnavailable(self.cfg.id, "node agent starting")
+            raise DeviceError(self.cfg.id, f"node refused the request: {error}")
+        return answer
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+@register("node")
+class NodeDriver:
+    """All GPUs of one server, through its node agent; device ids f"{gpu_prefix}{index}"."""
+
+    def __init__(self, cfg: NodeDevice) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.id
+        self.prefix = cfg.gpu_prefix if cfg.gpu_prefix is not None else f"{cfg.id}-gpu"
+        self.lease_s = cfg.lease_s if cfg.lease_s is not None else 3 * cfg.poll_interval_s
+        self._key: bytes | None = None
+        self._poll: _Link | None = None
+        self._act: _Link | None = None
+        # local index -> W, renewed with every poll. None until the first answer: the lease then
+        # starts as the limits the GPUs have (as the interlock engine reconciles at start), so a
+        # controller restart never releases a cap the node enforces.
+        self._lease: dict[int, float] | None = None
+        self._info: dict[str, dict[str, str]] = {}
+        self._constraints: dict[str, tuple[float, float, float]] = {}
+        self.hostname: str | None = None
+        self.node_boot: str | None = None
+        self.mode: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._key is None:
+            try:
+                self._key = load_key(Path(self.cfg.key_file))
+            except (OSError, ValueError) as err:
+                raise DeviceError(self.device_id, f"pod key: {err}") from None
+            self._poll = _Link(self.cfg, self._key, "poll")
+            self._act = _Link(self.cfg, self._key, "caps")
+
+    async def close(self) -> None:
+        for link in (self._poll, self._act):
+            if link is not None:
+                await link.close()
+
+    async def poll(self) -> list[Reading]:
+        if self._poll is None:
+            raise DeviceUnavailable(self.device_id, "not open")
+        for attempt in range(self.cfg.retries + 1):  # within the poller's budget for this device
+            try:
+                answer = await self._poll.request("poll", self._lease, self.lease_s)
+                break
+            except DeviceUnavailable:
+                if attempt == self.cfg.retries:
+                    raise
+        readings = self._readings(answer)
+        if self._lease is None:
+            self._lease = self._applied(answer)
+        return readings
+
+    @staticmethod
+    def _applied(answer: JsonObj) -> dict[int, float]:
+        raw = answer.get("applied_w")
+        out: dict[int, float] = {}
+        for k, v in (raw if isinstance(raw, dict) else {}).items():
+            if isinstance(v, int | float) and math.isfinite(v) and v > 0 and str(k).isdigit():
+                out[int(k)] = float(v)
+        return out
+
+    # -- answers -------------------------------------------------------------------------------
+    def _readings(self, answer: JsonObj) -> list[Reading]:
+        now_m, now_w = time.monotonic(), time.time()
+        out: list[Reading] = []
+        hostname = str(answer.get("hostname") or "")
+        boot = answer.get("node_boot")
+        if self.node_boot is not None and boot != self.node_boot:
+            log.warning("node restarted", device=self.device_id, node_boot=boot)
+        self.node_boot = str(boot)
+        self.hostname = hostname
+        mode = str(answer.get("mode"))
+        if mode != self.mode:
+            if self.mode is not None or mode == "failsafe":
+                log.info("node lease mode", device=self.device_id, mode=mode)
+            self.mode = mode
+        gpus = answer.get("gpus")
+        if not isinstance(gpus, list):
+            raise DeviceError(self.device_id, "poll answer without gpus")
+        for gpu in gpus:
+            if not isinstance(gpu, dict) or not isinstance(gpu.get("index"), int):
+                continue
+            index = gpu["index"]
+            dev = f"{self.prefix}{index}"
+            readings = gpu.get("readings")
+            if not isinstance(readings, dict):
+                continue
+            for metric, item in readings.items():
+                reading = self._reading(dev, str(metric), item, now_m, now_w)
+                if reading is not None:
+                    out.append(reading)
+            raw_info = gpu.get("info")
+            info = {str(k): str(v) for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
+            info.update(hostname=hostname, gpu=str(index), node=self.device_id)
+            self._info[dev] = info
+            lim = [
+                readings.get(m) for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
+            ]
+            values = [
+                v[0] if isinstance(v, list) and v and isinstance(v[0], int | float) else None for v in lim
+            ]
+            if all(v is not None for v in values):
+                lo, hi, default = (float(v) for v in values if v is not None)
+                self._constraints[dev] = (lo, hi, default)
+        status = answer.get("status")
+        if isinstance(status, dict):
+            for metric, value in status.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    out.append(
+                        Reading(self.device_id, f"node_{metric}", float(value), unit_of(metric), now_m, now_w)
+                    )
+        return out
+
+    @staticmethod
+    def _reading(dev: str, metric: str, item: Any, now_m: float, now_w: float) -> Reading | None:
+        if not isinstance(item, list) or len(item) != 4:
+            return None
+        value, quality, error, age = item
+        q = _QUALITIES.get(str(quality))
+        if q is None or not isinstance(age, int | float) or not math.isfinite(age) or age < 0:
+            return None
+        if value is not None and (not isinstance(value, int | float) or not math.isfinite(value)):
+            value, q, error = None, Quality.ERROR, "bad value from node"
+        if value is None and q is Quality.GOOD:
+            q = Quality.ERROR
+        return Reading(
+            dev,
+            metric,
+            None if value is None else float(value),
+            unit_of(metric),
+            now_m - age,
+            now_w - age,
+            q,
+            None if error is None else str(error),
+        )
+
+    # -- what the interlocks and budgets use ----------------------------------------------------
+    def device_info(self) -> dict[str, dict[str, str]]:
+        return {d: dict(i) for d, i in self._info.items()}
+
+    def gpu_ids(self) -> list[str]:
+        return sorted(self._info, key=lambda d: int(d.removeprefix(self.prefix)))
+
+    def constraints(self, device: str) -> tuple[float, float, float]:
+        c = self._constraints.get(device)
+        if c is None:
+            raise DeviceUnavailable(device, "power-limit constraints unknown (node not read yet)")
+        return c
+
+    def _index(self, device: str) -> int | None:
+        if not device.startswith(self.prefix):
+            return None
+        try:
+            return int(device.removeprefix(self.prefix))
+        except ValueError:
+            return None
+
+    async def set_caps(self, caps: Mapping[str, float]) -> Mapping[str, float]:
+        """The power-limiter shape (agent/actuators.py): set caps, return the limits now applied.
+        A GPU that failed is left out of the answer."""
+        results = await self.set_power_limits(caps)
+        return {g: v for g, v in results.items() if not isinstance(v, DriverError)}
+
+    async def set_power_limits(self, limits: Mapping[str, float]) -> dict[str, float | DriverError]:
+        """Send the new lease now; per GPU, the cap the node honours (its limit, when at or under
+        the cap: a lower one, from the node's own rules, honours it too) or the error."""
+        out: dict[str, float | DriverError] = {}
+        lease = dict(self._lease or {})
+        asked: dict[str, tuple[int, float]] = {}
+        for device, requested in limits.items():
+            index = self._index(device)
+            if index is None or not math.isfinite(requested) or requested <= 0:
+                out[device] = DeviceError(device, f"not a GPU of {self.device_id} or bad limit {requested!r}")
+                continue
+            watts = requested
+            if device in self._constraints:
+                lo, hi, _ = self._constraints[device]
+                watts = min(max(requested, lo), hi)
+            lease[index] = watts
+            asked[device] = (index, watts)
+        if not asked:
+            return out
+        if self._act is None:
+            await self.open()
+        assert self._act is not None
+        try:
+            answer = await self._act.request("caps", lease, self.lease_s)
+        except DriverError as err:
+            for device in asked:
+                out[device] = type(err)(device, err.reason)
+            return out
+        self._lease = lease
+        applied = answer.get("applied_w")
+        applied = applied if isinstance(applied, dict) else {}
+        for device, (index, watts) in asked.items():
+            now_w = applied.get(str(index))
+            if not isinstance(now_w, int | float) or not math.isfinite(now_w):
+                out[device] = DeviceError(device, "node did not report its limit")
+            elif now_w <= watts + CAP_TOLERANCE_W:
+                out[device] = watts
+            else:
+                out[device] = float(now_w)  # over the cap: the interlock service reports it
+        return out
+
+    async def set_power_limit(self, device: str, watts: float) -> float:
+        result = (await self.set_power_limits({device: watts}))[device]
+        if isinstance(result, DriverError):
+            raise result
+        return result
+
+    def submit_power_limits(
+        self, limits: Mapping[str, float]
+    ) -> asyncio.Future[dict[str, float | DriverError]]:
+        """Start the lease now (a task), for callers that collect the answer later."""
+        return asyncio.ensure_future(self.set_power_limits(dict(limits)))
+
+
+__all__ = ["NodeDriver"]

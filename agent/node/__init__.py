@@ -1,0 +1,1 @@
+"""The node agent: `podagent node` on each GPU server (docs/node.md)."""

@@ -1,0 +1,333 @@
+"""The node agent: this server's GPUs through NVML, its local rules, the controller's leases.
+
+One TaskGroup: the NVML poller (the controller's own ``Poller`` and ``NvmlDriver``), the safety
+loop (the controller's interlock ``Engine`` on this server's GPUs, with the lease and the fail-safe
+as external caps: the lowest cap wins) and the pod-network server. The safety loop runs on every
+new NVML reading and at least once a second; it never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import math
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from agent import __version__
+from agent.drivers.base import DriverError
+from agent.drivers.nvml import NvmlDriver
+from agent.events import Event
+from agent.interlocks.engine import Engine, Topology
+from agent.model import Reading
+from agent.node.config import NodeConfig
+from agent.node.lease import LeaseState, Transition
+from agent.node.protocol import CapRequest
+from agent.poller import Poller
+from agent.sdnotify import Notifier
+from agent.state import StateStore
+
+log = structlog.get_logger("podagent.node")
+
+CAP_TOLERANCE_W = 1.0  # NVML limits are whole mW; under a watt is the same limit
+RETRY_S = 2.0
+
+
+@dataclass
+class NodeEvent:
+    kind: str  # controller_lost, controller_back, interlock_trip, interlock_clear, cap_failed, rejected
+    message: str
+    ts_wall: float
+    detail: dict[str, object]
+
+
+class NodeAgent:
+    def __init__(self, cfg: NodeConfig, *, key: bytes, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.key = key
+        self.hostname = cfg.node.resolved_hostname()
+        self.boot_id = os.urandom(6).hex()
+        self.nvml_cfg = cfg.nvml.device()
+        self.store = StateStore()
+        self.driver = NvmlDriver(self.nvml_cfg)
+        self.poller = Poller(self.nvml_cfg, self.driver, self.store)
+        self.started = time.monotonic()
+        self.lease = LeaseState(lost_after_s=cfg.controller_lost_after_s, started=self.started)
+        self.engine: Engine | None = None
+        self.gpus: list[str] = []  # local device ids gpu0.., in index order
+        self.applied: dict[str, float] = {}  # GPU -> limit read back after our last set
+        self.caps: dict[str, float] = {}  # GPU -> what the engine asks for now
+        self.cap_reasons: dict[str, str] = {}
+        self._failing: dict[str, tuple[float, str]] = {}  # GPU -> (next try, error)
+        self.events: deque[NodeEvent] = deque(maxlen=256)
+        self.counters: dict[str, int] = {"interlock_trips": 0, "cap_sets": 0, "cap_failures": 0}
+        self.rejected: dict[str, int] = {}
+        self.ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.notifier = notifier or Notifier()
+        self.set_latency_s: deque[float] = deque(maxlen=4096)  # lease received -> NVML set read back
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        from agent.node.server import NodeServer
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._stop.set)
+        if self.cfg.nvml.library == "hwsim":
+            # The simulator's fake shows one simulated server's GPUs per process (as NVML on it).
+            importlib.import_module("hwsim.nvml").set_server(self.cfg.nvml.hwsim_server)
+        log.info("podagent node starting", version=__version__, node=self.cfg.node.id, host=self.hostname)
+        server = NodeServer(self)
+        unsubscribe = self.store.subscribe(self._on_batch)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.poller.run(), name="node.poll")
+                await server.start()
+                tg.create_task(self._safety_loop(), name="node.safety")
+                stop = tg.create_task(self._stop.wait(), name="node.stop")
+                await stop
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            unsubscribe()
+            await server.close()
+            self.notifier.send("STOPPING=1")
+            self.notifier.close()
+            log.info("podagent node stopped", node=self.cfg.node.id)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_batch(self, batch: Sequence[Reading]) -> None:
+        if any(r.metric == "temp_c" for r in batch):
+            self._wake.set()
+
+    # ------------------------------------------------------------------ safety loop
+    def _build_engine(self) -> Engine:
+        self.gpus = sorted(self.poller.sub_devices, key=lambda d: int(d.removeprefix("gpu")))
+        limit = self.nvml_cfg.poll_interval_s * self.nvml_cfg.stale_after_polls
+        topo = Topology(
+            gpus=tuple(self.gpus),
+            loops={},
+            pdus={},
+            pdu_rating_a={},
+            min_flow_lpm={},
+            stale_after_s=dict.fromkeys(self.gpus, limit),
+        )
+        initial: dict[str, float] = {}
+        for g in self.gpus:
+            now_w = self.store.value(g, "power_limit_w")
+            default = self.store.value(g, "default_power_limit_w")
+            if now_w is None:
+                continue
+            self.applied[g] = now_w
+            # Until the controller's first decision, every GPU keeps the limit it has now.
+            self.lease.held[g] = now_w
+            if default is not None and now_w < default - CAP_TOLERANCE_W:
+                initial[g] = now_w
+        if initial:
+            self._event(
+                "reconciled",
+                f"{len(initial)} GPU(s) found capped at start; holding until the controller decides",
+                caps_w={g: round(w, 1) for g, w in initial.items()},
+            )
+        return Engine(self.cfg.interlocks, topo, started=time.monotonic(), initial_limits=initial)
+
+    async def _safety_loop(self) -> None:
+        await self.poller.first_cycle.wait()
+        while not self.poller.sub_devices:  # noqa: ASYNC110  (NVML not up yet: no GPUs to guard)
+            await asyncio.sleep(self.nvml_cfg.poll_interval_s)
+        self.engine = self._build_engine()
+        log.info("node interlocks armed", gpus=len(self.gpus), mode=self.lease.mode)
+        self.ready.set()
+        self.notifier.send("READY=1")
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.cfg.controller_lost_after_s / 4)):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.step()
+            except Exception:  # a bug here must not end the node's safety loop
+                log.exception("node safety step failed", node=self.cfg.node.id)
+
+    def failsafe_caps(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g in self.gpus:
+            lo, hi, default = (
+                self.store.value(g, m)
+                for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
+            )
+            if lo is None or hi is None or default is None:
+                continue
+            out[g] = max(lo, min(hi, default * self.cfg.failsafe_cap_pct / 100.0))
+        return out
+
+    async def step(self) -> dict[str, float]:
+        """One evaluation and the NVML sets it needs, read back; returns the limits now."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        async with self._lock:
+            now = time.monotonic()
+            transition = self.lease.update(now)
+            if transition is not None:
+                self._on_transition(transition)
+            external = self.lease.external_caps(self.failsafe_caps())
+            decision = engine.step(self.store.readings(), now, time.time(), external_caps=external)
+            for ev in decision.events:
+                self._engine_event(ev)
+            self.caps = decision.caps
+            self.cap_reasons = {g: why for g, (_, why) in external.items()}
+            todo: dict[str, float] = {}
+            for g, cap in decision.caps.items():
+                have = self.applied.get(g)
+                if have is not None and abs(have - cap) <= CAP_TOLERANCE_W / 2:
+                    continue
+                failing = self._failing.get(g)
+                if failing is not None and now < failing[0]:
+                    continue
+                todo[g] = cap
+            if todo:
+                await self._set(todo)
+            return dict(self.applied)
+
+    async def _set(self, todo: Mapping[str, float]) -> None:
+        try:
+            results: Mapping[str, float | DriverError] = await self.driver.set_power_limits(todo)
+        except (DriverError, TimeoutError) as err:
+            reason = getattr(err, "reason", None) or "timed out"
+            results = {g: DriverError(g, reason) for g in todo}
+        now = time.monotonic()
+        for g, cap in todo.items():
+            outcome = results.get(g, DriverError(g, "no result"))
+            if isinstance(outcome, DriverError):
+                self.counters["cap_failures"] += 1
+                before = self._failing.get(g)
+                self._failing[g] = (now + RETRY_S, outcome.reason)
+                if before is None or before[1] != outcome.reason:
+                    self._event("cap_failed", f"{g}: could not set {cap:.0f} W: {outcome.reason}", gpu=g)
+                continue
+            if g in self._failing:
+                del self._failing[g]
+                self._event("cap_recovered", f"{g}: power limit set to {cap:.0f} W after failures", gpu=g)
+            previous = self.applied.get(g)
+            self.applied[g] = outcome
+            self.counters["cap_sets"] += 1
+            log.info(
+                "node cap applied",
+                gpu=g,
+                previous_w=None if previous is None else round(previous, 1),
+                cap_w=round(cap, 1),
+                readback_w=round(outcome, 1),
+                by=self.cap_reasons.get(g, "interlock"),
+                mode=self.lease.mode,
+            )
+
+    # ------------------------------------------------------------------ leases (server side)
+    async def on_request(self, req: CapRequest) -> dict[str, float]:
+        """A valid request from the controller: take its lease; a ``caps`` request is applied now."""
+        t0 = time.monotonic()
+        gpus = self.lease_gpus()
+        caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
+        self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
+        if req.op != "caps":
+            self._wake.set()
+            return dict(self.applied)
+        applied = await self.step()
+        self.set_latency_s.append(time.monotonic() - t0)
+        return applied
+
+    def lease_gpus(self) -> set[str]:
+        return set(self.gpus) if self.gpus else set(self.poller.sub_devices)
+
+    def on_rejected(self, reason: str, detail: str, peer: str) -> None:
+        n = self.rejected.get(reason, 0) + 1
+        self.rejected[reason] = n
+        if n == 1:  # once per reason; the counter tells the rest
+            self._event("rejected", f"refused a request ({reason}): {detail}", reason=reason, peer=peer)
+
+    # ------------------------------------------------------------------ events
+    def _on_transition(self, t: Transition) -> None:
+        if t.mode == "failsafe":
+            self._event(
+                "controller_lost",
+                f"no valid request from the controller for {t.silent_for_s:.1f} s: "
+                f"fail-safe cap {self.cfg.failsafe_cap_pct:g}% on {len(self.gpus)} GPU(s)",
+                silent_for_s=round(t.silent_for_s, 1),
+            )
+        elif t.previous == "failsafe":
+            self._event("controller_back", "the controller is back: its leases take over (ramped)")
+        elif t.mode == "controller":
+            log.info("node under the controller", node=self.cfg.node.id)
+
+    def _engine_event(self, ev: Event) -> None:
+        if ev.kind == "interlock_trip":
+            self.counters["interlock_trips"] += 1
+        self.events.append(NodeEvent(ev.kind, ev.message, ev.ts_wall, dict(ev.detail)))
+        log.warning(ev.message, kind=ev.kind, interlock=ev.detail.get("interlock"), gpu=ev.device)
+
+    def _event(self, kind: str, message: str, **detail: object) -> None:
+        self.events.append(NodeEvent(kind, message, time.time(), dict(detail)))
+        level = log.info if kind in ("controller_back", "cap_recovered", "reconciled") else log.warning
+        level(message, kind=kind, node=self.cfg.node.id, **detail)
+
+    # ------------------------------------------------------------------ views
+    def status_readings(self) -> dict[str, float]:
+        """The node's own metrics (the controller stores them under the node's device id)."""
+        mode: Literal["hold", "controller", "failsafe"] = self.lease.mode
+        out = {
+            "controller_lost": 1.0 if mode == "failsafe" else 0.0,
+            "lease_hold": 1.0 if mode == "hold" else 0.0,
+            "failsafe_entered_total": float(self.lease.failsafe_entered),
+            "rejected_total": float(sum(self.rejected.values())),
+            "interlock_trips_total": float(self.counters["interlock_trips"]),
+            "cap_failures_total": float(self.counters["cap_failures"]),
+            "uptime_s": time.monotonic() - self.started,
+        }
+        for reason, n in self.rejected.items():
+            out[f"rejected_{reason}_total"] = float(n)
+        return out
+
+    def gpu_report(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        info = self.driver.device_info()
+        out: list[dict[str, object]] = []
+        for g in self.gpus or sorted(self.poller.sub_devices):
+            readings: dict[str, list[object]] = {}
+            for metric, r in self.store.device_readings(g).items():
+                value = r.value if r.value is None or math.isfinite(r.value) else None
+                readings[metric] = [value, str(r.quality), r.error, round(max(0.0, now - r.ts_mono), 4)]
+            applied = self.applied.get(g)
+            cap = self.caps.get(g)
+            out.append(
+                {
+                    "index": int(g.removeprefix("gpu")),
+                    "info": info.get(g, {}),
+                    "readings": readings,
+                    "applied_w": applied,
+                    "cap_w": cap,
+                    "by": self.cap_reasons.get(g),
+                }
+            )
+        return out
+
+
+class _Shutdown(Exception):
+    pass
+
+
+__all__ = ["NodeAgent"]

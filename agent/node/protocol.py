@@ -1,0 +1,188 @@
+"""The pod-network protocol between the controller and a node agent (docs/node.md).
+
+One TCP connection carries newline-terminated JSON frames, request then answer, in order. Every
+frame is ``{"v": 1, "body": {...}, "mac": HEX}`` where ``mac`` is HMAC-SHA256 under the pod key of
+the direction tag (``req`` or ``rsp``) and the body's canonical JSON (sorted keys, no spaces). The
+tag stops a node's answer from being reflected back to it as a request.
+
+Request (controller -> node): ``node`` (the node's id: a request for another node is refused),
+``boot`` (the controller's boot id), ``seq`` (per boot, strictly increasing), ``issued_at`` and
+``expires_at`` (ms since the epoch, UTC), ``op`` (``poll`` or ``caps``) and ``caps``: the
+controller's lease, {local GPU index: W} (an empty map is a lease with no cap), or null: no
+decision yet (a controller's first poll after its start: the node keeps what it enforces). Every
+request, polls included, renews the lease until ``expires_at``.
+
+Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
+request is refused), ``ok``, and for polls the readings (see ``agent/node/server.py``).
+
+Checked by the node, in order, each failure with its own reason (and counter): frame (not JSON, too
+long, wrong shape), mac, node, expired (``expires_at`` <= now), skew (``issued_at`` more than
+``max_clock_skew_s`` from now, either side), replay (``seq`` not above the highest seen for that
+boot; boots older than the skew window are forgotten: their requests fail ``skew``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+MAX_FRAME = 1 << 20  # a 144-tray answer is ~10 kB; anything near a MiB is not ours
+REQ = b"req\n"
+RSP = b"rsp\n"
+MIN_KEY_BYTES = 16
+JsonObj = dict[str, Any]
+
+
+class ProtocolError(Exception):
+    """A frame refused; ``reason`` is one short word (the counter's label)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def load_key(path: Path) -> bytes:
+    """The pod key: the file's content, stripped (e.g. ``openssl rand -hex 32``)."""
+    key = path.read_bytes().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{path}: {len(key)} bytes is too short a pod key (at least {MIN_KEY_BYTES})")
+    return key
+
+
+def canonical(body: JsonObj) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def mac(key: bytes, tag: bytes, body: JsonObj) -> str:
+    return hmac.new(key, tag + canonical(body), hashlib.sha256).hexdigest()
+
+
+def encode(key: bytes, tag: bytes, body: JsonObj) -> bytes:
+    frame = {"v": VERSION, "body": body, "mac": mac(key, tag, body)}
+    return json.dumps(frame, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def decode(key: bytes, tag: bytes, line: bytes) -> JsonObj:
+    """The body of an authentic frame; ProtocolError("frame"|"mac") otherwise."""
+    if len(line) > MAX_FRAME:
+        raise ProtocolError("frame", f"{len(line)} bytes")
+    try:
+        frame = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError("frame", f"not JSON: {err}") from None
+    if not isinstance(frame, dict) or frame.get("v") != VERSION:
+        raise ProtocolError("frame", "not a v1 frame")
+    body, sig = frame.get("body"), frame.get("mac")
+    if not isinstance(body, dict) or not isinstance(sig, str):
+        raise ProtocolError("frame", "no body or mac")
+    try:
+        expected = mac(key, tag, body)
+    except ValueError:
+        raise ProtocolError("frame", "body not canonical JSON") from None
+    if not hmac.compare_digest(expected, sig.lower()):
+        raise ProtocolError("mac", "bad signature")
+    return body
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class CapRequest:
+    """A checked request."""
+
+    boot: str
+    seq: int
+    op: str
+    issued_at_ms: int
+    expires_at_ms: int
+    caps: dict[int, float] | None  # local GPU index -> W; None: no decision yet (keep the lease)
+
+
+class ReplayGuard:
+    """Per controller boot, the highest ``seq`` accepted; boots unseen for longer than the skew
+    window are dropped (their requests are outside the window anyway)."""
+
+    def __init__(self, *, window_s: float, keep: int = 64) -> None:
+        self.window_s = window_s
+        self.keep = keep
+        self._high: OrderedDict[str, tuple[int, float]] = OrderedDict()  # boot -> (seq, last wall)
+
+    def check(self, boot: str, seq: int, now_wall: float) -> None:
+        for old in [b for b, (_, t) in self._high.items() if now_wall - t > 2 * self.window_s]:
+            del self._high[old]
+        high = self._high.get(boot)
+        if high is not None and seq <= high[0]:
+            raise ProtocolError("replay", f"seq {seq} <= {high[0]} of boot {boot}")
+
+    def accept(self, boot: str, seq: int, now_wall: float) -> None:
+        self._high[boot] = (seq, now_wall)
+        self._high.move_to_end(boot)
+        while len(self._high) > self.keep:
+            self._high.popitem(last=False)
+
+
+def check_request(
+    body: JsonObj, *, node: str, guard: ReplayGuard, max_skew_s: float, now_wall: float | None = None
+) -> CapRequest:
+    """Validate a decoded request body; raises ProtocolError with the reason. Does not accept it
+    into the replay guard (the caller does, once it acted on it)."""
+    now = time.time() if now_wall is None else now_wall
+    try:
+        boot, seq, op = body["boot"], body["seq"], body["op"]
+        issued, expires, raw_caps, target = body["issued_at"], body["expires_at"], body["caps"], body["node"]
+    except KeyError as err:
+        raise ProtocolError("frame", f"missing {err}") from None
+    if not (
+        isinstance(boot, str)
+        and isinstance(seq, int)
+        and isinstance(issued, int)
+        and isinstance(expires, int)
+        and (raw_caps is None or isinstance(raw_caps, dict))
+        and isinstance(target, str)
+        and op in ("poll", "caps")
+    ):
+        raise ProtocolError("frame", "bad field types")
+    if target != node:
+        raise ProtocolError("node", f"for node {target!r}, this is {node!r}")
+    if expires <= now * 1000:
+        raise ProtocolError("expired", f"expired {now - expires / 1000:.1f} s ago")
+    if abs(issued / 1000 - now) > max_skew_s:
+        raise ProtocolError("skew", f"issued {issued / 1000 - now:+.1f} s from now")
+    parsed: dict[int, float] = {}
+    for k, v in (raw_caps or {}).items():
+        try:
+            index, watts = int(k), float(v)
+        except (TypeError, ValueError):
+            raise ProtocolError("frame", f"bad cap {k!r}: {v!r}") from None
+        if index < 0 or not math.isfinite(watts) or watts <= 0:
+            raise ProtocolError("frame", f"bad cap {k!r}: {v!r}")
+        parsed[index] = watts
+    guard.check(boot, seq, now)
+    caps = None if raw_caps is None else parsed
+    return CapRequest(boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps)
+
+
+__all__ = [
+    "REQ",
+    "RSP",
+    "CapRequest",
+    "ProtocolError",
+    "ReplayGuard",
+    "canonical",
+    "check_request",
+    "decode",
+    "encode",
+    "load_key",
+    "now_ms",
+]

@@ -1,0 +1,143 @@
+"""What the controller costs per node agent: ``podagent run`` against N real ``podagent node``
+processes (4 GPUs each, 1 Hz), with the PDUs, CDU and chiller of a simulated pod around them.
+
+Prints the controller's CPU (share of one core) and RSS for each N, median and range over
+``--rounds`` (default 3), and the slope per node (least squares over the medians), from which the
+full pod (144 nodes) can be read off.
+
+Usage: .venv/bin/python bench/controller_nodes.py [--nodes 1 8 16] [--rounds 3] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hwsim.agentconf import NodeLayout, render_agent_config, render_node_config
+from hwsim.podspec import POD_DIR
+from tests.conftest import ROOT, start_pod, stop_pod
+from tests.node_helpers import NodeProc, free_port, wait_armed
+
+
+def pod_file(tmp: Path, nodes: int) -> Path:
+    text = (POD_DIR / "tiny.toml").read_text().replace('name = "tiny"', f'name = "n{nodes}"')
+    text = text.replace("count = 1\ngpus_per_server = 8", f"count = {nodes}\ngpus_per_server = 4")
+    text = text.replace("outlets_per_feed = 3", "outlets_per_feed = 1")
+    text = text.replace("servers = [0]", f"servers = {list(range(nodes))}")
+    text = text.replace("rating_a = 16.0", "rating_a = 200.0")
+    path = tmp / f"n{nodes}.toml"
+    path.write_text(text)
+    return path
+
+
+def one_round(nodes: int, seconds: float) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="ctlbench") as d:
+        tmp = Path(d)
+        pod = start_pod(tmp / "pod", str(pod_file(tmp, nodes)))
+        procs: list[NodeProc] = []
+        ctl: subprocess.Popen[bytes] | None = None
+        try:
+            key = tmp / "pod.key"
+            key.write_text(os.urandom(32).hex())
+            layout = NodeLayout(key_file=str(key), ports={s: free_port() for s in range(nodes)})
+            for s in range(nodes):
+                cfg = tmp / f"node-{s}.toml"
+                cfg.write_text(
+                    render_node_config(
+                        pod.manifest,
+                        s,
+                        layout,
+                        controller_lost_after_s=600.0,
+                        extra='[logging]\nformat = "json"\n',
+                    )
+                )
+                node = NodeProc(server=s, port=layout.ports[s], config=cfg, log=tmp / f"node-{s}.log")
+                node.start()
+                procs.append(node)
+            for node in procs:
+                wait_armed(node, timeout=120)
+            cfg = tmp / "ctl.toml"
+            cfg.write_text(
+                render_agent_config(
+                    pod.manifest,
+                    state_dir=str(tmp / "state"),
+                    extra='[prometheus]\nenabled = false\n[logging]\nformat = "json"\nlevel = "warning"\n',
+                    nodes=layout,
+                )
+            )
+            log = (tmp / "ctl.log").open("wb")
+            ctl = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            proc = psutil.Process(ctl.pid)
+            time.sleep(8.0)  # start, first polls, interlocks armed
+            assert ctl.poll() is None, (tmp / "ctl.log").read_text()
+            c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            rss = 0
+            while time.monotonic() - t0 < seconds:
+                time.sleep(1.0)
+                rss = max(rss, proc.memory_info().rss)
+            cpu = (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0) * 100
+            return cpu, rss / 2**20
+        finally:
+            if ctl is not None:
+                ctl.terminate()
+                try:
+                    ctl.wait(20)
+                except subprocess.TimeoutExpired:
+                    ctl.kill()
+            for node in procs:
+                node.kill()
+            stop_pod(pod)
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    args = ap.parse_args()
+    med_cpu, med_rss = [], []
+    for n in args.nodes:
+        runs = [one_round(n, args.seconds) for _ in range(args.rounds)]
+        cpus, rsss = [r[0] for r in runs], [r[1] for r in runs]
+        med_cpu.append(statistics.median(cpus))
+        med_rss.append(statistics.median(rsss))
+        print(
+            f"controller, {n:3d} nodes x 4 GPUs, 1 Hz: CPU median {med_cpu[-1]:.1f}% of a core "
+            f"({min(cpus):.1f}-{max(cpus):.1f}), RSS median {med_rss[-1]:.1f} MiB "
+            f"({min(rsss):.1f}-{max(rsss):.1f})",
+            flush=True,
+        )
+    if len(args.nodes) > 1:
+        xs = [float(n) for n in args.nodes]
+        c, r = slope(xs, med_cpu), slope(xs, med_rss)
+        base_c = med_cpu[0] - c * xs[0]
+        base_r = med_rss[0] - r * xs[0]
+        print(
+            f"slope: {c:.2f}% of a core and {r:.2f} MiB per node; 144 nodes (full pod) ~ "
+            f"{base_c + 144 * c:.0f}% of a core, {base_r + 144 * r:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
