@@ -4,7 +4,8 @@ PY      := $(VENV)/bin/python
 PYTHON3 ?= python3
 SRC     := agent hwsim tests bench
 
-.PHONY: all install debs test lint typecheck pytest demo bench install-service clean
+.PHONY: all install debs test lint typecheck pytest demo bench install-service man deb test-deb \
+	test-install-service clean
 
 all: test
 
@@ -40,9 +41,28 @@ bench: install debs
 	$(PY) bench/interlock_latency.py
 	$(PY) bench/mqtt_outage.py
 
-# Puts the unit, a config skeleton and the podagent user in place (run as root).
-install-service: install
+# On a Debian 12 host, as root, from this tree (no dev venv needed): the service in /opt/podagent,
+# podagent and podctl on PATH, users and groups, units, man pages, completion, docs, a config skeleton.
+install-service:
 	bash systemd/install.sh
 
+# Man pages generated from the command lines (podagent.1, podctl.1).
+man: install
+	$(PY) -m agent.manpages build/man
+
+# The Debian package (dh-virtualenv: a venv in /opt/podagent/.venv built with Debian's python3),
+# written to dist/. Builds from a copy so nothing lands next to this tree.
+deb:
+	bash debian/build.sh
+
+# Slow (a debootstrap'd Debian 12 root, a few minutes): the .deb installed with apt into it, then
+# check-config and the daemon from it. As root.
+test-deb: deb
+	bash tests/install/chroot.sh deb "$$(ls -t dist/podagent_*.deb | head -1)"
+
+# README's install route (make install-service) in a clean Debian 12 root. As root.
+test-install-service:
+	bash tests/install/chroot.sh install-service "$(CURDIR)"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
