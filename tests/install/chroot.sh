@@ -13,6 +13,7 @@ cache=${PODAGENT_CHROOT_CACHE:-/var/tmp/podagent-chroot/bookworm-minbase.tar}
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
 mirror=${mirror:-http://deb.debian.org/debian}
 t0=$SECONDS
+bash "$(dirname "$0")/../../.ci/debs.sh" packaging  # debootstrap
 say() { echo "chroot.sh [$((SECONDS - t0))s]: $*"; }
 
 if [ ! -s "$cache" ]; then
