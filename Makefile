@@ -9,10 +9,14 @@ SRC     := agent hwsim tests bench
 
 all: test
 
+# pip shows what it fetches and installs: a first run takes a minute or two, never silently.
 $(VENV)/.installed: pyproject.toml
+	@echo "== make install: creating $(VENV) with $(PYTHON3)"
 	$(PYTHON3) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	@echo "== make install: podagent (editable) with its dependencies and test tools, from PyPI"
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	@echo "== make install: done ($(VENV))"
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,6 +38,7 @@ pytest: install debs
 test: lint typecheck pytest
 
 demo: install debs
+	@echo "== make demo: the simulated demo pod and the agent against it (Ctrl-C stops both)"
 	$(PY) -m hwsim.demo
 
 bench: install debs
