@@ -81,7 +81,7 @@ say "the config skeleton fails only for its missing secrets, then passes"
 in_root "! podagent check-config /etc/podagent/podagent.toml"
 in_root "umask 027; for s in pdu.auth pdu.priv; do echo secret-\$s > /etc/podagent/\$s; chgrp podagent /etc/podagent/\$s; done"
 in_root "su -s /bin/sh podagent -c 'podagent check-config /etc/podagent/podagent.toml'"
-say "the daemon runs as podagent against nothing for 8 s and logs"
+say "the daemon runs as podagent against nothing, serves podctl to its group only, and logs"
 cat >"$root/tmp/nothing.toml" <<'TOML'
 [pod]
 site = "chroot"
@@ -108,7 +108,26 @@ kind = "host"
 TOML
 in_root "install -d -o podagent -g podagent /tmp/podagent-state; chmod 644 /tmp/nothing.toml"
 in_root "su -s /bin/sh podagent -c 'podagent check-config /tmp/nothing.toml'"
-in_root "rc=0; su -s /bin/sh podagent -c 'timeout -s INT 8 podagent run --config /tmp/nothing.toml' >/tmp/run.log 2>&1 || rc=\$?; \
-  echo \"podagent run exited \$rc\"; head -c 3000 /tmp/run.log; test \$rc -eq 0 -o \$rc -eq 124 -o \$rc -eq 130"
-in_root "grep -q pdu-nowhere /tmp/run.log"
+cat >"$root/tmp/daemon-check.sh" <<'SH'
+# The daemon as podagent in the background; podctl against it as podagent (its read group: answers)
+# and as nobody (outside its groups: one podctl line, exit 4); then SIGINT and its log.
+sock=/tmp/podagent-state/podagent.sock
+su -s /bin/sh podagent -c 'exec timeout -s INT 25 podagent run --config /tmp/nothing.toml' >/tmp/run.log 2>&1 &
+daemon=$!
+for _ in $(seq 150); do [ -S "$sock" ] && break; sleep 0.2; done
+[ -S "$sock" ] || { echo "no control socket"; cat /tmp/run.log; exit 1; }
+su -s /bin/sh podagent -c "podctl --socket $sock devices"
+rc=0; su -s /bin/sh nobody -c "podctl --socket $sock status" 2>/tmp/nobody.err || rc=$?
+cat /tmp/nobody.err
+[ "$rc" -eq 4 ] && grep -q '^podctl: permission denied' /tmp/nobody.err && [ "$(wc -l </tmp/nobody.err)" -eq 1 ] \
+  || { echo "nobody got exit $rc, expected 4 and one podctl line"; exit 1; }
+for _ in $(seq 150); do grep -q '"ready: first poll' /tmp/run.log && break; sleep 0.2; done
+kill -INT "$daemon" 2>/dev/null || true
+rc=0; wait "$daemon" || rc=$?
+echo "podagent run exited $rc"; head -c 3000 /tmp/run.log
+[ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
+grep -q '"ready: first poll of every device done", "level": "info"' /tmp/run.log
+grep -q '"device": "pdu-nowhere".*SNMP v2c: check the community and port 1.*"level": "warning"' /tmp/run.log
+SH
+in_root "bash -eu /tmp/daemon-check.sh"
 say "ok ($mode)"
