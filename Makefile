@@ -4,14 +4,19 @@ PY      := $(VENV)/bin/python
 PYTHON3 ?= python3
 SRC     := agent hwsim tests bench
 
-.PHONY: all install debs test lint typecheck pytest demo bench install-service clean
+.PHONY: all install debs test lint typecheck pytest demo bench install-service man deb test-deb \
+	test-install-service clean
 
 all: test
 
+# pip shows what it fetches and installs: a first run takes a minute or two, never silently.
 $(VENV)/.installed: pyproject.toml
+	@echo "== make install: creating $(VENV) with $(PYTHON3)"
 	$(PYTHON3) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	@echo "== make install: podagent (editable) with its dependencies and test tools, from PyPI"
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	@echo "== make install: done ($(VENV))"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +38,7 @@ pytest: install debs
 test: lint typecheck pytest
 
 demo: install debs
+	@echo "== make demo: the simulated demo pod and the agent against it (Ctrl-C stops both)"
 	$(PY) -m hwsim.demo
 
 bench: install debs
@@ -40,9 +46,28 @@ bench: install debs
 	$(PY) bench/interlock_latency.py
 	$(PY) bench/mqtt_outage.py
 
-# Puts the unit, a config skeleton and the podagent user in place (run as root).
-install-service: install
+# On a Debian 12 host, as root, from this tree (no dev venv needed): the service in /opt/podagent,
+# podagent and podctl on PATH, users and groups, units, man pages, completion, docs, a config skeleton.
+install-service:
 	bash systemd/install.sh
 
+# Man pages generated from the command lines (podagent.1, podctl.1).
+man: install
+	$(PY) -m agent.manpages build/man
+
+# The Debian package (dh-virtualenv: a venv in /opt/podagent/.venv built with Debian's python3),
+# written to dist/. Builds from a copy so nothing lands next to this tree.
+deb:
+	bash debian/build.sh
+
+# Slow (a debootstrap'd Debian 12 root, a few minutes): the .deb installed with apt into it, then
+# check-config and the daemon from it. As root.
+test-deb: deb
+	bash tests/install/chroot.sh deb "$$(ls -t dist/podagent_*.deb | head -1)"
+
+# README's install route (make install-service) in a clean Debian 12 root. As root.
+test-install-service:
+	bash tests/install/chroot.sh install-service "$(CURDIR)"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

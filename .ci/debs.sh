@@ -11,10 +11,17 @@ command -v tmux >/dev/null || need+=(tmux)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool and the server: tests/test_prometheus*.py
+# `debs.sh packaging`: also what `make deb` (dpkg-buildpackage, debhelper, dh-virtualenv, Debian's
+# python3-venv/-dev) and `make test-deb` (debootstrap) use.
+if [ "${1:-}" = packaging ]; then
+  for p in dpkg-dev debhelper dh-virtualenv python3-venv python3-dev debootstrap; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
+  done
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"

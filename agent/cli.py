@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.node.cli import DEFAULT_NODE_CONFIG
 
 DEFAULT_CONFIG = Path("/etc/podagent/podagent.toml")
 
@@ -82,19 +83,42 @@ def _services() -> list[Callable[[AgentConfig], Any]]:
     return [interlock_service, mqtt_service, control_service, power_service]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what ``agent.manpages`` renders into podagent(1))."""
     parser = argparse.ArgumentParser(prog="podagent", description="The pod's edge agent.")
     parser.add_argument("--version", action="version", version=f"podagent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the agent in the foreground (systemd runs this)")
-    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    n = sub.add_parser("node", help="run a GPU server's node agent in the foreground")
-    n.add_argument("--config", type=Path, default=Path("/etc/podagent/node.toml"))
-    c = sub.add_parser(
-        "check-config", help="validate a config file (controller or node); print every problem"
+    r = sub.add_parser(
+        "run",
+        help="run the agent in the foreground (systemd runs this)",
+        description="Run the agent in the foreground: poll every device, run the interlocks, publish, "
+        "serve podctl. Logs go to stderr (journald under systemd). Exits 78 on an invalid config.",
     )
-    c.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
-    args = parser.parse_args(argv)
+    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"the config file ({DEFAULT_CONFIG})")
+    n = sub.add_parser(
+        "node",
+        help="run a GPU server's node agent in the foreground",
+        description="Run a GPU server's node agent: NVML on this server only, the node-local GPU "
+        "rules, cap leases from the controller and a fail-safe when it is lost (docs/node.md).",
+    )
+    n.add_argument(
+        "--config", type=Path, default=DEFAULT_NODE_CONFIG, help=f"the config file ({DEFAULT_NODE_CONFIG})"
+    )
+    c = sub.add_parser(
+        "check-config",
+        help="validate a config file (controller or node); print every problem",
+        description="Validate a config file without starting anything: every problem is printed as "
+        "file, key and what was expected; secret files (*_file keys) must be readable. "
+        "Exit status 0 when valid, 1 otherwise.",
+    )
+    c.add_argument(
+        "file", type=Path, nargs="?", default=DEFAULT_CONFIG, help=f"the config file ({DEFAULT_CONFIG})"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "node":

@@ -19,7 +19,8 @@ from agent.interlocks.config import InterlockConfig
 from agent.power.config import PowerConfig
 from agent.publish.mqtt_config import MqttConfig
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
+# Package data, so a non-editable install (a wheel, the .deb) finds them; config/profiles links here.
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DeviceIdStr = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -174,7 +175,7 @@ AnyDevice = Annotated[
 
 
 def profile_path(name: str) -> Path:
-    """``apc-rpdu2`` -> config/profiles/apc-rpdu2.toml (a path with a slash is taken as is)."""
+    """``apc-rpdu2`` -> agent/profiles/apc-rpdu2.toml (a path with a slash is taken as is)."""
     if "/" in name or name.endswith(".toml"):
         return Path(name)
     return PROFILE_DIR / f"{name}.toml"

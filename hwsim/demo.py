@@ -3,6 +3,10 @@
 Starts ``hwsim run --pod demo`` and ``podagent run --config config/demo.toml``, waits until the agent is
 ready, shows ``podctl status``, injects a GPU thermal runaway, shows the interlock capping that GPU,
 clears the fault, and leaves both running until Ctrl-C (or ``--duration`` seconds).
+
+On the way out it leaves nothing it started: hwsim, the agent and a broker it had to start each run
+in their own session and are stopped with everything in it (hwsim's socat for the RTU line), and
+the pseudo-terminal links socat made are removed. The logs stay in /tmp/podagent-demo.
 """
 
 from __future__ import annotations
@@ -39,18 +43,51 @@ def broker_up(port: int = 1883) -> bool:
     return False
 
 
-def ensure_broker() -> None:
+def ensure_broker(log: Path) -> subprocess.Popen[bytes] | None:
+    """A broker on 127.0.0.1:1883: the one running, or one the demo starts (and stops at the end)."""
     if broker_up():
-        return
+        print("   using the MQTT broker already on 127.0.0.1:1883")
+        return None
     if shutil.which("mosquitto"):
-        conf = "/etc/mosquitto/mosquitto.conf"
-        args = ["mosquitto", "-d"] + (["-c", conf] if Path(conf).exists() else ["-p", "1883"])
-        subprocess.run(args, check=False)
+        print("   starting mosquitto on 127.0.0.1:1883 (stopped with the demo)")
+        # Without a config file mosquitto 2 listens on loopback only; in the foreground, so it is ours.
+        with log.open("wb") as out:
+            broker = subprocess.Popen(
+                ["mosquitto", "-p", "1883"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         for _ in range(50):
             if broker_up():
-                return
+                return broker
             time.sleep(0.1)
+        stop([broker])
     print("demo: no MQTT broker on 127.0.0.1:1883; the agent will spool telemetry until one appears")
+    return None
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (newest first), then whatever is left in its session (hwsim's socat)."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGTERM)  # its own session: the group id is its pid
+
+
+def remove_dangling_links(directory: Path) -> list[Path]:
+    """socat's ``rtu0 -> /dev/pts/N`` links, once socat is gone, point nowhere: remove them."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.is_symlink() and not path.exists():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def wait_ready(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, object]:
@@ -93,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     Path("/tmp/podagent-demo").mkdir(parents=True, exist_ok=True)
-    ensure_broker()
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     stack = contextlib.ExitStack()
     try:
+        say("MQTT broker")
+        broker = ensure_broker(Path("/tmp/podagent-demo/mosquitto.log"))
+        if broker is not None:
+            procs.append(broker)
         say("starting the simulated demo pod (64 GPUs, 8 PDUs, CDU, chiller, Modbus RTU line)")
         pod_log = stack.enter_context(Path("/tmp/podagent-demo/hwsim.log").open("wb"))  # noqa: SIM115
         procs.append(
@@ -105,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "hwsim.cli", "run", "--pod", "demo"],
                 stdout=pod_log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
+        pod = procs[-1]
         for _ in range(300):
-            if MANIFEST.exists() or procs[0].poll() is not None:
+            if MANIFEST.exists() or pod.poll() is not None:
                 break
             time.sleep(0.1)
-        if procs[0].poll() is not None:
+        if pod.poll() is not None:
             print(Path("/tmp/podagent-demo/hwsim.log").read_text())
             return 1
         print(f"   endpoints: {MANIFEST}")
@@ -122,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(CONFIG)],
                 stdout=agent_log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
-        health = wait_ready(procs[1])
+        health = wait_ready(procs[-1])
         print(f"   ready: first poll of every device done; /healthz says {health.get('status')}")
         say("podctl status")
         podctl("status")
@@ -150,16 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         stack.close()
-        say("demo stopped")
+        for link in remove_dangling_links(MANIFEST.parent):
+            print(f"   removed {link} (its pseudo-terminal is gone)")
+        say("demo stopped (logs in /tmp/podagent-demo)")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_bad_requests_are_refused_with_a_reason(raw: bytes, message: str) -> Non
 
 
 def test_durations_and_units_read_at_a_glance() -> None:
-    assert parse_duration("90") == 90
+    assert parse_duration("90s") == 90
     assert parse_duration("10m") == 600
     assert parse_duration("2h") == 7200
     assert parse_duration("1.5d") == 1.5 * 86400

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from agent.config import load_config
 from agent.control.server import build_service
-from tests.agent_helpers import running_agent
+from tests.agent_helpers import running_agent, until
 from tests.conftest import SimPod
+from tests.test_podctl_pod import active_on, services
 from tests.test_podctl_support import ROOT, sock_dir_fixture, socket_of  # noqa: F401  (fixture)
 
 
@@ -99,5 +100,78 @@ async def test_watch_refreshes_and_quits_on_q_and_ctrl_c_leaving_the_terminal_sa
             # Typed text echoes again: the terminal is usable.
             await tmux.keys("echo still-sane", "Enter")
             await tmux.wait_for(lambda s: s.count("still-sane") >= 2, what="echoed input")
+        finally:
+            await tmux.run("kill-server")
+
+
+HEADERS = {
+    "Cooling": ("supply", "return", "flow", "pump", "alarm", "load", "setpt"),
+    "Active interlock": ("device", "since", "cap", "GPUs", "id"),
+    "Capped GPUs": ("cap", "applied", "default", "by", "state"),
+    "Override": ("interlock", "device", "expires in", "by", "reason"),
+}
+
+
+async def test_status_and_devices_fit_80_columns_with_whole_headers(tiny_pod: SimPod, sock_dir: Path) -> None:
+    """A technician's 80x24 terminal: every table header whole (no ``pump/ru…``), the fleet link and
+    its spool on one line, devices in natural order with their GPUs under them."""
+    config = sock_dir / "podagent.toml"
+    config.write_text(
+        tiny_pod.agent_config(
+            sock_dir / "state", extra='[mqtt]\nenabled = true\nbrokers = ["127.0.0.1:1883"]\n'
+        )
+    )
+    name = f"podctl80-{os.getpid()}"
+    tmux = Tmux(name)
+    cfg = load_config(config)
+    from agent.publish.mqtt import build_service as build_mqtt
+
+    with_mqtt = [*services(config), build_mqtt(cfg)]
+    async with running_agent(config, services=[s for s in with_mqtt if s is not None]) as agent:
+        tiny_pod.fault("snmp-timeout", "pdu-b")  # sensor_stale: an interlock, caps and a stale device
+        await until(agent, lambda: bool(active_on(agent, "pdu-b")), timeout=30, what="sensor_stale on pdu-b")
+        env = f"PODAGENT_SOCKET={shlex.quote(str(socket_of(config)))} TERM=xterm-256color"
+        podctl = (
+            f"cd {shlex.quote(str(ROOT))} && env {env} {shlex.quote(sys.executable)} -m agent.control.podctl"
+        )
+        await tmux.run("new-session", "-d", "-s", name, "-x", "80", "-y", "60", "bash --norc --noprofile")
+        try:
+            await tmux.keys("PS1='$ '", "Enter")
+            await tmux.keys(
+                f"{podctl} override sensor_stale --device pdu-b --for 10m --reason 'card swap' && clear && "
+                f"{podctl} status; echo DONE=$?",
+                "Enter",
+            )
+            screen = await tmux.wait_for(lambda s: "DONE=" in s, within=60, what="podctl status")
+            assert "DONE=0" in screen, screen
+            assert "…" not in screen, screen
+            lines = screen.splitlines()
+            for title, columns in HEADERS.items():
+                header = next((line for line in lines if line.startswith(title)), None)
+                assert header is not None, (title, screen)
+                words = header[len(title) :]
+                for column in columns:
+                    assert re.search(rf"(^|\s){re.escape(column)}(\s|$)", words), (column, header)
+            mqtt = [line for line in lines if line.startswith("MQTT")]
+            assert len(mqtt) == 1 and "spool" in mqtt[0] and "dropped" in mqtt[0], screen
+            assert lines[lines.index(mqtt[0]) + 1].startswith("DONE="), screen  # nothing spills over
+
+            await tmux.keys(f"clear && {podctl} devices; echo DONE2=$?", "Enter")
+            screen = await tmux.wait_for(lambda s: "DONE2=" in s, within=60, what="podctl devices")
+            assert "…" not in screen and "DONE2=0" in screen, screen
+            header = next(line for line in screen.splitlines() if " device " in line)
+            assert header.split() == [
+                "device",
+                "kind",
+                "status",
+                "age",
+                "metrics",
+                "bad",
+                "polls",
+                "fails",
+            ]
+            assert any(line.startswith("pdu-b: ") for line in screen.splitlines()), screen  # its error
+            ids = [line.split()[0] for line in screen.splitlines() if line.startswith(" ") and "nvml" in line]
+            assert ids == ["gpus", *(f"gpu{i}" for i in range(8))], screen
         finally:
             await tmux.run("kill-server")

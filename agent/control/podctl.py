@@ -23,12 +23,18 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from agent import __version__
 from agent.control import render
 from agent.control.protocol import Client, DaemonNotRunning, SocketPermissionDenied
+from agent.interlocks.config import DEFAULT_MAX_OVERRIDE_S
 
 DEFAULT_SOCKET = Path("/run/podagent/podagent.sock")
 DEFAULT_CONFIG = Path("/etc/podagent/podagent.toml")
-EXIT_ERROR, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 3, 4
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 2, 3, 4
+EXIT_STATUS = (
+    "0 done; 1 the daemon answered with an error (unknown id, bad value...); 2 usage; "
+    "3 the daemon is not running; 4 permission denied (socket or policy)."
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -98,23 +104,55 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``90`` / ``90s`` / ``10m`` / ``2h`` / ``1d`` -> seconds."""
+    """``90s`` / ``10m`` / ``2h`` / ``1d`` -> seconds. A bare number is refused: ``30`` could be
+    meant as minutes, and an override for the wrong length is a safety matter."""
     m = _DURATION.match(text)
     if m is None:
-        raise typer.BadParameter(f"{text!r}: expected a duration like 30s, 10m, 2h, 1d")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+        hint = f" (did you mean {text.strip()}m or {text.strip()}s?)" if text.strip().isdigit() else ""
+        raise typer.BadParameter(f"{text!r}: a duration needs a unit, like 30s, 10m, 2h, 1d{hint}")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def fmt_limit(seconds: float) -> str:
+    """3600 -> ``1h``, 5400 -> ``90m``: the largest unit that says it exactly."""
+    for unit in ("d", "h", "m"):
+        if seconds % _UNIT_S[unit] == 0:
+            return f"{int(seconds // _UNIT_S[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+OVERRIDE_FOR_HELP = (
+    f"How long, with a unit: 30m, 2h. The daemon grants at most {fmt_limit(DEFAULT_MAX_OVERRIDE_S)} "
+    "(interlocks.max_override_s in its config)."
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"podctl {__version__}\n")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def _global(
     ctx: typer.Context,
     socket: Annotated[
-        Path, typer.Option("--socket", envvar="PODAGENT_SOCKET", help="The daemon's control socket.")
+        Path,
+        # readable=False: Click would test the socket with access(R_OK) and print its own "Invalid
+        # value" line; connecting is the test, and its refusal becomes "podctl: permission denied".
+        typer.Option(
+            "--socket", envvar="PODAGENT_SOCKET", readable=False, help="The daemon's control socket."
+        ),
     ] = DEFAULT_SOCKET,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Show the version and exit."),
+    ] = False,
 ) -> None:
     ctx.obj = {"socket": socket}
 
@@ -290,7 +328,7 @@ def override(
     ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(metavar="INTERLOCK | clear ID")],
     device_id: Annotated[str | None, typer.Option("--device", help="The device the override is for.")] = None,
-    duration: Annotated[str | None, typer.Option("--for", help="How long: 30m, 2h (at most 7d).")] = None,
+    duration: Annotated[str | None, typer.Option("--for", help=OVERRIDE_FOR_HELP)] = None,
     reason: Annotated[str | None, typer.Option(help="Why (kept in the audit log).")] = None,
     force: Annotated[bool, typer.Option(help="Override even a safety-critical interlock.")] = False,
     as_json: JsonOpt = False,
@@ -448,8 +486,33 @@ async def _probe(cfg: Any, *, raw: bool) -> dict[str, Any]:
     return payload
 
 
-def main() -> None:
-    app(prog_name="podctl")
+def _enable_completion() -> None:
+    """``_PODCTL_COMPLETE=source_bash podctl`` (or ``source_zsh``) prints the completion script;
+    Typer registers its shell classes only with its own --install-completion options, which podctl
+    does not carry (installers put the scripts in place: systemd/install.sh, the .deb)."""
+    try:
+        from typer._completion_classes import completion_init
+    except ImportError:  # an older Typer: completion as Click itself does it
+        return
+    completion_init()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Every failure ends as one ``podctl: ...`` line on stderr and its exit code (see EXIT_STATUS)."""
+    _enable_completion()
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="podctl", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except typer.TyperException as err:  # Click's usage errors and bad parameters (Click is vendored)
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        sub = getattr(getattr(err, "ctx", None), "command_path", "podctl")
+        err_out.print(Text(f"podctl: {message} (see `{sub} --help`)", style="bold red"), soft_wrap=True)
+        code = int(getattr(err, "exit_code", EXIT_USAGE))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

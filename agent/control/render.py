@@ -71,6 +71,15 @@ def fmt_value(metric: str, value: float | None, unit: str = "") -> str:
     return f"{value:.3g} {unit}".rstrip()
 
 
+def natural_key(text: str) -> tuple[tuple[int, str, int], ...]:
+    """Sort key: ``gpu2`` before ``gpu10``, ``pdu-a9`` before ``pdu-a10`` (digits compare as numbers)."""
+    return tuple((0, p, 0) if i % 2 == 0 else (1, "", int(p)) for i, p in enumerate(re.split(r"(\d+)", text)))
+
+
+def natural_sorted(ids: Iterable[str]) -> list[str]:
+    return sorted(ids, key=natural_key)
+
+
 def compress_ids(ids: Iterable[str]) -> str:
     """``gpu48 gpu49 ... gpu63 gpu2`` -> ``gpu2, gpu48-63``: 72 GPUs fit on a line."""
     parsed: dict[str, list[int]] = {}
@@ -166,7 +175,8 @@ def render_status(s: Mapping[str, Any]) -> RenderableType:
         devices = s.get("devices", {})
         line.append(
             ", ".join(
-                f"{d} ({devices.get(d, {}).get('error') or devices.get(d, {}).get('status')})" for d in stale
+                f"{d} ({devices.get(d, {}).get('error') or devices.get(d, {}).get('status')})"
+                for d in natural_sorted(stale)
             ),
             style="bold red",
         )
@@ -259,10 +269,12 @@ def _gpu_line(gpus: list[Mapping[str, Any]]) -> Text:
 
 def _cooling_table(cooling: list[Mapping[str, Any]]) -> RenderableType:
     table = Table(title=None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left")
-    table.add_column("Cooling", style="bold")
-    for col in ("supply", "return", "flow", "pump/running", "leak/tripped", "load", "setpoint"):
-        table.add_column(col, justify="right")
-    for unit in cooling:
+    table.add_column("Cooling", style="bold", no_wrap=True)
+    # Short headers so 80 columns hold every one uncut: "pump" is a CDU's pump or a chiller's
+    # compressor running, "alarm" a CDU's leak or a chiller's trip.
+    for col in ("supply", "return", "flow", "pump", "alarm", "load", "setpt"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for unit in sorted(cooling, key=lambda u: natural_key(str(u["device"]))):
         m = unit["metrics"]
         if unit["kind"] == "cdu":
             table.add_row(
@@ -323,7 +335,7 @@ def interlock_table(active: Iterable[Mapping[str, Any]], *, detail: bool = False
     for col in ("device", "since", "cap", "GPUs", "id", *(("inputs",) if detail else ())):
         table.add_column(col)
     now = time.time()
-    for a in active:
+    for a in sorted(active, key=lambda a: (natural_key(str(a.get("device", ""))), str(a.get("interlock")))):
         name = Text(a.get("interlock", "?"))
         if a.get("overridden"):
             name.append(" (overridden)", style="yellow")
@@ -350,7 +362,7 @@ def caps_table(caps: Mapping[str, Mapping[str, Any]]) -> Table:
     for gpu, c in caps.items():
         key = (c.get("cap_w"), c.get("applied_w"), c.get("default_w"), tuple(c.get("by", [])), c.get("state"))
         groups.setdefault(key, []).append(gpu)
-    for gpus in sorted(groups.values(), key=compress_ids):
+    for gpus in sorted(groups.values(), key=lambda ids: natural_key(natural_sorted(ids)[0])):
         c = caps[gpus[0]]
         table.add_row(
             compress_ids(gpus),
@@ -382,37 +394,74 @@ def overrides_table(overrides: Iterable[Mapping[str, Any]]) -> Table:
     return table
 
 
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _mqtt_line(mqtt: Any) -> Text:
-    t = Text("MQTT    ", style="bold")
+    """The fleet link and its spool on one line: ``MQTT    connected 10.0.0.5:8883 (v5)  spool 14
+    (15.1 KiB)  dropped 0`` (``podctl status --json`` has every counter)."""
+    t = Text("MQTT    ", style="bold", no_wrap=True, overflow="ellipsis")
     if not isinstance(mqtt, Mapping):
         return t + Text(str(mqtt))
-    connected = mqtt.get("connected")
-    if connected is not None:
-        t.append("connected" if connected else "disconnected", style="green" if connected else "bold red")
-    for key in ("broker", "spool_depth", "spool_dropped", "last_error"):
-        if mqtt.get(key) is not None:
-            t.append(f"  {key.replace('_', ' ')}: {mqtt[key]}")
-    rest = {
-        k: v
-        for k, v in mqtt.items()
-        if k not in ("connected", "broker", "spool_depth", "spool_dropped", "last_error")
-    }
-    for k, v in rest.items():
-        if isinstance(v, str | int | float | bool) or v is None:
-            t.append(f"  {k}: {v}", style="dim")
+    link = mqtt.get("link")
+    if link is None and mqtt.get("connected") is not None:
+        link = "connected" if mqtt["connected"] else "disconnected"
+    up = link == "connected"
+    t.append(str(link or "unknown"), style="green" if up else "bold red")
+    if mqtt.get("broker"):
+        t.append(f" {mqtt['broker']}")
+    if mqtt.get("protocol"):
+        t.append(f" (v{mqtt['protocol']})", style="dim")
+    depth = mqtt.get("spool_depth")
+    if depth is not None:
+        t.append("  spool ")
+        t.append(str(depth), style="yellow" if depth and not up else "")
+        if mqtt.get("spool_bytes") is not None:
+            t.append(f" ({fmt_bytes(mqtt['spool_bytes'])})")
+    dropped = sum(
+        int(mqtt.get(k) or 0) for k in ("dropped_telemetry", "spool_dropped") if isinstance(mqtt.get(k), int)
+    )
+    t.append("  dropped ")
+    t.append(str(dropped), style="bold red" if dropped else "")
+    if mqtt.get("last_error") and not up:
+        t.append(f"  {mqtt['last_error']}", style="red")
     return t
 
 
 # ---------------------------------------------------------------------- other views
 
 
-def render_devices(devices: list[Mapping[str, Any]]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("device", "kind", "status", "age", "metrics", "not good", "polls", "failures", "error"):
-        table.add_column(
-            col, justify="right" if col in ("metrics", "not good", "polls", "failures", "age") else "left"
-        )
+def device_order(devices: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Natural order, each device followed by the ones it polls (gpus, then gpu0, gpu1 ... gpu10)."""
+    children: dict[str, list[Mapping[str, Any]]] = {}
+    top: list[Mapping[str, Any]] = []
+    known = {str(d["id"]) for d in devices}
     for d in devices:
+        parent = d.get("parent")
+        if parent and parent in known:
+            children.setdefault(str(parent), []).append(d)
+        else:
+            top.append(d)
+    ordered: list[Mapping[str, Any]] = []
+    for d in sorted(top, key=lambda d: natural_key(str(d["id"]))):
+        ordered.append(d)
+        ordered.extend(sorted(children.get(str(d["id"]), []), key=lambda c: natural_key(str(c["id"]))))
+    return ordered
+
+
+def render_devices(devices: list[Mapping[str, Any]]) -> RenderableType:
+    """One row per device; errors under the table, each on its own line (a long SNMP or Modbus
+    error would otherwise squeeze a column to a word per line at 80 columns)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    numeric = ("age", "metrics", "bad", "polls", "fails")
+    for col in ("device", "kind", "status", *numeric):
+        table.add_column(col, justify="right" if col in numeric else "left", no_wrap=True)
+    errors: list[Text] = []
+    for d in device_order(devices):
         status = d.get("status") or "unknown"
         style = "green" if status == "ok" else "bold red" if status in ("error", "stale") else "yellow"
         name = d["id"] if not d.get("parent") else f"  {d['id']}"
@@ -425,9 +474,10 @@ def render_devices(devices: list[Mapping[str, Any]]) -> Table:
             Text(str(d.get("not_good", "")), style="bold red" if d.get("not_good") else ""),
             str(d.get("polls") if d.get("polls") is not None else ""),
             str(d.get("failures") if d.get("failures") is not None else ""),
-            Text(d.get("error") or "", style="red"),
         )
-    return table
+        if d.get("error"):
+            errors.append(Text.assemble((f"{d['id']}: ", "bold"), (str(d["error"]), "red")))
+    return Group(table, *errors) if errors else table
 
 
 def metrics_table(readings: Iterable[Mapping[str, Any]], *, title: str | None = None) -> Table:

@@ -401,7 +401,12 @@ class SnmpDriver:
                 resp = await send(transport)
         except (TimeoutError, TransportTimeout):
             self._failed()
-            raise DeviceUnavailable(self.device_id, f"{what}: timeout") from None
+            hint = ""
+            if self.cfg.version == "2c" and not self._session_ok:
+                # An agent drops a v2c request with the wrong community silently: a timeout says
+                # nothing else, so name the two usual causes (the technician reads it in podctl).
+                hint = f" (SNMP v2c: check the community and port {self.cfg.port})"
+            raise DeviceUnavailable(self.device_id, f"{what}: timeout{hint}") from None
         except TransportAuthError as err:
             self._failed()
             raise AuthError(self.device_id, f"{what}: {err}") from err

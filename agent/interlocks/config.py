@@ -100,13 +100,17 @@ class Shed(Strict):
     servers: int = Field(1, ge=1, le=64)  # how many of the hottest servers to switch off
 
 
+# The longest override the daemon grants unless a pod's config says otherwise; podctl's help quotes it.
+DEFAULT_MAX_OVERRIDE_S = 3600.0
+
+
 class InterlockConfig(Strict):
     enabled: bool = True
     # Ramped release: +release_step_pct of the default limit every release_interval_s.
     release_step_pct: float = Field(10.0, gt=0, le=100)
     release_interval_s: float = Field(5.0, gt=0)
     restore_defaults_on_stop: bool = False
-    max_override_s: float = Field(3600.0, gt=0)
+    max_override_s: float = Field(DEFAULT_MAX_OVERRIDE_S, gt=0)
     # A failed actuation is retried after this long (and reported once per failure streak).
     retry_s: float = Field(2.0, gt=0)
     gpu_overtemp: GpuOvertemp = GpuOvertemp()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from agent.app import Agent
 
 log = structlog.get_logger(__name__)
+_LOG_LEVEL = {
+    Severity.INFO: logging.INFO,
+    Severity.WARNING: logging.WARNING,
+    Severity.CRITICAL: logging.CRITICAL,
+}
 
 INPUT_METRICS = frozenset(
     {
@@ -231,7 +237,13 @@ class InterlockService:
             self.step_histogram.observe(decided - t0)
             for event in decision.events:
                 agent.events.publish(event)
-                log.warning(event.message, interlock=event.detail.get("interlock"), device=event.device)
+                # At the event's own severity: a clear is info, a trip warning or critical (journald).
+                log.log(
+                    _LOG_LEVEL[event.severity],
+                    event.message,
+                    interlock=event.detail.get("interlock"),
+                    device=event.device,
+                )
             self.caps = decision.caps
             # A partial step only changed the caps of the GPUs it evaluated; the full step (at
             # least once a second) looks at every GPU again, which is when failed sets are retried.
