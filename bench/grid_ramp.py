@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import itertools
 from agent.power.allocate import GpuInput, allocate
 from agent.power.config import PowerConfig
 from agent.power.control import BatteryInput, Inputs, RampState, control_step
+from bench import harness
 from hwsim.physics import Physics
 from hwsim.podspec import BatterySpec, PodSpec, SiteMeterSpec, load_pod_spec
 from hwsim.state import BATTERY_MODE_GRID_TARGET, BATTERY_MODE_SETPOINT
@@ -146,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-limit-kw", type=float, default=66.0)
     ap.add_argument("--ramp-kw-per-s", type=float, default=1.0)
     ap.add_argument("--json", action="store_true")
+    harness.add_args(ap, rounds=1)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds = 120.0
     limit = args.grid_limit_kw * 1000.0
     common = {
         "enabled": True,
@@ -162,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         Case("on: no battery (GPU caps)", battery=False, power=PowerConfig(**common)),
     ]
-    rows = [run(c, args.seconds, args.seed, limit) for c in cases]
+    cpu: list[float] = []
+    for _ in range(harness.rounds_of(args)):  # deterministic: rounds only re-time the simulation
+        c0 = time.process_time()
+        rows = [run(c, args.seconds, args.seed, limit) for c in cases]
+        cpu.append(time.process_time() - c0)
     base = rows[0]
     for r in rows:
         r["gpu_energy_rel"] = r["gpu_energy_kwh"] / base["gpu_energy_kwh"]
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(head)
     print("|" + "---|" * 9)
+
     for r in rows:
         soc = "-" if r["soc_range_pct"] is None else f"{r['soc_range_pct'][0]}-{r['soc_range_pct'][1]}"
         print(
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['max_ramp_1s_kw_per_s']:.2f} | {r['ramp_1s_cut_x']:.0f}x | {r['time_over_limit_s']:.1f} "
             f"| {100 * r['gpu_energy_rel']:.2f}% | {soc} |"
         )
+    print(f"\nsimulation CPU time, s (this process, {len(cpu)} round(s)): {harness.fmt(cpu, 2)}")
     return 0
 
 

@@ -1,0 +1,53 @@
+"""The benches still run: each bench's ``--quick`` mode, all of them at once (figures not asserted).
+
+A bench is how performance is shown (bench/harness.py: CPU time per process, rounds, median and
+range); this smoke only catches one that broke (an import, a renamed metric, a changed CLI). The
+benches start together so that the whole smoke costs about as long as the slowest one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = ["pod_full", "snmp_cost", "mqtt_outage", "interlock_latency", "grid_ramp", "nvml_cost"]
+NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat"}
+
+
+@pytest.fixture(scope="module")
+def quick_runs() -> dict[str, tuple[int, str]]:
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for name in BENCHES
+        if shutil.which(NEEDS.get(name, "python3"))
+    }
+    out: dict[str, tuple[int, str]] = {}
+    for name, proc in procs.items():
+        try:
+            text, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        out[name] = (proc.returncode, text.decode(errors="replace"))
+    return out
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_bench_quick_mode_runs(bench: str, quick_runs: dict[str, tuple[int, str]]) -> None:
+    if bench not in quick_runs:
+        pytest.skip(f"{NEEDS[bench]} not installed")
+    rc, text = quick_runs[bench]
+    assert rc == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    # Every bench prints its figures through the harness: a figure with its rounds.
+    assert "round" in text, text[-4000:]
