@@ -211,12 +211,15 @@ async def main() -> None:
     ap.add_argument("--idle-agents", type=int, default=32)
     ap.add_argument("--idle-s", type=float, default=5.0)
     ap.add_argument("--serve", nargs=3, metavar=("VENDOR", "VERSION", "OUTLETS"))
+    ap.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--vendors", default="apc,raritan")
     harness.add_args(ap)
     args = ap.parse_args()
     if args.serve:
         await serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return
-    variants, vendors = VARIANTS, ("apc", "raritan")
+    variants = tuple(args.variants.split(",")) if args.variants else VARIANTS
+    vendors = tuple(args.vendors.split(","))
     if args.quick:
         args.polls, args.idle_agents, args.idle_s = 5, 2, 0.5
         variants, vendors = ("netsnmp/cadence",), ("apc",)
