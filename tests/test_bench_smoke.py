@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["pod_full", "snmp_cost", "modbus_cost", "mqtt_outage", "interlock_latency", "grid_ramp", "nvml_cost"]
+BENCHES = [
+    "pod_full",
+    "snmp_cost",
+    "modbus_cost",
+    "mqtt_outage",
+    "interlock_latency",
+    "grid_ramp",
+    "nvml_cost",
+]
 NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat"}
 
 
