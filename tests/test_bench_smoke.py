@@ -19,12 +19,13 @@ BENCHES = [
     "pod_full",
     "snmp_cost",
     "modbus_cost",
+    "vs_collectd",
     "mqtt_outage",
     "interlock_latency",
     "grid_ramp",
     "nvml_cost",
 ]
-NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat"}
+NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat", "vs_collectd": "collectd"}
 
 
 @pytest.fixture(scope="module")
