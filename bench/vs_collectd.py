@@ -296,7 +296,7 @@ def main() -> int:
         stderr=log.open("wb"),
     )
     try:
-        wait_for(work / "pod" / "manifest.json", pod, "hwsim", log)
+        wait_for(work / "pod" / "manifest.json", pod, "hwsim", log, timeout=300.0)
         manifest = json.loads((work / "pod" / "manifest.json").read_text())
         for protocol in ("snmp", "modbus") if args.protocol == "both" else (args.protocol,):
             compare(protocol, manifest, work, pod.pid, args)
