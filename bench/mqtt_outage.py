@@ -144,11 +144,8 @@ async def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        await asyncio.sleep(args.before / 2)
-        # The agent's steady cost while connected: subtracted from the replay windows below.
-        base = harness.CpuWindow({"agent": agent.pid}).start()
-        await asyncio.sleep(args.before / 2)
-        base_rate = base.stop().cpu_s["agent"] / base.wall_s
+        await asyncio.sleep(args.before)
+        windows: list[tuple[harness.CpuWindow, int]] = []
         for n in range(harness.rounds_of(args)):
             print(f"round {n + 1}: stopping the broker for {args.outage:.0f} s ...", flush=True)
             broker.stop_gracefully()
@@ -161,15 +158,19 @@ async def main() -> int:
             await asyncio.sleep(args.after)
             w.stop()
             count, span = replay_round(received, mark)
-            extra_cpu = w.cpu_s["agent"] - base_rate * w.wall_s
+            windows.append((w, count))
             rounds.append(
-                {
-                    "replayed messages": count,
-                    "replay msgs/s (wall)": count / span if span > 0 else math.nan,
-                    "agent CPU us per replayed message": 1e6 * extra_cpu / count if count else math.nan,
-                    "agent CPU while connected, % of a core": 100 * base_rate,
-                }
+                {"replayed messages": count, "replay msgs/s (wall)": count / span if span > 0 else math.nan}
             )
+        # The agent's steady cost while connected (replay over, start-up long past): subtracted from
+        # each round's window to give the CPU a replayed message costs.
+        base = harness.CpuWindow({"agent": agent.pid}).start()
+        await asyncio.sleep(max(5.0, args.after / 2))
+        base_rate = base.stop().cpu_s["agent"] / base.wall_s
+        for row, (w, count) in zip(rounds, windows, strict=True):
+            extra_cpu = w.cpu_s["agent"] - base_rate * w.wall_s
+            row["agent CPU us per replayed message"] = 1e6 * extra_cpu / count if count else math.nan
+            row["agent CPU while connected, % of a core"] = 100 * base_rate
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
         await asyncio.sleep(1.0)
