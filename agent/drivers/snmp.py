@@ -31,6 +31,7 @@ its MIB modules), not one per poll.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -103,8 +104,11 @@ class Metric:
 
     def match(self, index: Oid) -> int | None:
         """The channel if ``index`` fits this metric's pattern (0 when it has no channel), else None."""
-        if len(index) != len(self.index):
+        pattern = self.index
+        if len(index) != len(pattern):
             return None
+        if pattern == (None,):  # the common case: one index, the channel (outlet, phase)
+            return index[0]
         channel = 0
         for want, got in zip(self.index, index, strict=True):
             if want is None:
@@ -117,7 +121,13 @@ class Metric:
         return tuple(channel if x is None else x for x in self.index)
 
     def metric_name(self, channel: int) -> str:
-        return self.name.replace("{n}", str(channel)) if self.index.count(None) else self.name
+        return _channel_name(self.name, channel) if None in self.index else self.name
+
+
+@functools.cache
+def _channel_name(template: str, channel: int) -> str:
+    """``outlet{n}_power_w`` -> ``outlet7_power_w`` (built once per metric and channel)."""
+    return template.replace("{n}", str(channel))
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +418,8 @@ class SnmpDriver:
         """
         roots = [(*table.entry, c) for c in table.columns]
         out: Rows = {(table.name, c): {} for c in table.columns}
+        col_rows = [out[(table.name, c)] for c in table.columns]
+        root_len = [len(r) for r in roots]
         last = list(roots)
         active = list(range(len(roots)))
         reps = self._reps.get(table.name, self.cfg.max_repetitions)
@@ -423,8 +435,8 @@ class SnmpDriver:
                 col = active[pos % r]
                 if col in done:
                     continue
-                root = roots[col]
-                if value is Special.END_OF_MIB_VIEW or oid[: len(root)] != root:
+                n = root_len[col]
+                if value is Special.END_OF_MIB_VIEW or oid[:n] != roots[col]:
                     done.add(col)
                     continue
                 if oid <= last[col]:
@@ -432,7 +444,7 @@ class SnmpDriver:
                         self.device_id, f"{what}: OID not increasing at {'.'.join(map(str, oid))}"
                     )
                 last[col] = oid
-                out[(table.name, table.columns[col])][oid[len(root) :]] = value
+                col_rows[col][oid[n:]] = value
             active = [c for c in active if c not in done]
         rows = max((len(v) for v in out.values()), default=0)
         self._reps[table.name] = max(1, min(self.cfg.max_repetitions, rows + 1))
