@@ -10,6 +10,8 @@ command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v tmux >/dev/null || need+=(tmux)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v openssl >/dev/null || need+=(openssl)
+# bench/vs_collectd.py: collectd 5.12 (snmp and modbus plugins; the modbus one needs libmodbus).
+command -v collectd >/dev/null || need+=(collectd-core libmodbus5)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 SUDO=""
