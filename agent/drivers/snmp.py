@@ -124,6 +124,10 @@ class Metric:
         return _channel_name(self.name, channel) if None in self.index else self.name
 
 
+def _channel_of(found: tuple[int, Oid, Value]) -> int:
+    return found[0]
+
+
 @functools.cache
 def _channel_name(template: str, channel: int) -> str:
     """``outlet{n}_power_w`` -> ``outlet7_power_w`` (built once per metric and channel)."""
@@ -529,17 +533,18 @@ class SnmpDriver:
         out: list[Reading] = []
         for m in metrics:
             col = rows.get((m.table, m.column), {})
-            found: list[tuple[int, Oid, Value]] = []
-            for index, raw in col.items():
-                ch = m.match(index)
-                if ch is not None:
-                    found.append((ch, index, raw))
+            found: list[tuple[int, Oid, Value]]
+            if m.index == (None,):  # one index, the channel (outlet, phase): no pattern to match
+                found = [(index[0], index, raw) for index, raw in col.items() if len(index) == 1]
+            else:
+                found = [(ch, index, raw) for index, raw in col.items() if (ch := m.match(index)) is not None]
+            found.sort(key=_channel_of)  # walk order already, nearly always: linear
             if not found and None not in m.index and not m.optional:
                 out.append(
                     self._reading(m, 0, None, mono=now_mono, wall=now_wall, error="not in the PDU's table")
                 )
                 continue
-            for ch, index, raw in sorted(found, key=lambda f: f[0]):
+            for ch, index, raw in found:
                 value, error = self._convert(m, index, raw, static)
                 out.append(self._reading(m, ch, value, mono=now_mono, wall=now_wall, error=error))
         return out
