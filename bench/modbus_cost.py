@@ -112,11 +112,11 @@ async def main() -> None:
             stderr=asyncio.subprocess.DEVNULL,
         )
         assert proc.stdout is not None
-        while not (line := (await proc.stdout.readline()).decode()).startswith("PORT "):
-            if not line:
-                raise SystemExit(f"the {kind} server did not start")
-        port = int(line.split()[1])
         try:
+            while not (line := (await proc.stdout.readline()).decode()).startswith("PORT "):
+                if not line:
+                    raise SystemExit(f"the {kind} server did not start")
+            port = int(line.split()[1])
             rs = [await measure(kind, port, args.polls, proc.pid) for _ in range(n)]
         finally:
             proc.terminate()
