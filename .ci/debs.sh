@@ -18,6 +18,8 @@ if [ "${1:-}" = packaging ]; then
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
   done
 fi
+# bench/vs_collectd.py: collectd 5.12 (snmp and modbus plugins; the modbus one needs libmodbus).
+command -v collectd >/dev/null || need+=(collectd-core libmodbus5)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 SUDO=""

@@ -395,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", action="store_true", help="only the ride-through and curtailment runs")
     ap.add_argument("--series", type=Path, help="write DIR/<case>.csv (t_s,grid_w at 40 Hz, seed 1)")
     ap.add_argument("--step-s", type=float, default=12.0, help="training step length (12 s: 0.083 Hz)")
+    ap.add_argument(
+        "--quick", action="store_true", help="CI smoke: one short round of 'none', figures meaningless"
+    )
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds, args.only = WARM_S + 10.0, 1, ["none"]
     STEP_S[0] = args.step_s
     limit = args.grid_limit_kw * 1000.0
     contract = GridContract(

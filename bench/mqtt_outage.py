@@ -6,14 +6,20 @@ restarted; the agent replays its spool while live data keeps flowing. Prints sam
 delivered / lost, seq gaps and duplicates, the replay rate and live telemetry latency during the
 replay. Goal: 0 lost, replay >= 5,000 msgs/s, live latency < 2 s.
 
-    .venv/bin/python bench/mqtt_outage.py [--outage 60] [--pod demo]
+Each of ``--rounds`` (default 3) rounds is one outage and restart in the same run; the figures per
+round (replay rate, the agent's CPU time per replayed message above its connected baseline) are
+printed as median and range, then the whole run's loss accounting.
+
+    .venv/bin/python bench/mqtt_outage.py [--outage 60] [--pod demo] [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -29,6 +35,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from hwsim.agentconf import render_agent_config  # noqa: E402
 from tests.conftest_mqtt import Mosquitto  # noqa: E402
 
@@ -67,8 +74,19 @@ async def collect(port: int, out: list[tuple[float, str, bytes]], stop: asyncio.
                 async for m in client.messages:
                     payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
                     out.append((time.time(), str(m.topic), payload))
-        except aiomqtt.MqttError:
+        except (aiomqtt.MqttError, OSError):
+            # OSError: the broker went away while paho was registering its socket with the loop.
             await asyncio.sleep(0.2)
+
+
+def replay_round(received: list[tuple[float, str, bytes]], start: int) -> tuple[int, float]:
+    """Historical telemetry messages received since index ``start``, and the span they arrived in."""
+    hist = [
+        at
+        for at, topic, payload in received[start:]
+        if "/telemetry/" in topic and json.loads(payload).get("historical")
+    ]
+    return len(hist), (max(hist) - min(hist)) if len(hist) >= 2 else math.nan
 
 
 async def main() -> int:
@@ -76,8 +94,11 @@ async def main() -> int:
     ap.add_argument("--outage", type=float, default=60.0)
     ap.add_argument("--pod", default="demo")
     ap.add_argument("--before", type=float, default=10.0, help="seconds connected before the outage")
-    ap.add_argument("--after", type=float, default=10.0, help="seconds connected after the restart")
+    ap.add_argument("--after", type=float, default=10.0, help="seconds connected after each restart")
+    harness.add_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.pod, args.outage, args.before, args.after = "tiny", 3.0, 3.0, 3.0
     work = Path(tempfile.mkdtemp(prefix="mqtt-bench-"))
     broker = Broker()
     broker.start()
@@ -100,8 +121,10 @@ async def main() -> int:
     )
     agent: subprocess.Popen[bytes] | None = None
     received: list[tuple[float, str, bytes]] = []
+    rounds: list[dict[str, float]] = []
     stop = asyncio.Event()
     task = asyncio.create_task(collect(broker.port, received, stop))
+    restarted = time.time()
     try:
         while not (work / "manifest.json").exists():
             if pod.poll() is not None:
@@ -122,24 +145,48 @@ async def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         await asyncio.sleep(args.before)
-        print(f"stopping the broker for {args.outage:.0f} s ...", flush=True)
-        broker.stop_gracefully()
-        await asyncio.sleep(args.outage)
-        restarted = time.time()
-        broker.start()
-        print("broker restarted; replaying ...", flush=True)
-        await asyncio.sleep(args.after)
+        windows: list[tuple[harness.CpuWindow, int]] = []
+        for n in range(harness.rounds_of(args)):
+            print(f"round {n + 1}: stopping the broker for {args.outage:.0f} s ...", flush=True)
+            broker.stop_gracefully()
+            await asyncio.sleep(args.outage)
+            mark = len(received)
+            w = harness.CpuWindow({"agent": agent.pid})
+            restarted = time.time()
+            broker.start()
+            w.start()
+            await asyncio.sleep(args.after)
+            w.stop()
+            count, span = replay_round(received, mark)
+            windows.append((w, count))
+            rounds.append(
+                {"replayed messages": count, "replay msgs/s (wall)": count / span if span > 0 else math.nan}
+            )
+        # The agent's steady cost while connected (replay over, start-up long past): subtracted from
+        # each round's window to give the CPU a replayed message costs.
+        base = harness.CpuWindow({"agent": agent.pid}).start()
+        await asyncio.sleep(max(5.0, args.after / 2))
+        base_rate = base.stop().cpu_s["agent"] / base.wall_s
+        for row, (w, count) in zip(rounds, windows, strict=True):
+            extra_cpu = w.cpu_s["agent"] - base_rate * w.wall_s
+            row["agent CPU us per replayed message"] = 1e6 * extra_cpu / count if count else math.nan
+            row["agent CPU while connected, % of a core"] = 100 * base_rate
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
         await asyncio.sleep(1.0)
     finally:
         stop.set()
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         if agent is not None and agent.poll() is None:
             agent.kill()
         pod.terminate()
         pod.wait(10)
         broker.close()
+    harness.summary(
+        rounds, title=f"replay after a {args.outage:.0f} s outage, per round (CPU time per process)"
+    )
     report(received, restarted)
     return 0
 
@@ -170,6 +217,7 @@ def report(received: list[tuple[float, str, bytes]], restarted: float) -> None:
         unique = set(values)
         gaps += len(set(range(1, max(unique) + 1)) - unique)
     hist = [at for at, b in arrivals if b.get("historical")]
+    print("\nwhole run:")
     print(f"samples produced (spooled by the agent): {produced}")
     print(f"samples delivered (unique telemetry):    {delivered}")
     print(f"samples lost:                            {None if produced is None else produced - delivered}")

@@ -1,6 +1,7 @@
 """What the NVML fake and the NVML driver cost: per call, per publish, per poll.
 
-Usage: .venv/bin/python bench/nvml_cost.py [--gpus 576] [--real]
+Usage: .venv/bin/python bench/nvml_cost.py [--gpus 576] [--real] [--rounds 3] [--quick]
+CPU time of this process, median (range) of --rounds rounds.
 ``--real`` also times the same calls against NVIDIA's pynvml (needs a GPU).
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,9 +20,12 @@ from typing import Any
 
 import pynvml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import hwsim.nvml as fake
 from agent.config import NvmlDevice
 from agent.drivers.nvml import NvmlDriver
+from bench import harness
 from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.state import GpuState, PodState
 
@@ -46,11 +52,24 @@ def make_pod(n: int) -> PodState:
     return PodState(name="bench", gpus=gpus)
 
 
+# Rounds per figure, and the share of the default call counts (--quick: fewer calls).
+OPTS = {"rounds": 3, "scale": 1.0}
+
+
 def per_call_us(fn: Callable[[], Any], n: int = 20000) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
+    """CPU time (this process) per call, the median over the rounds of n calls."""
+    return statistics.median(per_call_rounds(fn, n))
+
+
+def per_call_rounds(fn: Callable[[], Any], n: int) -> list[float]:
+    n = max(1, int(n * OPTS["scale"]))
+    out = []
+    for _ in range(int(OPTS["rounds"])):
+        t0 = time.process_time()
+        for _ in range(n):
+            fn()
+        out.append((time.process_time() - t0) / n * 1e6)
+    return out
 
 
 def time_calls(lib: ModuleType, label: str) -> None:
@@ -67,7 +86,8 @@ def time_calls(lib: ModuleType, label: str) -> None:
     }
     for name, fn in calls.items():
         try:
-            print(f"{label:8} {name:28} {per_call_us(fn, 2000 if label == 'pynvml' else 20000):8.2f} us/call")
+            us = per_call_rounds(fn, 2000 if label == "pynvml" else 20000)
+            print(f"{label:8} {name:28} {harness.fmt(us, 2):>24} us/call (CPU)")
         except lib.NVMLError as err:
             print(f"{label:8} {name:28} {err}")
 
@@ -76,10 +96,10 @@ async def time_driver(cfg: NvmlDevice, polls: int) -> float:
     drv = NvmlDriver(cfg)
     await drv.open()
     await drv.poll()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(polls):
         await drv.poll()
-    dt = (time.perf_counter() - t0) / polls
+    dt = (time.process_time() - t0) / polls
     await drv.close()
     return dt
 
@@ -88,7 +108,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, default=576)
     ap.add_argument("--real", action="store_true")
+    harness.add_args(ap)
     args = ap.parse_args()
+    OPTS["rounds"] = harness.rounds_of(args)
+    if args.quick:
+        args.gpus, OPTS["scale"] = 16, 0.01
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "nvml.shm"
         pod = make_pod(args.gpus)
@@ -96,6 +120,7 @@ def main() -> None:
         writer.publish(pod)
         pub = per_call_us(lambda: writer.publish(pod), 200)
         print(f"publish {args.gpus} GPUs: {pub / 1000:.2f} ms ({pub / args.gpus:.2f} us/GPU)")
+        print(f"CPU time of this process, median (range) of {OPTS['rounds']} round(s)")
         fake.set_state_path(path)
         fake.nvmlInit()
         time_calls(fake, "fake")
@@ -103,9 +128,11 @@ def main() -> None:
         cfg = NvmlDevice.model_validate(
             {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": path}
         )
-        dt = asyncio.run(time_driver(cfg, 5))
+        dts = [asyncio.run(time_driver(cfg, 5)) for _ in range(int(OPTS["rounds"]))]
+        dt = statistics.median(dts)
         print(
-            f"driver poll of {args.gpus} GPUs (fake): {dt * 1000:.1f} ms ({dt / args.gpus * 1e6:.0f} us/GPU)"
+            f"driver poll of {args.gpus} GPUs (fake): {harness.fmt([d * 1000 for d in dts])} ms CPU "
+            f"({dt / args.gpus * 1e6:.0f} us/GPU)"
         )
         writer.close()
     if args.real:

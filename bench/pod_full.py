@@ -7,7 +7,10 @@ Prints:
 3. the agent (``podagent run`` as its own process, interlocks and MQTT off unless --with-all):
    CPU % of one core, RSS, per-cycle poll duration p50/p99 and missed deadlines per device kind.
 
-    .venv/bin/python bench/pod_full.py [--seconds 60] [--idle-seconds 20] [--pod full]
+CPU figures are CPU time per process (``bench/harness.py``), measured in ``--rounds`` consecutive
+windows (default 3) of one run, printed as median and range.
+
+    .venv/bin/python bench/pod_full.py [--seconds 60] [--idle-seconds 20] [--pod full] [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from hwsim.agentconf import render_agent_config  # noqa: E402
 
 
@@ -56,31 +60,11 @@ def histogram_quantile(text: str, family: str, q: float, device: str | None = No
     return None
 
 
-def cpu_pct(proc: psutil.Process, seconds: float) -> float:
-    t0 = proc.cpu_times()
-    w0 = time.monotonic()
-    time.sleep(seconds)
-    t1 = proc.cpu_times()
-    used = (t1.user - t0.user) + (t1.system - t0.system)
-    # Children too (socat for the RTU line).
-    return 100.0 * used / (time.monotonic() - w0)
-
-
-def tree_cpu(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def measure_tree(proc: psutil.Process, seconds: float) -> float:
-    c0, w0 = tree_cpu(proc), time.monotonic()
-    time.sleep(seconds)
-    return 100.0 * (tree_cpu(proc) - c0) / (time.monotonic() - w0)
+def per_device(text: str, family: str) -> dict[str, int]:
+    return {
+        m.group(1): int(float(m.group(2)))
+        for m in re.finditer(rf'{family}\{{device="([^"]+)"\}} ([0-9.e+]+)', text)
+    }
 
 
 def status(manifest: dict[str, object]) -> dict[str, object]:
@@ -89,23 +73,38 @@ def status(manifest: dict[str, object]) -> dict[str, object]:
     return control_request(str(manifest["control"]), {"cmd": "status"})
 
 
+def late_ticks(manifest: dict[str, object]) -> int:
+    return int(status(manifest)["late_ticks"])  # type: ignore[call-overload]
+
+
 def metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return resp.read().decode()
 
 
+def rss_mib(pid: int) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.NoSuchProcess:
+        return math.nan
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pod", default="full")
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--idle-seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="length of one measured round")
+    ap.add_argument("--idle-seconds", type=float, default=20.0, help="hwsim alone, per round")
     ap.add_argument("--with-all", action="store_true", help="also run interlocks (MQTT stays off)")
     ap.add_argument(
         "--py-spy",
         metavar="FILE",
         help="after measuring, profile the agent 20 s with py-spy into FILE (collapsed stacks)",
     )
+    harness.add_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.pod, args.seconds, args.idle_seconds = "tiny", 3.0, 2.0
+    n_rounds = harness.rounds_of(args)
     tmp = Path(tempfile.mkdtemp(prefix="podbench-"))
     run_dir = tmp / "pod"
     pod = subprocess.Popen(
@@ -115,6 +114,8 @@ def main() -> int:
         cwd=ROOT,
     )
     agent: subprocess.Popen[bytes] | None = None
+    idle_rounds: list[dict[str, float]] = []
+    rounds: list[dict[str, float]] = []
     try:
         manifest_path = run_dir / "manifest.json"
         while not manifest_path.exists():
@@ -123,11 +124,15 @@ def main() -> int:
                 return 1
             time.sleep(0.1)
         manifest = json.loads(manifest_path.read_text())
-        hw = psutil.Process(pod.pid)
         time.sleep(3)
-        late0 = int(status(manifest)["late_ticks"])  # type: ignore[call-overload]
-        idle = measure_tree(hw, args.idle_seconds)
-        late_idle = int(status(manifest)["late_ticks"]) - late0  # type: ignore[call-overload]
+        for _ in range(n_rounds):
+            late0 = late_ticks(manifest)
+            w = harness.CpuWindow({"hwsim": pod.pid}).start()
+            time.sleep(args.idle_seconds)
+            w.stop()
+            idle_rounds.append(
+                {"hwsim alone, % of a core": w.pct("hwsim"), "late ticks": late_ticks(manifest) - late0}
+            )
 
         with __import__("socket").socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -143,7 +148,6 @@ def main() -> int:
             stderr=(tmp / "agent.log").open("wb"),
             cwd=ROOT,
         )
-        ag = psutil.Process(agent.pid)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -152,21 +156,38 @@ def main() -> int:
             except OSError:
                 pass
             time.sleep(0.5)
-        time.sleep(5)  # past start-up (first v3 discovery, imports)
-        late1 = int(status(manifest)["late_ticks"])  # type: ignore[call-overload]
-        steps0 = interlock_steps(metrics(port))
-        a0, h0, w0 = tree_cpu(ag), tree_cpu(hw), time.monotonic()
-        rss = []
-        end = w0 + args.seconds
-        while time.monotonic() < end:
-            time.sleep(1.0)
-            rss.append(ag.memory_info().rss)
-        wall = time.monotonic() - w0
-        agent_pct = 100.0 * (tree_cpu(ag) - a0) / wall
-        hw_busy = 100.0 * (tree_cpu(hw) - h0) / wall
-        late_busy = int(status(manifest)["late_ticks"]) - late1  # type: ignore[call-overload]
-        text = metrics(port)
-        steps = interlock_steps(text) - steps0
+        time.sleep(2 if args.quick else 5)  # past start-up (first v3 discovery, imports)
+        idle_hw = statistics.median(r["hwsim alone, % of a core"] for r in idle_rounds)
+        for _ in range(n_rounds):
+            late1 = late_ticks(manifest)
+            text0 = metrics(port)
+            steps0, missed0, polls0 = (
+                interlock_steps(text0),
+                per_device(text0, "podagent_poll_missed_deadlines_total"),
+                per_device(text0, "podagent_device_polls_total"),
+            )
+            w = harness.CpuWindow({"agent": agent.pid, "hwsim": pod.pid}).start()
+            rss = []
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:
+                time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+                rss.append(rss_mib(agent.pid))
+            w.stop()
+            text = metrics(port)
+            missed = per_device(text, "podagent_poll_missed_deadlines_total")
+            polls = per_device(text, "podagent_device_polls_total")
+            row = {
+                "podagent, % of a core": w.pct("agent"),
+                "podagent RSS max, MiB": max(rss),
+                "hwsim while polled, % of a core": w.pct("hwsim"),
+                "hwsim answering (polled - alone), % of a core": w.pct("hwsim") - idle_hw,
+                "hwsim late ticks": late_ticks(manifest) - late1,
+                "missed deadlines (all devices)": sum(missed.values()) - sum(missed0.values()),
+                "polls (all devices)": sum(polls.values()) - sum(polls0.values()),
+            }
+            if args.with_all:
+                row["interlock evaluations/s"] = (interlock_steps(text) - steps0) / w.wall_s
+            rounds.append(row)
         if args.py_spy:
             subprocess.run(
                 ["py-spy", "record", "--pid", str(agent.pid), "--duration", "20", "--rate", "200",
@@ -195,35 +216,18 @@ def main() -> int:
             value = histogram_quantile(text, "podagent_poll_duration_seconds", float(quant), dev)
             if value is not None:
                 q[(dev, quant)] = value
-    missed = {
-        m.group(1): int(float(m.group(2)))
-        for m in re.finditer(r'podagent_poll_missed_deadlines_total\{device="([^"]+)"\} ([0-9.]+)', text)
-    }
-    polls = {
-        m.group(1): int(float(m.group(2)))
-        for m in re.finditer(r'podagent_device_polls_total\{device="([^"]+)"\} ([0-9.]+)', text)
-    }
-    errors = {
-        m.group(1): int(float(m.group(2)))
-        for m in re.finditer(r'podagent_device_poll_errors_total\{device="([^"]+)"\} ([0-9.]+)', text)
-    }
+    missed = per_device(text, "podagent_poll_missed_deadlines_total")
+    polls = per_device(text, "podagent_device_polls_total")
+    errors = per_device(text, "podagent_device_poll_errors_total")
 
     print(
         f"\npod `{args.pod}`: {manifest['nvml']['gpus']} GPUs, {len(manifest['snmp'])} SNMP PDUs, "
-        f"{len(manifest['modbus'])} Modbus units; machine: {psutil.cpu_count()} cores"
+        f"{len(manifest['modbus'])} Modbus units; machine: {psutil.cpu_count()} cores; "
+        f"interlocks {'on' if args.with_all else 'off'}; {n_rounds} round(s) of {args.seconds:.0f} s "
+        "(CPU time per process: holds on a shared machine)"
     )
-    print("\n| what | CPU, % of one core | notes |")
-    print("|---|---|---|")
-    print(f"| hwsim, nobody polling ({args.idle_seconds:.0f} s) | {idle:.1f} | late ticks: {late_idle} |")
-    print(
-        f"| hwsim while the agent polls everything at 1 s | {hw_busy:.1f} | answering costs "
-        f"{hw_busy - idle:.1f}; late ticks: {late_busy} |"
-    )
-    print(
-        f"| podagent ({args.seconds:.0f} s, interlocks {'on' if args.with_all else 'off'}) "
-        f"| {agent_pct:.1f} | "
-        f"RSS median {statistics.median(rss) / 2**20:.0f} MiB, max {max(rss) / 2**20:.0f} MiB |"
-    )
+    harness.summary(idle_rounds, title=f"hwsim, nobody polling ({args.idle_seconds:.0f} s rounds)")
+    harness.summary(rounds, title="agent polling every device at 1 s")
     if args.with_all:
         step_q = {
             quant: histogram_quantile(text, "podagent_interlock_evaluation_duration_seconds", float(quant))
@@ -231,17 +235,18 @@ def main() -> int:
             for quant in ("0.5", "0.99")
         }
         print(
-            f"\ninterlock engine: {steps / wall:.1f} evaluations/s, duration p50 "
-            f"{1000 * step_q.get('0.5', math.nan):.2f} ms, p99 {1000 * step_q.get('0.99', math.nan):.2f} ms"
+            f"\ninterlock engine step p50 {1000 * step_q.get('0.5', math.nan):.2f} ms, "
+            f"p99 {1000 * step_q.get('0.99', math.nan):.2f} ms (whole run)"
         )
+    print("\nwhole run (poll durations from the agent's histograms over its lifetime):")
     print("\n| device kind | devices | poll p50 (ms) | poll p99 (ms) | polls | errors | missed deadlines |")
     print("|---|---|---|---|---|---|---|")
     by_kind: dict[str, list[str]] = {}
     for dev, kind in kinds.items():
         by_kind.setdefault(kind, []).append(dev)
     for kind, devs in sorted(by_kind.items()):
-        p50 = [q[(d, "0.5")] for d in devs if (d, "0.5") in q]
-        p99 = [q[(d, "0.99")] for d in devs if (d, "0.99") in q]
+        p50 = [q[(d, "0.5")] for d in devs if (d, "0.5") in q] or [math.nan]
+        p99 = [q[(d, "0.99")] for d in devs if (d, "0.99") in q] or [math.nan]
         print(
             f"| {kind} | {len(devs)} | {1000 * statistics.median(p50):.1f} | {1000 * max(p99):.1f} | "
             f"{sum(polls.get(d, 0) for d in devs)} | {sum(errors.get(d, 0) for d in devs)} | "

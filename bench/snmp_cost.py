@@ -1,6 +1,6 @@
 """CPU cost of SNMP polling (driver side only), before/after table, and of idle simulated agents.
 
-    .venv/bin/python bench/snmp_cost.py [--polls 30] [--outlets 24] [--idle-agents 32]
+    .venv/bin/python bench/snmp_cost.py [--polls 30] [--outlets 24] [--idle-agents 32] [--rounds 3] [--quick]
 
 The agent under test runs in a child process, so the CPU measured here is the driver's alone
 (encode/decode, v3 crypto, our table walk and scaling). Rows, per vendor and SNMP version:
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import SnmpDevice
 from agent.drivers.snmp import SnmpDriver
+from bench import harness
 from hwsim.snmp_pdu import start_snmp_agent
 from hwsim.state import OutletState, PduState, PhaseState
 
@@ -90,7 +92,7 @@ VARIANTS = ("before", "pysnmp/all", "pysnmp/cadence", "netsnmp/all", "netsnmp/ca
 
 
 async def measure(
-    *, vendor: str, version: str, variant: str, port: int, polls: int, before: Any
+    *, vendor: str, version: str, variant: str, port: int, polls: int, before: Any, server_pid: int
 ) -> dict[str, float]:
     creds: dict[str, object] = (
         {"user": USER, "auth_key": AUTH, "priv_key": PRIV} if version == "3" else {"community": "public"}
@@ -108,23 +110,33 @@ async def measure(
         for _ in range(5):  # warm-up: engine discovery, static tables, MIB view, one full cadence
             await d.poll()
         values = 0
-        c0, t0 = time.process_time(), time.perf_counter()
+        c0, t0, s0 = time.process_time(), time.perf_counter(), harness.proc_cpu_s(server_pid)
         for _ in range(polls):
             values += len(await d.poll())
         cpu = (time.process_time() - c0) / polls
         wall = (time.perf_counter() - t0) / polls
+        server = (harness.proc_cpu_s(server_pid) - s0) / polls
     finally:
         await d.close()
     per_poll = values / polls
-    return {"cpu": cpu, "wall": wall, "values": per_poll, "per_value": cpu / per_poll}
+    return {
+        "cpu": cpu,
+        "wall": wall,
+        "values": per_poll,
+        "per_value": cpu / per_poll,
+        "hwsim_per_value": server / per_poll,
+    }
 
 
-async def table(polls: int, outlets: int) -> dict[tuple[str, str, str], dict[str, float]]:
-    before = load_before()
+async def table(
+    polls: int, outlets: int, n_rounds: int, variants: tuple[str, ...], vendors: tuple[str, ...]
+) -> dict[tuple[str, str, str], dict[str, float]]:
+    before = load_before() if "before" in variants else None
     results: dict[tuple[str, str, str], dict[str, float]] = {}
+    print(f"CPU time per process, median (range) of {n_rounds} round(s); hwsim = the simulated PDU's process")
     print(f"{'PDU':8} {'ver':3} {'variant':16} {'values/poll':>11} {'CPU/poll ms':>11} {'wall/poll ms':>12} "
-          f"{'CPU/value us':>12}")  # fmt: skip
-    for vendor in ("apc", "raritan"):
+          f"{'CPU/value us':>24} {'hwsim CPU/value us':>24}")  # fmt: skip
+    for vendor in vendors:
         for version in ("2c", "3"):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -138,15 +150,22 @@ async def table(polls: int, outlets: int) -> dict[tuple[str, str, str], dict[str
             assert proc.stdout is not None
             port = int((await proc.stdout.readline()).decode())
             try:
-                for variant in VARIANTS:
+                for variant in variants:
                     if variant == "before" and before is None:
                         continue
-                    r = await measure(
-                        vendor=vendor, version=version, variant=variant, port=port, polls=polls, before=before
-                    )
+                    rs = [
+                        await measure(
+                            vendor=vendor, version=version, variant=variant, port=port, polls=polls,
+                            before=before, server_pid=proc.pid,
+                        )
+                        for _ in range(n_rounds)
+                    ]  # fmt: skip
+                    r = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
                     results[(vendor, version, variant)] = r
+                    per_value = harness.fmt([x["per_value"] * 1e6 for x in rs])
+                    hw = harness.fmt([x["hwsim_per_value"] * 1e6 for x in rs])
                     print(f"{vendor:8} v{version:2} {variant:16} {r['values']:11.1f} {r['cpu'] * 1e3:11.2f} "
-                          f"{r['wall'] * 1e3:12.2f} {r['per_value'] * 1e6:12.0f}")  # fmt: skip
+                          f"{r['wall'] * 1e3:12.2f} {per_value:>24} {hw:>24}")  # fmt: skip
             finally:
                 proc.terminate()
                 await proc.wait()
@@ -192,11 +211,19 @@ async def main() -> None:
     ap.add_argument("--idle-agents", type=int, default=32)
     ap.add_argument("--idle-s", type=float, default=5.0)
     ap.add_argument("--serve", nargs=3, metavar=("VENDOR", "VERSION", "OUTLETS"))
+    ap.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--vendors", default="apc,raritan")
+    harness.add_args(ap)
     args = ap.parse_args()
     if args.serve:
         await serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return
-    projection(await table(args.polls, args.outlets))
+    variants = tuple(args.variants.split(",")) if args.variants else VARIANTS
+    vendors = tuple(args.vendors.split(","))
+    if args.quick:
+        args.polls, args.idle_agents, args.idle_s = 5, 2, 0.5
+        variants, vendors = ("netsnmp/cadence",), ("apc",)
+    projection(await table(args.polls, args.outlets, harness.rounds_of(args), variants, vendors))
     if args.idle_agents:
         await idle(args.idle_agents, args.idle_s)
 

@@ -38,10 +38,11 @@ from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
-from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server import ModbusSerialServer
 
 from agent.drivers.modbus import ModbusPoint, ModbusProfile, load_profile
 from hwsim.modbus_codec import decode, encode
+from hwsim.modbus_tcp import FastModbusTcpServer
 from hwsim.state import CduState, ChillerState, PduState
 
 log = structlog.get_logger(__name__)
@@ -229,7 +230,7 @@ class ModbusHandle:
     def __init__(
         self,
         *,
-        server: ModbusTcpServer | ModbusSerialServer,
+        server: FastModbusTcpServer | ModbusSerialServer,
         units: dict[int, tuple[ModbusState, str]],
         port: int | None = None,
         host: str | None = None,
@@ -323,17 +324,15 @@ async def start_modbus_tcp(
     context = _ProfileContext({unit: image}, unknown_unit=ExcCodes.GATEWAY_NO_RESPONSE)
     units = {unit: (device, profile)}
     requests: Counter[int] = Counter()
-    server = ModbusTcpServer(
-        context, address=(host, port), ignore_missing_devices=True, trace_pdu=_counting(requests)
-    )
+    # Our own MBAP server (hwsim/modbus_tcp.py): pymodbus's costs ~0.5 ms of CPU per request.
+    server = FastModbusTcpServer(context, requests)
     try:
-        await server.serve_forever(background=True)
-    except RuntimeError as err:
+        bound = await server.start(host, port)
+    except OSError as err:
         await server.shutdown()
         raise OSError(
             errno.EADDRINUSE, f"Modbus TCP for {device.id}: cannot listen on {host}:{port} (in use?)"
         ) from err
-    bound = server.transport.sockets[0].getsockname()[1]
     handle = ModbusHandle(server=server, units=units, port=bound, host=host, requests=requests)
     log.info("modbus tcp serving", device=device.id, host=host, port=bound, unit=unit, profile=profile)
     return handle

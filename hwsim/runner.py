@@ -52,6 +52,9 @@ class PodRunner:
         self.faults: dict[tuple[str, str], float] = {}
         self.ticks = 0
         self.late_ticks = 0
+        # Bumped by every tick and command that changes the state: the SNMP agents encode each
+        # value once per generation (hwsim/snmp_wire.py), however often they are asked.
+        self.generation = 0
         self._handles: list[Any] = []
         self._nvml: Any = None
         self._control: asyncio.Server | None = None
@@ -94,6 +97,7 @@ class PodRunner:
                     v3_user=ep.user,
                     v3_auth_key=ep.auth_key,
                     v3_priv_key=ep.priv_key,
+                    generation=self._generation,
                 )
                 self._handles.append(handle)
                 entry = handle.manifest_entry()
@@ -214,6 +218,9 @@ class PodRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    def _generation(self) -> int:
+        return self.generation
+
     async def run(self) -> None:
         """Tick until stopped. Deadlines are absolute, so ticks do not drift; a late tick is
         counted and the physics still advances by the time that passed (speed x wall time)."""
@@ -251,6 +258,7 @@ class PodRunner:
             for index, watts in self._nvml.take_limit_requests():
                 self.physics.set_power_limit(index, watts)
         self.physics.step(sim_dt)
+        self.generation += 1
         if self._nvml is not None:
             self._nvml.publish(self.physics.state)
         self.ticks += 1
@@ -272,6 +280,7 @@ class PodRunner:
         point: str | None = None,
     ) -> dict[str, Any]:
         result = apply_fault(self.physics, name, device, clear=clear, value=value, point=point)
+        self.generation += 1
         key = (result.name, result.device)
         if result.active:
             self.faults[key] = self.physics.state.sim_time_s

@@ -39,10 +39,12 @@ from pysnmp.proto import rfc1902, rfc1905
 from pysnmp.smi import error as smi_error
 from pysnmp.smi.instrum import AbstractMibInstrumController
 
+from hwsim import snmp_wire as wire
+from hwsim.snmp_wire import FastResponder, Raw, UsmFast, VarbindCache
 from hwsim.state import OutletState, PduState, PhaseState
 
 Oid = tuple[int, ...]
-Getter = Callable[[], Any]
+Getter = Callable[[], Raw]
 Setter = Callable[[Any], None]
 
 APC_RPDU2 = (1, 3, 6, 1, 4, 1, 318, 1, 1, 26)
@@ -98,16 +100,30 @@ _INT32_MAX = 2**31 - 1
 _UINT32_MAX = 2**32 - 1
 
 
-def _i32(x: float) -> rfc1902.Integer32:
-    return rfc1902.Integer32(max(-_INT32_MAX - 1, min(_INT32_MAX, round(x))))
+def _i32(x: float) -> Raw:
+    return (wire.INTEGER, max(-_INT32_MAX - 1, min(_INT32_MAX, round(x))))
 
 
-def _u32(x: float) -> rfc1902.Unsigned32:
-    return rfc1902.Unsigned32(max(0, min(_UINT32_MAX, round(x))))
+def _u32(x: float) -> Raw:
+    return (wire.GAUGE32, max(0, min(_UINT32_MAX, round(x))))
 
 
-def _str(s: str) -> rfc1902.OctetString:
-    return rfc1902.OctetString(s.encode())
+def _str(s: str) -> Raw:
+    return (wire.OCTET_STRING, s.encode())
+
+
+_PYSNMP_TYPE: dict[int, Callable[[Any], Any]] = {
+    wire.INTEGER: rfc1902.Integer32,
+    wire.GAUGE32: rfc1902.Unsigned32,
+    wire.TIMETICKS: rfc1902.TimeTicks,
+    wire.OCTET_STRING: rfc1902.OctetString,
+    wire.OBJECT_ID: rfc1902.ObjectIdentifier,
+}
+
+
+def to_pysnmp(raw: Raw) -> Any:
+    """A served value as pysnmp's object (the pysnmp path: SET, discovery, anything unusual)."""
+    return _PYSNMP_TYPE[raw[0]](raw[1])
 
 
 @dataclass(slots=True)
@@ -123,6 +139,11 @@ class PduMib(AbstractMibInstrumController):  # type: ignore[misc]
     def __init__(self, objects: dict[Oid, _Obj]) -> None:
         self._objects = objects
         self._oids = sorted(objects)
+        self.on_write: Callable[[], None] | None = None  # after a SET: the fast path's cache is stale
+
+    @property
+    def getters(self) -> dict[Oid, Getter]:
+        return {oid: obj.get for oid, obj in self._objects.items()}
 
     @property
     def oids(self) -> list[Oid]:
@@ -147,7 +168,7 @@ class PduMib(AbstractMibInstrumController):  # type: ignore[misc]
             if obj is None or not self._allowed(oid, context):
                 out.append((name, rfc1905.noSuchObject))
             else:
-                out.append((name, obj.get()))
+                out.append((name, to_pysnmp(obj.get())))
         return out
 
     def read_next_variables(self, *var_binds: Any, **context: Any) -> list[tuple[Any, Any]]:
@@ -158,7 +179,7 @@ class PduMib(AbstractMibInstrumController):  # type: ignore[misc]
             while pos < len(self._oids):
                 oid = self._oids[pos]
                 if self._allowed(oid, context):
-                    out.append((rfc1902.ObjectName(oid), self._objects[oid].get()))
+                    out.append((rfc1902.ObjectName(oid), to_pysnmp(self._objects[oid].get())))
                     break
                 pos += 1
             else:
@@ -185,7 +206,9 @@ class PduMib(AbstractMibInstrumController):  # type: ignore[misc]
                 obj.set(int(val))
             except ValueError as err:
                 raise smi_error.WrongValueError(name=var_binds[idx][0], idx=idx) from err
-        return [(name, self._objects[tuple(name)].get()) for name, _ in var_binds]
+        if self.on_write is not None:
+            self.on_write()
+        return [(name, to_pysnmp(self._objects[tuple(name)].get())) for name, _ in var_binds]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,17 +216,17 @@ class PduMib(AbstractMibInstrumController):  # type: ignore[misc]
 
 
 def _system_group(pdu: PduState, started: float, descr: str, sys_oid: Oid) -> dict[Oid, _Obj]:
-    def uptime() -> rfc1902.TimeTicks:
-        return rfc1902.TimeTicks(int((time.monotonic() - started) * 100) & _UINT32_MAX)
+    def uptime() -> Raw:
+        return (wire.TIMETICKS, int((time.monotonic() - started) * 100) & _UINT32_MAX)
 
     return {
         (*SYSTEM, 1, 0): _Obj(lambda: _str(descr)),
-        (*SYSTEM, 2, 0): _Obj(lambda: rfc1902.ObjectIdentifier(sys_oid)),
+        (*SYSTEM, 2, 0): _Obj(lambda: (wire.OBJECT_ID, sys_oid)),
         (*SYSTEM, 3, 0): _Obj(uptime),
         (*SYSTEM, 4, 0): _Obj(lambda: _str("hwsim")),
         (*SYSTEM, 5, 0): _Obj(lambda: _str(pdu.id)),
         (*SYSTEM, 6, 0): _Obj(lambda: _str("simulated pod")),
-        (*SYSTEM, 7, 0): _Obj(lambda: rfc1902.Integer32(72)),
+        (*SYSTEM, 7, 0): _Obj(lambda: _i32(72)),
     }
 
 
@@ -308,7 +331,7 @@ def _apc_outlet(
         elif value != APC_CANCEL_PENDING:
             raise ValueError(f"rPDU2OutletSwitchedControlCommand {value}")
 
-    def state() -> rfc1902.Integer32:
+    def state() -> Raw:
         return _i32(APC_STATE_ON if o.on else APC_STATE_OFF)
 
     return {
@@ -501,12 +524,20 @@ class _SimUdpTransport(udp.UdpAsyncioTransport):  # type: ignore[misc]
             def later() -> None:
                 h.timers.discard(timer)
                 if not h.closed:
-                    super(_SimUdpTransport, self).datagram_received(datagram, address)
+                    self._dispatch(datagram, address)
 
             timer = self.loop.call_later(delay, later)
             h.timers.add(timer)
             return
-        super().datagram_received(datagram, address)
+        self._dispatch(datagram, address)
+
+    def _dispatch(self, datagram: bytes, address: Any) -> None:
+        fast = self._handle.fast
+        answer = fast.answer(datagram) if fast is not None else None
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, address)
+            return
+        super().datagram_received(datagram, address)  # pysnmp: SET, discovery, errors
 
 
 class SnmpAgentHandle:
@@ -538,6 +569,8 @@ class SnmpAgentHandle:
         self.timers: set[asyncio.TimerHandle] = set()
         self.engine: Any = None
         self.mib: PduMib | None = None
+        # GET/GETNEXT/GETBULK answered from encoded varbinds (snmp_wire); None until started.
+        self.fast: FastResponder | None = None
         self._transport: _SimUdpTransport | None = None
 
     def manifest_entry(self) -> dict[str, object]:
@@ -594,8 +627,14 @@ async def start_snmp_agent(
     v3_user: str | None = None,
     v3_auth_key: str | None = None,
     v3_priv_key: str | None = None,
+    generation: Callable[[], object] | None = None,
 ) -> SnmpAgentHandle:
-    """Start an SNMP agent serving ``pdu`` on UDP ``host:port`` (0 = a free port) in this loop."""
+    """Start an SNMP agent serving ``pdu`` on UDP ``host:port`` (0 = a free port) in this loop.
+
+    ``generation`` (hwsim's tick counter): answers are encoded once per value it returns, so that
+    an agent polled many times a tick encodes each value once; None = every request reads the
+    state afresh (always live, for tests that change the state under a running agent).
+    """
     if pdu.vendor not in _MIBS:
         raise ValueError(f"{pdu.id}: no SNMP MIB for vendor {pdu.vendor!r} (have: {', '.join(_MIBS)})")
     if version not in ("2c", "3"):
@@ -663,6 +702,22 @@ async def start_snmp_agent(
         cmdrsp.NextCommandResponder(snmp_engine, snmp_context)
         cmdrsp.BulkCommandResponder(snmp_engine, snmp_context)
         cmdrsp.SetCommandResponder(snmp_engine, snmp_context)
+
+        cache = VarbindCache(mib.getters, generation)
+        mib.on_write = cache.invalidate
+        usm = None
+        if version == "3":
+            assert v3_user and v3_auth_key and v3_priv_key
+            boots, engine_time = _engine_clock(snmp_engine)
+            usm = UsmFast(
+                user=v3_user.encode(),
+                auth_key=v3_auth_key.encode(),
+                priv_key=v3_priv_key.encode(),
+                engine_id=bytes(snmp_engine.snmpEngineID),
+                boots=boots,
+                engine_time=engine_time,
+            )
+        handle.fast = FastResponder(cache, community=community.encode() if version == "2c" else None, usm=usm)
     except BaseException:
         handle.close()
         sock.close()
@@ -670,4 +725,12 @@ async def start_snmp_agent(
     return handle
 
 
-__all__ = ["PduMib", "SnmpAgentHandle", "start_snmp_agent"]
+def _engine_clock(snmp_engine: Any) -> tuple[Callable[[], int], Callable[[], int]]:
+    """snmpEngineBoots and snmpEngineTime as pysnmp's engine reports them (discovery goes through
+    pysnmp; the fast path must then speak with the same clock)."""
+    mib_builder = snmp_engine.get_mib_builder()
+    (boots, etime) = mib_builder.import_symbols("__SNMP-FRAMEWORK-MIB", "snmpEngineBoots", "snmpEngineTime")
+    return (lambda: int(boots.syntax)), (lambda: int(etime.syntax.clone()))
+
+
+__all__ = ["PduMib", "SnmpAgentHandle", "start_snmp_agent", "to_pysnmp"]

@@ -297,3 +297,55 @@ async def test_close_frees_the_port_and_manifest(agent: Agent) -> None:
     await h.wait_closed()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", port))  # would raise EADDRINUSE if the agent still held it
+
+
+@pytest.mark.parametrize("version", ["2c", "3"])
+async def test_reads_take_the_fast_path_and_sets_do_not(agent: Agent, version: str) -> None:
+    """GET/GETNEXT/GETBULK are answered from encoded varbinds (hwsim/snmp_wire.py), a SET by pysnmp;
+    both give the same values as the state."""
+    pdu, h = await agent("apc", version)
+    auth = V3 if version == "3" else V2C
+    assert h.fast is not None
+    rc, out = await snmp("snmpbulkwalk", *auth, *FAST, target(h), f"{APC}.9.4.3.1.7")
+    assert rc == 0, out
+    assert [int(v) for v in values(out).values()] == [round(o.power_w) for o in pdu.outlets]
+    answered = h.fast.answered
+    assert answered >= 1
+    rc, out = await snmp("snmpset", *auth, *FAST, target(h), f"{APC}.9.2.4.1.5.2", "i", "2")
+    assert rc == 0 and pdu.outlets[1].on is False, out
+    assert h.fast.answered == answered  # the SET went to pysnmp
+
+
+async def test_answers_are_encoded_once_per_generation() -> None:
+    """With a generation (hwsim's tick), a value read twice in one tick is encoded once and a new
+    tick (or a SET) serves the new state."""
+    gen = [0]
+    pdu = make_pdu("apc")
+    h = await start_snmp_agent(pdu, generation=lambda: gen[0])
+    try:
+        oid = f"{APC}.6.3.1.5.1"
+        assert h.fast is not None
+        rc, out = await snmp("snmpget", *V2C, *FAST, target(h), oid)
+        assert rc == 0 and values(out)[oid] == str(round(pdu.phases[0].current_a * 10)), out
+        encoded = h.fast.cache.encoded
+        pdu.phases[0].current_a = 31.7  # changed between ticks: the tick still serves its snapshot
+        rc, out = await snmp("snmpget", *V2C, *FAST, target(h), oid)
+        assert values(out)[oid] != "317" and h.fast.cache.encoded == encoded, out
+        gen[0] += 1
+        rc, out = await snmp("snmpget", *V2C, *FAST, target(h), oid)
+        assert values(out)[oid] == "317", out
+    finally:
+        h.close()
+
+
+async def test_v3_request_for_an_old_engine_id_goes_to_pysnmp(agent: Agent) -> None:
+    """A manager that still uses the engine id of a previous agent on this port is not answered by
+    the fast path (pysnmp reports unknownEngineID and the tool rediscovers)."""
+    from hwsim.snmp_wire import UsmFast
+
+    _, h = await agent("raritan", "3")
+    assert h.fast is not None and isinstance(h.fast.usm, UsmFast)
+    h.fast.usm.engine_id = b"\x80\x00\x00\x00\x01stale"
+    rc, out = await snmp("snmpget", *V3, *FAST, target(h), "1.3.6.1.2.1.1.5.0")
+    assert rc == 0 and "pdu-raritan" in out, out
+    assert h.fast.answered == 0

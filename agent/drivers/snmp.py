@@ -31,6 +31,7 @@ its MIB modules), not one per poll.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -105,8 +106,11 @@ class Metric:
 
     def match(self, index: Oid) -> int | None:
         """The channel if ``index`` fits this metric's pattern (0 when it has no channel), else None."""
-        if len(index) != len(self.index):
+        pattern = self.index
+        if len(index) != len(pattern):
             return None
+        if pattern == (None,):  # the common case: one index, the channel (outlet, phase)
+            return index[0]
         channel = 0
         for want, got in zip(self.index, index, strict=True):
             if want is None:
@@ -119,7 +123,17 @@ class Metric:
         return tuple(channel if x is None else x for x in self.index)
 
     def metric_name(self, channel: int) -> str:
-        return self.name.replace("{n}", str(channel)) if self.index.count(None) else self.name
+        return _channel_name(self.name, channel) if None in self.index else self.name
+
+
+def _channel_of(found: tuple[int, Oid, Value]) -> int:
+    return found[0]
+
+
+@functools.cache
+def _channel_name(template: str, channel: int) -> str:
+    """``outlet{n}_power_w`` -> ``outlet7_power_w`` (built once per metric and channel)."""
+    return template.replace("{n}", str(channel))
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +443,8 @@ class SnmpDriver:
         """
         roots = [(*table.entry, c) for c in table.columns]
         out: Rows = {(table.name, c): {} for c in table.columns}
+        col_rows = [out[(table.name, c)] for c in table.columns]
+        root_len = [len(r) for r in roots]
         last = list(roots)
         active = list(range(len(roots)))
         reps = self._reps.get(table.name, self.cfg.max_repetitions)
@@ -444,8 +460,8 @@ class SnmpDriver:
                 col = active[pos % r]
                 if col in done:
                     continue
-                root = roots[col]
-                if value is Special.END_OF_MIB_VIEW or oid[: len(root)] != root:
+                n = root_len[col]
+                if value is Special.END_OF_MIB_VIEW or oid[:n] != roots[col]:
                     done.add(col)
                     continue
                 if oid <= last[col]:
@@ -453,7 +469,7 @@ class SnmpDriver:
                         self.device_id, f"{what}: OID not increasing at {'.'.join(map(str, oid))}"
                     )
                 last[col] = oid
-                out[(table.name, table.columns[col])][oid[len(root) :]] = value
+                col_rows[col][oid[n:]] = value
             active = [c for c in active if c not in done]
         rows = max((len(v) for v in out.values()), default=0)
         self._reps[table.name] = max(1, min(self.cfg.max_repetitions, rows + 1))
@@ -538,17 +554,18 @@ class SnmpDriver:
         out: list[Reading] = []
         for m in metrics:
             col = rows.get((m.table, m.column), {})
-            found: list[tuple[int, Oid, Value]] = []
-            for index, raw in col.items():
-                ch = m.match(index)
-                if ch is not None:
-                    found.append((ch, index, raw))
+            found: list[tuple[int, Oid, Value]]
+            if m.index == (None,):  # one index, the channel (outlet, phase): no pattern to match
+                found = [(index[0], index, raw) for index, raw in col.items() if len(index) == 1]
+            else:
+                found = [(ch, index, raw) for index, raw in col.items() if (ch := m.match(index)) is not None]
+            found.sort(key=_channel_of)  # walk order already, nearly always: linear
             if not found and None not in m.index and not m.optional:
                 out.append(
                     self._reading(m, 0, None, mono=now_mono, wall=now_wall, error="not in the PDU's table")
                 )
                 continue
-            for ch, index, raw in sorted(found, key=lambda f: f[0]):
+            for ch, index, raw in found:
                 value, error = self._convert(m, index, raw, static)
                 out.append(self._reading(m, ch, value, mono=now_mono, wall=now_wall, error=error))
         return out

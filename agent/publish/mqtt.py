@@ -48,7 +48,8 @@ log = structlog.get_logger(__name__)
 
 _HISTORICAL = b'{"historical":true,'
 _UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK codes: 3.1.1 "unacceptable protocol", 5 "unsupported version"
-_REPLAY_CHUNK = 500
+# Spooled rows read per page while replaying (one SQLite query per page, not per message).
+_REPLAY_CHUNK = 5000
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -97,7 +98,8 @@ class _Session:
     boundary: int
     live: deque[tuple[int, str, bytes]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    queue: asyncio.Queue[tuple[int, str, bytes]] = field(default_factory=lambda: asyncio.Queue(maxsize=100))
+    backlog: deque[tuple[int, str, bytes]] = field(default_factory=deque)  # the page being replayed
+    cursor: int = 0  # last spool id read into the backlog
     replay_started: float = field(default_factory=time.monotonic)
     replayed: int = 0
     replay_done: bool = False
@@ -537,7 +539,6 @@ class MqttService:
         assert self.spool is not None
         self._reap()
         session = _Session(boundary=self.spool.max_id())
-        session.queue = asyncio.Queue(maxsize=self.cfg.replay_window)
         # What the disk refused sits in memory: it goes out with the live messages.
         session.live.extend((m.id, m.topic, m.payload) for m in self.spool.held_messages())
         self._session = session
@@ -545,50 +546,50 @@ class MqttService:
             self._event_wake.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._receive(client), name="mqtt-receive")
-            tg.create_task(self._feeder(session), name="mqtt-feeder")
             for i in range(self.cfg.replay_window):
                 tg.create_task(self._worker(client, session), name=f"mqtt-publish[{i}]")
             tg.create_task(self._reaper(), name="mqtt-reaper")
             tg.create_task(self._state_loop(client), name="mqtt-state")
 
-    async def _feeder(self, session: _Session) -> None:
-        """Live messages first; the backlog (rows spooled before this connection) in between."""
+    def _next_message(self, session: _Session) -> tuple[int, str, bytes] | None:
+        """Live messages first; the backlog (rows spooled before this connection) in between,
+        read from the spool a page at a time. None: nothing to send now."""
+        if session.live:
+            return session.live.popleft()
+        if session.backlog:
+            return session.backlog.popleft()
+        if session.replay_done:
+            return None
         assert self.spool is not None
-        cursor = 0
-        backlog: deque[tuple[int, str, bytes]] = deque()
-        put = session.queue.put
-        while True:
-            raise_if_cancelling()
-            if session.live:
-                await put(session.live.popleft())
-            elif backlog:
-                await put(backlog.popleft())
-            elif not session.replay_done:
-                rows = self.spool.read(after_id=cursor, upto_id=session.boundary, limit=_REPLAY_CHUNK)
-                if rows:
-                    cursor = rows[-1].id
-                    backlog.extend((r.id, r.topic, r.payload) for r in rows)
-                else:
-                    session.replay_done = True
-                    if session.replayed:
-                        elapsed = time.monotonic() - session.replay_started
-                        log.info(
-                            "spool replayed",
-                            messages=session.replayed,
-                            seconds=round(elapsed, 2),
-                            rate=round(session.replayed / max(elapsed, 1e-6)),
-                        )
-            else:
-                session.wake.clear()
-                await session.wake.wait()
+        rows = self.spool.read(after_id=session.cursor, upto_id=session.boundary, limit=_REPLAY_CHUNK)
+        if rows:
+            session.cursor = rows[-1].id
+            session.backlog.extend((r.id, r.topic, r.payload) for r in rows)
+            return session.backlog.popleft()
+        session.replay_done = True
+        if session.replayed:
+            elapsed = time.monotonic() - session.replay_started
+            log.info(
+                "spool replayed",
+                messages=session.replayed,
+                seconds=round(elapsed, 2),
+                rate=round(session.replayed / max(elapsed, 1e-6)),
+            )
+        return None
 
     async def _worker(self, client: Client, session: _Session) -> None:
-        get = session.queue.get
+        """One of ``replay_window`` publishers: takes the next message itself (no feeder task and
+        queue between: one wake-up per message fewer) and waits for its PUBACK."""
         boundary = session.boundary
         timeout = max(10.0, self.cfg.keepalive_s * 1.5)
         while True:
             raise_if_cancelling()
-            rowid, topic, payload = await get()
+            item = self._next_message(session)
+            if item is None:
+                session.wake.clear()
+                await session.wake.wait()
+                continue
+            rowid, topic, payload = item
             if rowid <= boundary:
                 payload = mark_historical(payload)
                 session.replayed += 1

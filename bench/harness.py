@@ -1,0 +1,136 @@
+"""What every bench shares: CPU time per process, N rounds, median and range, a --quick smoke mode.
+
+The machine a bench runs on is usually shared (CI, other jobs), so a bench reports the CPU time each
+process of interest used (``/proc/<pid>/stat`` utime + stime, children included where asked), not
+wall-clock shares of the machine, and repeats the measurement ``--rounds`` times (default 3): one run
+cannot tell a regression from load. ``summary`` prints the median and the range of every figure.
+
+``--quick`` is for CI smoke only (``tests/test_bench_smoke.py``): one short round, so that a bench
+that no longer runs is caught; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def add_args(ap: argparse.ArgumentParser, *, rounds: int = 3) -> None:
+    ap.add_argument("--rounds", type=int, default=rounds, help=f"measurement rounds (default {rounds})")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: one short round, figures meaningless")
+
+
+def rounds_of(args: argparse.Namespace) -> int:
+    return 1 if args.quick else max(1, int(args.rounds))
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far; 0.0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (socat for an RTU line, a worker process...)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for k in kids:
+            out.append(int(k))
+            todo.append(int(k))
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants."""
+    return proc_cpu_s(pid) + sum(proc_cpu_s(k) for k in children_of(pid))
+
+
+class CpuWindow:
+    """CPU seconds each named process (tree) used between ``start()`` and ``stop()``, and the wall time."""
+
+    def __init__(self, pids: Mapping[str, int], *, tree: bool = True) -> None:
+        self._pids = dict(pids)
+        self._read: Callable[[int], float] = tree_cpu_s if tree else proc_cpu_s
+        self._c0: dict[str, float] = {}
+        self._w0 = 0.0
+        self.cpu_s: dict[str, float] = {}
+        self.wall_s = 0.0
+
+    def start(self) -> CpuWindow:
+        self._c0 = {name: self._read(pid) for name, pid in self._pids.items()}
+        self._w0 = time.monotonic()
+        return self
+
+    def stop(self) -> CpuWindow:
+        self.wall_s = time.monotonic() - self._w0
+        self.cpu_s = {name: self._read(pid) - self._c0[name] for name, pid in self._pids.items()}
+        return self
+
+    def pct(self, name: str) -> float:
+        """CPU of ``name`` as % of one core over the window."""
+        return 100.0 * self.cpu_s[name] / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def median_range(xs: Sequence[float]) -> tuple[float, float, float]:
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def fmt(xs: Sequence[float], digits: int = 1) -> str:
+    """``median (min-max)`` of one figure over the rounds; ``-`` if there is none."""
+    xs = [x for x in xs if not math.isnan(x)]  # NaN: a round that could not measure it
+    if not xs:
+        return "-"
+    med, lo, hi = median_range(xs)
+    if len(xs) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def summary(
+    rows: Iterable[Mapping[str, float]], *, title: str = "", digits: Mapping[str, int] | None = None
+) -> None:
+    """Print a markdown table: one line per figure, the median and range over the rounds."""
+    rows = list(rows)
+    if not rows:
+        print("no rounds measured")
+        return
+    names: list[str] = []
+    for r in rows:
+        names += [k for k in r if k not in names]
+    print(f"\n{title}" if title else "")
+    print(f"| figure | median (range) over {len(rows)} round(s) |")
+    print("|---|---|")
+    for name in names:
+        xs = [float(r[name]) for r in rows if name in r]
+        print(f"| {name} | {fmt(xs, (digits or {}).get(name, 1))} |")
+
+
+__all__ = [
+    "CpuWindow",
+    "add_args",
+    "children_of",
+    "fmt",
+    "median_range",
+    "proc_cpu_s",
+    "rounds_of",
+    "summary",
+    "tree_cpu_s",
+]
