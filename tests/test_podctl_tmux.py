@@ -142,7 +142,10 @@ async def test_status_and_devices_fit_80_columns_with_whole_headers(tiny_pod: Si
                 f"{podctl} status; echo DONE=$?",
                 "Enter",
             )
-            screen = await tmux.wait_for(lambda s: "DONE=" in s, within=60, what="podctl status")
+            # DONE=<digit>: the typed command line itself shows "DONE=$?" before anything has run.
+            screen = await tmux.wait_for(
+                lambda s: re.search(r"DONE=\d", s) is not None, within=60, what="podctl status"
+            )
             assert "DONE=0" in screen, screen
             assert "…" not in screen, screen
             lines = screen.splitlines()
