@@ -43,6 +43,8 @@ INPUT_METRICS = frozenset(
         "supply_temp_c",
         "flow_lpm",
         "pump_fault",
+        "tripped",
+        "alarms",
         "leak",
         "phase1_current_a",
         "phase2_current_a",
@@ -598,7 +600,15 @@ def topology_from_config(cfg: AgentConfig, gpus: Sequence[str], stale: Mapping[s
     ratings: dict[str, float] = {}
     min_flow: dict[str, float] = {}
     outlets: dict[str, dict[int, tuple[str, ...]]] = {}
+    alarms: dict[str, tuple[str, ...]] = {}
+    cooled: dict[str, tuple[str, ...]] = {}
     for dev in cfg.device:
+        if isinstance(dev, ModbusDevice):
+            kind, points = _profile_kind_and_points(dev.profile)
+            if kind in COOLING_KINDS:
+                found = tuple(m for m in ALARM_METRICS if m in points)
+                if found:
+                    alarms[dev.id] = found
         if isinstance(dev, ModbusDevice) and dev.gpus and dev.profile != "modbus-pdu":
             loops[dev.id] = tuple(g for g in dev.gpus if g in known)
             if dev.min_flow_lpm is not None:
@@ -609,6 +619,9 @@ def topology_from_config(cfg: AgentConfig, gpus: Sequence[str], stale: Mapping[s
                 ratings[dev.id] = dev.breaker_rating_a
             if isinstance(dev, SnmpDevice) and dev.outlet_gpus:
                 outlets[dev.id] = {int(k): tuple(v) for k, v in dev.outlet_gpus.items()}
+    for dev_id in alarms:
+        # A CDU cools its loop; a chiller's facility water reaches every loop (no map says which).
+        cooled[dev_id] = loops.get(dev_id) or tuple(g for g in gpus if any(g in v for v in loops.values()))
     return Topology(
         gpus=tuple(gpus),
         loops=loops,
@@ -617,7 +630,26 @@ def topology_from_config(cfg: AgentConfig, gpus: Sequence[str], stale: Mapping[s
         min_flow_lpm=min_flow,
         stale_after_s=dict(stale),
         outlet_gpus=outlets,
+        alarm_metrics=alarms,
+        cooled_gpus=cooled,
     )
+
+
+COOLING_KINDS = frozenset({"cdu", "chiller"})
+# A cooling device's own word that something is wrong (profile metrics): raised when non-zero.
+ALARM_METRICS = ("tripped", "pump_fault", "alarms")
+
+
+def _profile_kind_and_points(profile: str) -> tuple[str, frozenset[str]]:
+    """The profile's declared device kind and its metrics ("" and none if it does not load: the
+    driver reports that)."""
+    from agent.drivers.modbus import load_profile
+
+    try:
+        prof = load_profile(profile)
+    except (ValueError, OSError, KeyError):
+        return "", frozenset()
+    return prof.kind, frozenset(p.metric for p in prof.points)
 
 
 def build_service(config: AgentConfig) -> InterlockService | None:
