@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,9 +60,11 @@ class CapResult:
 class PowerLimiter(Protocol):
     """Sets and reads GPU power limits (local NVML, or a node agent for a remote server's GPUs)."""
 
-    async def set_caps(self, caps: Mapping[str, float]) -> dict[str, CapResult]:
-        """Set each GPU's power limit (W; clamped to its constraints by the implementation) and
-        return, per GPU asked, the limit read back or the error. Never raises for one GPU."""
+    def set_caps(self, caps: Mapping[str, float]) -> Awaitable[dict[str, CapResult]]:
+        """Set each GPU's power limit (W; clamped to its constraints by the implementation); the
+        sets start on the call, before anything is awaited (a cap must not wait for the event
+        loop). The awaitable gives, per GPU asked, the limit read back or the error; it never
+        raises for one GPU."""
         ...
 
     async def read_limits(self, gpus: Collection[str]) -> dict[str, float | None]:
@@ -102,9 +104,18 @@ class NvmlPowerLimiter:
         self.driver = driver
         self.store = store
 
-    async def set_caps(self, caps: Mapping[str, float]) -> dict[str, CapResult]:
+    def set_caps(self, caps: Mapping[str, float]) -> Awaitable[dict[str, CapResult]]:
+        caps = dict(caps)
         try:
-            future = self.driver.submit_power_limits(caps)
+            future = self.driver.submit_power_limits(caps)  # the actuation thread starts now
+        except DriverError as err:
+            return _ready({g: CapResult(None, err.reason) for g in caps})
+        return self._collect(caps, future)
+
+    async def _collect(
+        self, caps: Mapping[str, float], future: asyncio.Future[dict[str, float | DriverError]]
+    ) -> dict[str, CapResult]:
+        try:
             async with asyncio.timeout(max(1.0, self.driver.cfg.timeout_s)):
                 raw = await asyncio.shield(future)
         except (DriverError, TimeoutError) as err:
@@ -125,6 +136,10 @@ class NvmlPowerLimiter:
         return {g: self.store.value(g, "power_limit_w") for g in gpus}
 
 
+async def _ready(results: dict[str, CapResult]) -> dict[str, CapResult]:
+    return results
+
+
 def _checked(gpu: str, cap: float, readback: float) -> CapResult:
     del gpu
     if not math.isfinite(readback):
@@ -141,7 +156,7 @@ class PodPowerLimiter:
     def __init__(self, route: Callable[[str], PowerLimiter | None]) -> None:
         self.route = route
 
-    async def set_caps(self, caps: Mapping[str, float]) -> dict[str, CapResult]:
+    def set_caps(self, caps: Mapping[str, float]) -> Awaitable[dict[str, CapResult]]:
         groups: dict[int, tuple[PowerLimiter, dict[str, float]]] = {}
         out: dict[str, CapResult] = {}
         for gpu, cap in caps.items():
@@ -150,8 +165,14 @@ class PodPowerLimiter:
                 out[gpu] = CapResult(None, "no power limiter for this GPU")
                 continue
             groups.setdefault(id(limiter), (limiter, {}))[1][gpu] = cap
-        results = await asyncio.gather(*(lim.set_caps(batch) for lim, batch in groups.values()))
-        for result in results:
+        started = [lim.set_caps(batch) for lim, batch in groups.values()]  # every host starts now
+        return self._gather(out, started)
+
+    @staticmethod
+    async def _gather(
+        out: dict[str, CapResult], started: list[Awaitable[dict[str, CapResult]]]
+    ) -> dict[str, CapResult]:
+        for result in await asyncio.gather(*started):
             out.update(result)
         return out
 

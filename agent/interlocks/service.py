@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -255,8 +255,16 @@ class InterlockService:
             act.in_flight_w = cap
             batch[gpu] = cap
         if batch:
-            assert self._tg is not None
-            self._tg.create_task(self._set_caps(batch, trigger, decided), name="interlocks.set")
+            assert self._tg is not None and self.actuators is not None
+            issued = time.monotonic()
+            try:
+                pending = self.actuators.power.set_caps(batch)  # the sets start here, now
+            except Exception as err:  # an actuator bug is a failed action, never a dead engine
+                log.exception("power limit set crashed")
+                pending = _failed_caps(batch, f"{type(err).__name__}: {err}")
+            self._tg.create_task(
+                self._set_caps(batch, pending, trigger, decided, issued), name="interlocks.set"
+            )
 
     async def _actuate_loop(self) -> None:
         """Discrete actions (shed, CDU setpoint), in order."""
@@ -267,12 +275,17 @@ class InterlockService:
             for action in actions:
                 await self._act(action)
 
-    async def _set_caps(self, batch: dict[str, float], trigger: float, decided: float) -> None:
-        """One batch of cap changes through the power limiter; one event for the batch."""
-        assert self.actuators is not None
-        issued = time.monotonic()
+    async def _set_caps(
+        self,
+        batch: dict[str, float],
+        pending: Awaitable[dict[str, CapResult]],
+        trigger: float,
+        decided: float,
+        issued: float,
+    ) -> None:
+        """Collect one batch of cap changes from the power limiter; one event for the batch."""
         try:
-            results = await self.actuators.power.set_caps(batch)
+            results = await pending
         except Exception as err:  # an actuator bug is a failed action, never a dead engine
             log.exception("power limit set crashed")
             results = {g: CapResult(None, f"{type(err).__name__}: {err}") for g in batch}
@@ -564,6 +577,10 @@ class InterlockService:
             ("podagent_actuation_failing", [], float(failing), "GPUs whose power limit could not be set.")
         )
         return out
+
+
+async def _failed_caps(batch: Mapping[str, float], error: str) -> dict[str, CapResult]:
+    return {g: CapResult(None, error) for g in batch}
 
 
 def config_hash(cfg: InterlockConfig) -> str:
