@@ -22,7 +22,7 @@ from agent.config import load_config
 from agent.events import Event
 from agent.interlocks.service import InterlockService
 from hwsim.podspec import POD_DIR
-from tests.agent_helpers import running_agent
+from tests.agent_helpers import running_agent, until
 from tests.conftest import SimPod, start_pod, stop_pod
 
 DEFAULT_W = 700.0  # tiny's H100s: default = max limit 700 W, min 200 W
@@ -118,6 +118,14 @@ async def armed(
         sampler = asyncio.create_task(truth.run(), name="truth")
         try:
             await truth.until(lambda s: True, within=5, what="a first sample")
+            # On a busy machine an input can be a poll late right after the start (a sensor_stale
+            # trip and its ramp): each test starts from a quiet pod, with nothing capped.
+            await until(
+                agent,
+                lambda: (st := service.status())["armed"] and not st["active"] and not st["caps"],
+                timeout=60,
+                what="a quiet pod: no interlock active, no cap",
+            )
             yield agent, service, truth
         finally:
             sampler.cancel()
