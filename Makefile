@@ -4,8 +4,8 @@ PY      := $(VENV)/bin/python
 PYTHON3 ?= python3
 SRC     := agent hwsim tests bench
 
-.PHONY: all install debs test lint typecheck pytest demo bench install-service man deb test-deb \
-	test-install-service clean
+.PHONY: all install debs test lint typecheck pytest test-loaded demo bench install-service man deb \
+	test-deb test-install-service clean
 
 all: test
 
@@ -36,6 +36,16 @@ pytest: install debs
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The whole suite on a busy machine (CI runs on a shared 2-core box): two CPU burners run for as
+# long as pytest does and are killed however it ends.
+test-loaded: install debs
+	@set -e; \
+	$(PY) -c 'while 1: pass' & b1=$$!; \
+	$(PY) -c 'while 1: pass' & b2=$$!; \
+	trap 'kill $$b1 $$b2 2>/dev/null || true' EXIT INT TERM; \
+	echo "test-loaded: CPU burners $$b1 $$b2"; \
+	$(MAKE) --no-print-directory pytest PYTEST_ARGS='$(PYTEST_ARGS)'
 
 demo: install debs
 	@echo "== make demo: the simulated demo pod and the agent against it (Ctrl-C stops both)"

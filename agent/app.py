@@ -9,11 +9,12 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
 from agent import __version__
+from agent.actuators import Actuators, pod_actuators
 from agent.aio import tasks_with_lost_cancel
 from agent.audit import AuditLog
 from agent.budget import FleetBudget
@@ -25,6 +26,9 @@ from agent.model import DeviceEvent
 from agent.poller import Poller
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.state import POD_DEVICE, StateStore
+
+if TYPE_CHECKING:
+    from agent.interlocks.service import CapSource, InterlockService
 
 log = structlog.get_logger("podagent")
 
@@ -74,7 +78,11 @@ class Agent:
         self.last_reload_error: str | None = None  # why the last reload was refused
         self._reload_lock = asyncio.Lock()
         self.audit: AuditLog | None = None
-        self.interlocks: Any = None  # InterlockService when running (agent.interlocks.service)
+        self.interlocks: InterlockService | None = None  # set by the service when it runs
+        # What services may change, over this agent's own drivers (each under its device's lock).
+        self.actuators: Actuators = pod_actuators(self.pollers, self.store, self.events)
+        # Caps from outside the interlocks (the power budget): the interlock engine takes the lowest.
+        self.cap_sources: list[CapSource] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._children: set[asyncio.Task[Any]] = set()
         self._recancel_handle: asyncio.TimerHandle | None = None

@@ -31,6 +31,9 @@ class DeviceBase(Strict):
     retries: int = Field(1, ge=0, le=10)
     # Readings older than stale_after_polls intervals are STALE (design.md: 3 poll intervals).
     stale_after_polls: float = Field(3.0, ge=1)
+    # Each cycle starts up to this many seconds (uniformly random) after its deadline, as
+    # Telegraf's collection_jitter; deadlines already sit at a stable per-device phase.
+    poll_jitter_s: float = Field(0.0, ge=0, le=60)
 
 
 class NvmlDevice(DeviceBase):

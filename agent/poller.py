@@ -2,6 +2,20 @@
 
 A slow or dead device only ever delays its own loop. A bug in a driver (any unexpected exception)
 is logged with its traceback and the driver is re-opened on the next cycle; the daemon lives on.
+
+The poller is the one place that says a device went down or came back: one log line and one
+event per transition, with the reason (drivers raise, they do not log their own health).
+
+Each device has one lock (``exclusive()``): a scheduled cycle, ``podctl poll`` and actuations on
+the device's connection (outlet SETs, setpoint and battery writes) take turns, as the transports
+expect one exchange in flight. Units on one RTU serial line also share the line's request lock
+(in the Modbus driver); a unit on a shared line that stops answering is probed rarely enough that
+its timeouts hold the line at most ``SHARED_LINE_SHARE`` of the time, so its neighbours keep
+their cadence.
+
+Deadlines are staggered: each device's sit at a stable phase inside its interval (a hash of its
+id), plus an optional random ``poll_jitter_s`` per cycle (Telegraf's ``collection_jitter``), so a
+pod's polls spread over the interval instead of all firing at once.
 """
 
 from __future__ import annotations
@@ -9,15 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
+import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
 from agent.aio import raise_if_cancelling
-from agent.config import DeviceBase
+from agent.config import DeviceBase, ModbusDevice
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, Driver
 from agent.events import EventBus, Severity
 from agent.histogram import POLL_BUCKETS_S, Histogram
@@ -27,6 +43,22 @@ from agent.state import StateStore
 log = structlog.get_logger(__name__)
 
 MAX_BACKOFF_S = 30.0
+# A dead unit on a shared serial line may hold the line at most this share of the time: after a
+# failed cycle that took T seconds, the next probe waits at least T / SHARED_LINE_SHARE (capped).
+SHARED_LINE_SHARE = 0.05
+MAX_SHARED_LINE_BACKOFF_S = 120.0
+
+
+def phase_offset(device_id: str, interval_s: float) -> float:
+    """A stable place for the device's deadlines inside its interval (same id, same phase)."""
+    return (zlib.crc32(device_id.encode()) / 2**32) * interval_s
+
+
+def shared_bus(cfg: DeviceBase) -> str | None:
+    """The bus several configured devices share (an RTU serial line), or None."""
+    if isinstance(cfg, ModbusDevice) and cfg.transport == "rtu" and cfg.serial is not None:
+        return f"rtu:{cfg.serial}"
+    return None
 
 
 @dataclass
@@ -53,7 +85,13 @@ def quantile(values: Iterable[float], q: float) -> float | None:
 
 class Poller:
     def __init__(
-        self, cfg: DeviceBase, driver: Driver, store: StateStore, events: EventBus | None = None
+        self,
+        cfg: DeviceBase,
+        driver: Driver,
+        store: StateStore,
+        events: EventBus | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self.events = events
@@ -63,10 +101,17 @@ class Poller:
         self.first_cycle = asyncio.Event()
         self.heartbeat_mono = time.monotonic()
         self.sub_devices: set[str] = set()
+        self.bus = shared_bus(cfg)
+        self.phase_s = phase_offset(cfg.id, cfg.poll_interval_s)
+        self._lock = asyncio.Lock()
+        self._rng = rng or random.Random()
         self._poll_now = asyncio.Event()
         self._opened = False
         self._last_readings: list[Reading] = []
         self._cadence_known = False
+        self.up: bool | None = None  # None until the first cycle's outcome
+        self._down_since: float | None = None
+        self.transitions = 0  # down + up, for tests and status
         store.register_device(cfg.id, stale_after_s=cfg.poll_interval_s * cfg.stale_after_polls)
 
     @property
@@ -88,15 +133,54 @@ class Poller:
     def poll_now(self) -> None:
         self._poll_now.set()
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Driver]:
+        """The device's connection to oneself: no poll (scheduled or not) or other actuation runs
+        on it meanwhile. Yields the driver."""
+        async with self._lock:
+            yield self.driver
+
     async def poll_once(self) -> list[Reading]:
-        """One cycle now, outside the schedule (podctl poll, MQTT poll_now). Returns the readings."""
+        """One cycle now, outside the schedule (podctl poll, MQTT poll_now). Returns the readings.
+        Waits for a cycle in flight to end first (never two exchanges on one connection)."""
         await self._cycle()
         return list(self._last_readings)
+
+    @property
+    def has_raw(self) -> bool:
+        """Can the driver show its raw registers / varbinds (``podctl poll --raw``)?"""
+        return callable(getattr(self.driver, "poll_raw", None))
+
+    async def poll_raw(self) -> object:
+        """The driver's raw view of one read, under the device's lock like any other exchange."""
+        async with self._lock:
+            if not self._opened:
+                await self.driver.open()
+                self._opened = True
+            result: object = await self.driver.poll_raw()  # type: ignore[attr-defined]
+            return result
+
+    def _next_phase(self, after: float) -> float:
+        """The first deadline on this device's phase later than ``after`` (loop time)."""
+        interval = self.cfg.poll_interval_s
+        k = math.floor((after - self.phase_s) / interval) + 1
+        return self.phase_s + k * interval
+
+    def _failure_delay(self, duration_s: float) -> float:
+        interval = self.cfg.poll_interval_s
+        failures = self.store.health()[self.cfg.id].consecutive_failures
+        delay: float = min(interval * 2.0 ** max(0, failures - 1), max(interval, MAX_BACKOFF_S))
+        if self.bus is not None:
+            # Its silence cost the line duration_s; keep that a small share of the line's time.
+            delay = max(delay, min(MAX_SHARED_LINE_BACKOFF_S, duration_s / SHARED_LINE_SHARE))
+        return delay
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.cfg.poll_interval_s
+        # The first cycle at once (READY waits for it); then on the device's phase.
         deadline = loop.time()
+        realign = True
         try:
             while True:
                 ok = await self._cycle()
@@ -104,7 +188,9 @@ class Poller:
                 self.first_cycle.set()
                 now = loop.time()
                 self.heartbeat_mono = time.monotonic()
-                if ok:
+                if ok and realign:
+                    deadline, realign = self._next_phase(now), False
+                elif ok:
                     deadline += interval
                     if deadline <= now:
                         # Overran: skip the cycles we missed, keep the phase (no burst to catch up).
@@ -112,20 +198,24 @@ class Poller:
                         self.stats.missed_deadlines += missed
                         deadline += missed * interval
                 else:
-                    failures = self.store.health()[self.cfg.id].consecutive_failures
-                    delay = min(interval * 2 ** max(0, failures - 1), max(interval, MAX_BACKOFF_S))
-                    deadline = now + delay
+                    # Backing off; back on the phase once it answers again.
+                    deadline, realign = now + self._failure_delay(self.stats.last_duration_s or 0.0), True
                 self._poll_now.clear()
+                jitter = self._rng.uniform(0.0, self.cfg.poll_jitter_s) if self.cfg.poll_jitter_s else 0.0
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    async with asyncio.timeout(max(0.0, deadline + jitter - loop.time())):
                         await self._poll_now.wait()
                 raise_if_cancelling()
                 if self._poll_now.is_set():
-                    deadline = loop.time()
+                    deadline, realign = loop.time(), True
         finally:
             await self._close()
 
     async def _cycle(self) -> bool:
+        async with self._lock:
+            return await self._cycle_locked()
+
+    async def _cycle_locked(self) -> bool:
         loop = asyncio.get_running_loop()
         start = loop.time()
         error: str | None = None
@@ -174,31 +264,49 @@ class Poller:
                     self.store.set_info(dev, attrs)
             self.store.update(readings)
             self._last_readings = readings
-            if self.store.record_poll(self.cfg.id, ok=True):
-                log.info("device up", device=self.cfg.id, readings=len(readings))
-                if self.events is not None:
-                    self.events.emit(
-                        "device_up",
-                        Severity.INFO,
-                        f"{self.cfg.id} answering",
-                        device=self.cfg.id,
-                        detail={"readings": len(readings)},
-                    )
+            self.store.record_poll(self.cfg.id, ok=True)
+            self._note(up=True, reason=None, readings=len(readings))
             return True
         self.stats.failures += 1
         self._last_readings = []
         self.store.mark_device_error(self.cfg.id, error, devices=self.sub_devices)
-        if self.store.record_poll(self.cfg.id, ok=False, error=error):
-            log.warning("device unavailable", device=self.cfg.id, reason=error)
+        self.store.record_poll(self.cfg.id, ok=False, error=error)
+        self._note(up=False, reason=error, readings=0)
+        return False
+
+    def _note(self, *, up: bool, reason: str | None, readings: int) -> None:
+        """The device's one down/up record: a log line and an event per transition, nothing else."""
+        was, self.up = self.up, up
+        if was is up:
+            return
+        now = time.monotonic()
+        if not up:
+            self._down_since = now
+            self.transitions += 1
+            log.warning("device down", device=self.cfg.id, reason=reason)
             if self.events is not None:
                 self.events.emit(
                     "device_down",
                     Severity.WARNING,
-                    f"{self.cfg.id} unavailable: {error}",
+                    f"{self.cfg.id} down: {reason}",
                     device=self.cfg.id,
-                    detail={"reason": error},
+                    detail={"reason": reason},
                 )
-        return False
+            return
+        down_for = None if self._down_since is None else round(now - self._down_since, 1)
+        why = "first poll answered" if was is None else f"answering again after {down_for} s down"
+        self._down_since = None
+        if was is not None:
+            self.transitions += 1
+        log.info("device up", device=self.cfg.id, reason=why, readings=readings)
+        if self.events is not None:
+            self.events.emit(
+                "device_up",
+                Severity.INFO,
+                f"{self.cfg.id} up: {why}",
+                device=self.cfg.id,
+                detail={"reason": why, "down_for_s": down_for, "readings": readings},
+            )
 
     async def _close(self) -> None:
         if self._opened:

@@ -307,11 +307,11 @@ async def test_busy_is_device_error_and_unresponsive_is_unavailable(served: list
             await drv.poll()
         chiller.busy = False
         chiller.unresponsive = True
-        t0 = time.monotonic()
+        sent = h.request_count
         with pytest.raises(DeviceUnavailable, match="timeout"):
             await drv.poll()
         # It stopped at the first silent request instead of paying a timeout per block.
-        assert time.monotonic() - t0 < 0.3 * 2
+        assert h.request_count - sent == 1
         chiller.unresponsive = False
         check_all_good(await drv.poll(), chiller, "generic-chiller")
     finally:
@@ -378,14 +378,11 @@ async def test_dead_unit_on_shared_rtu_line_loses_no_other_readings(
         await d.open()
     try:
         for _ in range(2):  # twice: the line is still usable after the dead unit's timeout
-            t0 = time.monotonic()
             results = await asyncio.gather(dead.poll(), *(d.poll() for d in good), return_exceptions=True)
-            elapsed = time.monotonic() - t0
             assert isinstance(results[0], DeviceUnavailable)
             check_all_good(results[1], cdu, "generic-cdu")  # type: ignore[arg-type]
             check_all_good(results[2], chiller, "generic-chiller")  # type: ignore[arg-type]
-            assert elapsed < 0.3 + 1.0  # one timeout, not one per block
-        assert h.requests[9] == 2  # exactly one frame per poll for the dead unit
+        assert h.requests[9] == 2  # one timeout per poll, not one per block: one frame each
         # A unit that goes silent later: the others still answer.
         chiller.unresponsive = True
         results = await asyncio.gather(*(d.poll() for d in good), return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 from hypothesis import given, settings
@@ -379,7 +380,9 @@ def drive(steps: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
                 pod.ts[(g, m)] = t
         before = {k: dict(i.caps) for k, i in eng.instances.items() if i.tripped}
         ext = {} if s["budget"] is None else {"gpu1": (s["budget"], "budget")}
-        d = eng.step(pod.snapshot(), t, WALL0 + t, external_caps=ext, acked=acked)
+        snap = pod.snapshot()
+        d = eng.step(snap, t, WALL0 + t, external_caps=ext, acked=acked)
+        _LAST_SNAPSHOT[:] = [snap, t]
         if s["ack"]:
             acked |= {e.id for e in d.events if e.needs_ack}
         yield eng, d, before
@@ -505,3 +508,183 @@ def test_leak_without_shed_only_caps() -> None:
         pod.touch(t)
         actions += eng.step(pod.snapshot(), t, WALL0 + t).actions
     assert actions == [] and ("coolant_leak", "cdu-1") in trips(eng)
+
+
+# ------------------------------------------------------------------------------ escalation ladder
+ESCALATE = InterlockConfig.model_validate(
+    {
+        "gpu_runaway": {"enabled": False},
+        "gpu_overtemp": {"enabled": False},
+        "coolant_escalation": {"rise_window_s": 10.0, "rise_c": 1.0, "stage_hold_s": 10.0},
+    }
+)
+
+
+def test_ladder_climbs_while_the_supply_still_rises_under_caps() -> None:
+    eng, pod = engine(ESCALATE), Pod()
+    run(eng, pod, 0, 10)
+    events: list[Any] = []
+    t, supply = 11.0, 41.0
+    caps: dict[str, float] = {}
+    while t <= 80:  # the chiller is gone: the supply climbs 0.2 C/s whatever the caps do
+        pod.set("cdu-1", "supply_temp_c", supply)
+        pod.touch(t)
+        d = eng.step(pod.snapshot(), t, WALL0 + t)
+        events += d.events
+        caps = d.caps
+        t, supply = t + 1.0, supply + 0.2
+    trip = next(
+        e for e in events if e.kind == "interlock_trip" and e.detail["interlock"] == "coolant_supply_high"
+    )
+    climbs = [e for e in events if e.kind == "interlock_escalation"]
+    assert [e.detail["stage"] for e in climbs] == [1, 2]
+    for e in climbs:
+        assert e.severity.value == "critical" and e.needs_ack and e.device == "cdu-1"
+        assert e.detail["gpus"] == list(GPUS) and set(e.detail["caps_w"]) == set(GPUS)
+        assert e.detail["inputs"]["rise_c"] >= 1.0 and e.detail["thresholds"]["stage_hold_s"] == 10.0
+        assert trip.id in e.detail["base_trips"]
+    assert climbs[0].detail["caps_w"]["gpu0"] == 0.3 * DEFAULT_W
+    assert climbs[1].detail["caps_w"]["gpu0"] == MIN_W
+    # Each rung waited its hold after the one before.
+    assert climbs[1].ts_wall - climbs[0].ts_wall >= 10.0
+    assert caps == dict.fromkeys(GPUS, MIN_W)
+    # One event per trip, each listing every GPU it capped: no event per GPU.
+    assert len([e for e in events if e.kind == "interlock_trip"]) == 1
+
+
+def test_ladder_stays_put_when_the_caps_hold_the_supply_and_clears_with_them() -> None:
+    eng, pod = engine(ESCALATE), Pod()
+    run(eng, pod, 0, 10)
+    pod.set("cdu-1", "supply_temp_c", 41.0)
+    caps = run(eng, pod, 11, 60)
+    assert caps == dict.fromkeys(GPUS, 0.5 * DEFAULT_W)  # caps in force, supply flat: no climb
+    assert ("coolant_escalation", "cdu-1") not in trips(eng)
+    pod.set("cdu-1", "supply_temp_c", 46.0)  # past critical_c (45): a climb without a rise
+    pod.touch(61)
+    d = eng.step(pod.snapshot(), 61, WALL0 + 61)
+    (climb,) = [e for e in d.events if e.kind == "interlock_escalation"]
+    assert climb.detail["stage"] == 1 and "critical" in climb.detail["why"]
+    pod.set("cdu-1", "supply_temp_c", 30.0)
+    events: list[Any] = []
+    for t in range(62, 140):
+        pod.touch(t)
+        events += eng.step(pod.snapshot(), t, WALL0 + t).events
+    cleared = [e.detail["interlock"] for e in events if e.kind == "interlock_clear"]
+    assert "coolant_supply_high" in cleared and "coolant_escalation" in cleared
+
+
+def test_ladder_ends_in_shed_when_enabled() -> None:
+    cfg = ESCALATE.model_copy(update={"shed": ESCALATE.shed.model_copy(update={"enabled": True})})
+    eng = engine(cfg, topo={"outlet_gpus": {"pdu-a": {1: ("gpu0", "gpu1"), 2: ("gpu2", "gpu3")}}})
+    pod = Pod()
+    run(eng, pod, 0, 10)
+    actions, events = [], []
+    t, supply = 11.0, 41.0
+    while t <= 90:  # stays under shed.critical_c (50 C) until late: the ladder sheds first
+        pod.set("cdu-1", "supply_temp_c", min(supply, 49.0))
+        pod.touch(t)
+        d = eng.step(pod.snapshot(), t, WALL0 + t)
+        actions += d.actions
+        events += d.events
+        t, supply = t + 1.0, supply + 0.2
+    sheds = [e for e in events if e.kind == "interlock_trip" and e.detail["interlock"] == "shed"]
+    assert len(sheds) == 1 and sheds[0].needs_ack
+    assert [a.kind for a in actions] == ["outlet_off"]
+
+
+def test_a_chiller_trip_is_an_event_at_once_and_clears_when_it_reads_zero() -> None:
+    topo = {"alarm_metrics": {"chiller-1": ("tripped", "alarms")}, "cooled_gpus": {"chiller-1": GPUS}}
+    eng, pod = engine(NO_RUNAWAY, topo=topo), Pod()
+    pod.set("chiller-1", "tripped", 0.0)
+    pod.set("chiller-1", "alarms", 0.0)
+    run(eng, pod, 0, 5)
+    pod.set("chiller-1", "tripped", 1.0)
+    pod.set("chiller-1", "alarms", 1.0)
+    pod.touch(6)
+    d = eng.step(pod.snapshot(), 6, WALL0 + 6, changed={"chiller-1"})
+    (trip,) = d.events
+    assert trip.kind == "interlock_trip" and trip.detail["interlock"] == "cooling_alarm"
+    assert trip.severity.value == "critical" and trip.needs_ack
+    assert trip.detail["inputs"] == {"tripped": 1, "alarms": 1} and trip.detail["raised"] == [
+        "alarms",
+        "tripped",
+    ]
+    assert trip.detail["gpus"] == list(GPUS)
+    assert d.caps == dict.fromkeys(GPUS, DEFAULT_W)  # an event, not (yet) a cap: the ladder caps
+    assert not [e for e in run_events(eng, pod, 7, 12) if e.kind == "interlock_trip"]  # once
+    pod.set("chiller-1", "tripped", 0.0)
+    pod.set("chiller-1", "alarms", 0.0)
+    assert [e.kind for e in run_events(eng, pod, 13, 14)] == ["interlock_clear"]
+
+
+def run_events(eng: Engine, pod: Pod, t0: int, t1: int) -> list[Any]:
+    out: list[Any] = []
+    for t in range(t0, t1 + 1):
+        pod.touch(t)
+        out += eng.step(pod.snapshot(), t, WALL0 + t).events
+    return out
+
+
+# ------------------------------------------------------------------------------ more properties
+INPUTS = [
+    *((g, "temp_c") for g in GPUS),
+    *(
+        (g, m)
+        for g in GPUS
+        for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w", "power_w")
+    ),
+    ("cdu-1", "supply_temp_c"),
+    ("cdu-1", "flow_lpm"),
+    ("cdu-1", "pump_fault"),
+    ("cdu-1", "leak"),
+    *(("pdu-a", f"phase{p}_current_a") for p in (1, 2, 3)),
+]
+DEVICES = (*GPUS, "cdu-1", "pdu-a")
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios(), st.data())
+def test_a_partial_step_gives_the_caps_of_a_full_step(
+    steps: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    """The service evaluates only the devices with new readings; on the same inputs (and the same
+    engine memory) that gives the very caps a full evaluation gives for every GPU it evaluates."""
+    import copy
+
+    for eng, _d, _ in drive(steps):
+        pod_changed = data.draw(st.sets(st.sampled_from(DEVICES), min_size=1))
+        snap = dict(_LAST_SNAPSHOT[0])
+        t = _LAST_SNAPSHOT[1] + 0.1
+        for (dev, metric), r in list(snap.items()):
+            if dev in pod_changed and r.value is not None and metric in ("temp_c", "supply_temp_c"):
+                snap[(dev, metric)] = r._replace(value=r.value + 0.5, ts_mono=t)
+        full, part = copy.deepcopy(eng), copy.deepcopy(eng)
+        a = full.step(snap, t, WALL0 + t)
+        b = part.step(snap, t, WALL0 + t, changed=pod_changed)
+        assert b.evaluated is not None
+        for gpu, cap in b.evaluated.items():
+            assert cap == a.caps[gpu], (gpu, pod_changed)
+
+
+_LAST_SNAPSHOT: list[Any] = [{}, 0.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios(), st.sampled_from(INPUTS), st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_nan_and_inf_in_any_input_never_give_a_higher_cap_than_a_missing_input(
+    steps: list[dict[str, Any]], key: tuple[str, str], bad: float
+) -> None:
+    import copy
+
+    for eng, _d, _ in drive(steps):
+        snap, t = dict(_LAST_SNAPSHOT[0]), _LAST_SNAPSHOT[1] + 0.1
+        r = snap.get(key)
+        if r is None:
+            continue
+        with_bad = {**snap, key: r._replace(value=bad, quality=Quality.GOOD, ts_mono=t)}
+        missing = {**snap, key: r._replace(value=None, quality=Quality.ERROR, ts_mono=t)}
+        a = copy.deepcopy(eng).step(with_bad, t, WALL0 + t)
+        b = copy.deepcopy(eng).step(missing, t, WALL0 + t)
+        for gpu, cap in a.caps.items():
+            assert math.isfinite(cap)
+            assert cap <= b.caps[gpu] + 1e-9, (key, bad, gpu)

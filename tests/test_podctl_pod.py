@@ -88,8 +88,8 @@ async def test_status_shows_a_tripped_interlock_and_overrides_expire(
         assert ran.rc == 0, ran
         assert trip_id in agent.events.acks and "root" in agent.events.acks[trip_id].by
 
-        # Override one tripped interlock for 8 s: listed with its reason, then it expires by itself.
-        # (8 s, not 2: two podctl runs start in between, a second or more each on a loaded machine.)
+        # Override one tripped interlock for 8 s (two podctl runs must fit in it on a busy
+        # machine): listed with its reason, then it expires by itself.
         name = sorted(tripped)[0]
         ran = await podctl(
             sock, "override", name, "--device", "gpu3", "--for", "8s", "--reason", "burn-in test"
@@ -102,7 +102,7 @@ async def test_status_shows_a_tripped_interlock_and_overrides_expire(
         assert "root" in overrides[0]["by"]
         ran = await podctl(sock, "interlocks")
         assert "burn-in test" in ran.out and "overridden" in ran.out, ran
-        expired = await wait_event(agent, "override_expired", within=25)
+        expired = await wait_event(agent, "override_expired", within=30)
         assert expired.detail["id"] == overrides[0]["id"]
         assert agent.interlocks.overrides() == []
         ran = await podctl(sock, "interlocks", "--json")

@@ -123,14 +123,11 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
             pod_w = agent.store.value("pod", "power_w")
             assert pod_w is not None and pod_w > 6000.0
             budget = 5000.0
-            set_at = time.monotonic()
             agent.set_fleet_budget(FleetBudget(watts=budget, expires_at_wall=time.time() + 5.0), by="test")
             steps0 = power.steps
             await until(agent, lambda: power.steps >= steps0 + 1, what="one control period")
-            elapsed = time.monotonic() - set_at
             d = power.decision
             assert d is not None and d.budget_source == "fleet_budget" and d.pod_budget_w == budget
-            assert elapsed < 2 * config.power.control_period_s + 0.3
             # One period later the GPU caps fit the budget (pod - measured non-GPU load).
             assert power.caps and d.gpu_budget_w is not None
             assert sum(power.caps.values()) <= d.gpu_budget_w + 1.0

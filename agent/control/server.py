@@ -629,11 +629,11 @@ class ControlServer:
         if poller is None:
             raise _Refused(f"no device {req.device!r} (podctl devices lists them)")
         now_before = time.monotonic()
-        try:
-            async with asyncio.timeout(poller.budget_s + 1.0):
+        try:  # (a scheduled cycle in flight goes first: the device's lock)
+            async with asyncio.timeout(2 * poller.budget_s + 1.0):
                 readings = await poller.poll_once()
         except TimeoutError:
-            raise _Refused(f"{parent}: no answer within {poller.budget_s + 1.0:.1f} s") from None
+            raise _Refused(f"{parent}: no answer within {2 * poller.budget_s + 1.0:.1f} s") from None
         health = agent.store.health().get(parent)
         failed = health is not None and (health.last_poll_mono or 0) >= now_before and health.last_error
         if req.device != parent:
@@ -641,11 +641,10 @@ class ControlServer:
         now = time.monotonic()
         raw: Any = None
         raw_error = None
-        poll_raw = getattr(poller.driver, "poll_raw", None)
-        if req.raw and callable(poll_raw) and not failed:
+        if req.raw and poller.has_raw and not failed:
             try:
-                async with asyncio.timeout(poller.budget_s):
-                    raw = jsonable_raw(await poll_raw())
+                async with asyncio.timeout(2 * poller.budget_s):
+                    raw = jsonable_raw(await poller.poll_raw())
             except Exception as err:  # a raw read is a diagnostic: report why it failed, go on
                 raw_error = f"{type(err).__name__}: {err}"
         return p.ok(

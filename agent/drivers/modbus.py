@@ -358,7 +358,6 @@ class ModbusDriver:
         self.word_order: WordOrder = cfg.word_order or self.profile.word_order
         self.blocks = plan_reads(self.profile.points, cfg.max_registers_per_read)
         self._line: _Line | None = None
-        self._available = True  # for logging state changes only
         self.requests_sent = 0
 
     # -- lifecycle
@@ -450,7 +449,6 @@ class ModbusDriver:
                 # Stop here: more requests to a silent unit would each cost a timeout (and hold
                 # a shared RTU line). Keep what this cycle already read.
                 if not good:
-                    self._mark(available=False, reason=err.reason)
                     raise
                 for rest in self.blocks[i:]:
                     failed(rest, err)
@@ -476,9 +474,7 @@ class ModbusDriver:
                     )
                 )
         if not good and errors:
-            self._mark(available=False, reason=errors[0].reason)
             raise errors[0]
-        self._mark(available=True)
         return readings
 
     async def poll_raw(self) -> list[RawPoint]:
@@ -620,15 +616,6 @@ class ModbusDriver:
             return
         async with line.lock:
             line.client.close()
-
-    def _mark(self, *, available: bool, reason: str = "") -> None:
-        if available == self._available:
-            return
-        self._available = available
-        if available:
-            log.info("device recovered", device=self.device_id)
-        else:
-            log.warning("device unavailable", device=self.device_id, reason=reason)
 
 
 def _loop() -> asyncio.AbstractEventLoop:

@@ -556,15 +556,13 @@ class NvmlDriver:
         assert lib is not None
         if not self._initialised:
             # The library went away earlier (driver reload, simulated pod restarted): start over.
-            self._init_sync()
-            log.info("nvml recovered", device=self.device_id)
+            self._init_sync()  # (the poller logs the device's return)
         try:
             lib.nvmlDeviceGetCount()
         except lib.NVMLError as err:
             name = self._err_name(err)
             if name in _LIBRARY_GONE:
-                self._shutdown_sync()
-                log.warning("nvml unavailable", device=self.device_id, error=name)
+                self._shutdown_sync()  # (the poller logs the device's loss, with this reason)
             raise DeviceUnavailable(self.device_id, f"NVML: {name}") from None
         if self._event_set is not None:
             self._drain_events()

@@ -311,7 +311,6 @@ class SnmpDriver:
         self._transport: Transport | None = None
         self._rebuild = False
         self._session_ok = False  # the current transport has had an answer (so it caches state)
-        self._healthy: bool | None = None
         # Static tables (decimal digits), read once per session: (table, column) -> index -> value.
         self._static: dict[tuple[str, int], dict[Oid, int]] | None = None
         # Channels seen per table in its last good walk: what to report as ERROR when it fails.
@@ -488,17 +487,8 @@ class SnmpDriver:
     # -- Driver protocol
 
     async def poll(self) -> list[Reading]:
-        try:
-            readings = await self._poll()
-        except (DeviceUnavailable, DeviceError) as err:
-            if self._healthy is not False:
-                log.warning("snmp device unavailable", device=self.device_id, reason=err.reason)
-            self._healthy = False
-            raise
-        if self._healthy is False:
-            log.info("snmp device recovered", device=self.device_id)
-        self._healthy = True
-        return readings
+        # Down and up are logged (once each) by the poller, not here.
+        return await self._poll()
 
     def refresh_all(self) -> None:
         """Make the next poll walk every table (after a SET, or for a ``poll_now`` command)."""

@@ -65,6 +65,25 @@ class CoolantLeak(RuleBase):
     shed: bool = False
 
 
+class CoolantEscalation(RuleBase):
+    """The ladder above a loop's coolant caps (docs/interlocks.md): while coolant_supply_high or
+    coolant_flow_low caps a loop and its supply temperature still rises by rise_c over
+    rise_window_s (or is at/above critical_c), climb one rung after each stage_hold_s: 1 = every
+    GPU of the loop to deep_cap_pct, 2 = every GPU to its minimum limit, then `shed` if enabled.
+    Each rung is a critical event that needs an ack; it clears with the coolant caps."""
+
+    rise_window_s: float = Field(30.0, gt=0)
+    rise_c: float = Field(1.0, ge=0)
+    stage_hold_s: float = Field(30.0, ge=0)
+    deep_cap_pct: float = Field(30.0, gt=0, le=100)
+    critical_c: float = 45.0
+
+
+class CoolingAlarm(RuleBase):
+    """A cooling device's own trip, fault or alarm word (chiller tripped, pump fault, alarm bits)
+    raised as a critical event the moment it is read, and its clear when it reads 0 again."""
+
+
 class PduPhaseOvercurrent(RuleBase):
     trip_pct: float = Field(80.0, gt=0)
     sustain_s: float = Field(10.0, ge=0)
@@ -118,6 +137,8 @@ class InterlockConfig(Strict):
     coolant_supply_high: CoolantSupplyHigh = CoolantSupplyHigh()
     coolant_flow_low: CoolantFlowLow = CoolantFlowLow()
     coolant_leak: CoolantLeak = CoolantLeak()
+    coolant_escalation: CoolantEscalation = CoolantEscalation()
+    cooling_alarm: CoolingAlarm = CoolingAlarm()
     pdu_phase_overcurrent: PduPhaseOvercurrent = PduPhaseOvercurrent()
     sensor_stale: SensorStale = SensorStale()
     shed: Shed = Shed()
@@ -129,9 +150,11 @@ INTERLOCKS = (
     "coolant_supply_high",
     "coolant_flow_low",
     "coolant_leak",
+    "coolant_escalation",
     "pdu_phase_overcurrent",
     "sensor_stale",
+    "cooling_alarm",
     "shed",
 )
 # Overriding these needs an explicit force flag (design.md: coolant-critical and shed).
-FORCE_ONLY = frozenset({"coolant_leak", "shed"})
+FORCE_ONLY = frozenset({"coolant_leak", "coolant_escalation", "shed"})

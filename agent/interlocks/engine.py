@@ -10,6 +10,9 @@ Rules (design.md; every number is config):
 - coolant_supply_high / coolant_flow_low / coolant_leak: per CDU; cap every GPU on its loop.
 - pdu_phase_overcurrent: per PDU; cap the GPUs it feeds, tightening until under clear_pct.
 - sensor_stale: per input device; a fail-safe cap on the GPUs that input protects.
+- coolant_escalation: the ladder above a loop's coolant caps (escalation.py): deeper caps, then
+  minimum caps, then shed (if enabled), while the supply temperature still rises or is critical.
+- cooling_alarm: a CDU's or chiller's own trip / fault / alarm word, an event the moment it reads.
 - shed (off by default): coolant critical after caps -> switch off the hottest servers' outlets.
 The lowest cap wins (interlocks, external caps such as the fleet budget); overrides suppress one
 interlock on one device. A cap rises only by the ramp: +release_step of the default every interval.
@@ -20,111 +23,23 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from agent.events import Event, Severity
+from agent.interlocks import escalation
 from agent.interlocks.config import GpuOvertemp, GpuRunaway, InterlockConfig, SensorStale
+from agent.interlocks.types import (
+    Action,
+    Decision,
+    GpuLimits,
+    GpuMemory,
+    Instance,
+    Override,
+    Snapshot,
+    Topology,
+)
 from agent.model import Quality, Reading
-
-Snapshot = Mapping[tuple[str, str], Reading]
-
-
-# ---------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class GpuLimits:
-    min_w: float
-    max_w: float
-    default_w: float
-
-
-@dataclass(frozen=True)
-class Topology:
-    """What protects what: built from the agent config (and the GPUs' NVML constraints)."""
-
-    gpus: tuple[str, ...]
-    loops: Mapping[str, tuple[str, ...]]  # CDU id -> GPUs it cools
-    pdus: Mapping[str, tuple[str, ...]]  # PDU id -> GPUs it feeds
-    pdu_rating_a: Mapping[str, float]
-    min_flow_lpm: Mapping[str, float]  # CDU id -> threshold (when its device config sets one)
-    stale_after_s: Mapping[str, float]  # input device (or GPU) -> staleness limit
-    outlet_gpus: Mapping[str, Mapping[int, tuple[str, ...]]] = field(default_factory=dict)  # for shed
-
-
-@dataclass(frozen=True)
-class Override:
-    id: str
-    interlock: str
-    device: str
-    reason: str
-    by: str
-    created_wall: float
-    expires_wall: float
-    forced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "interlock": self.interlock,
-            "device": self.device,
-            "reason": self.reason,
-            "by": self.by,
-            "created_wall": self.created_wall,
-            "expires_wall": self.expires_wall,
-            "forced": self.forced,
-        }
-
-
-@dataclass(frozen=True)
-class Action:
-    """A discrete action for the actuators besides power caps."""
-
-    kind: str  # "outlet_off", "cdu_setpoint"
-    device: str
-    value: float | int
-    reason: str
-    event_id: str
-
-
-@dataclass
-class Decision:
-    caps: dict[str, float]  # GPU -> the power limit it should have now (ramped), W
-    events: list[Event]
-    actions: list[Action]
-    inputs_changed: bool = True
-    # The GPUs this step re-evaluated (all of them on a full step) and their caps: a subset of caps.
-    evaluated: dict[str, float] | None = None
-
-
-# ---------------------------------------------------------------------------------- memory
-@dataclass
-class Instance:
-    """One interlock on one device: its condition timers and, while tripped, its caps."""
-
-    interlock: str
-    device: str
-    gpus: tuple[str, ...]
-    cond_since: float | None = None  # when the trip condition began (for sustain)
-    tripped_since: float | None = None
-    clear_since: float | None = None  # when the clear condition began (for hold)
-    caps: dict[str, float] = field(default_factory=dict)  # per-GPU cap while tripped
-    trip_event: str | None = None
-    last_tighten: float = 0.0
-    detail: dict[str, Any] = field(default_factory=dict)
-    shed_done: bool = False
-    setpoint_lowered: bool = False
-
-    @property
-    def tripped(self) -> bool:
-        return self.tripped_since is not None
-
-
-@dataclass
-class GpuMemory:
-    temps: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))  # (ts, C)
-    applied_w: float | None = None  # the cap the engine last asked for (ramped)
-    last_raise: float = -math.inf
 
 
 def _overtemp_detail(ot: GpuOvertemp, temp: float) -> dict[str, Any]:
@@ -230,6 +145,10 @@ class Engine:
         self._leak_shed_for: dict[str, str | None] = {}  # CDU -> the leak trip its shed answered
         self._input_pos: dict[str, int] | None = None  # stale-rule input -> its place in topology order
         self._step_limits: _LazyLimits = _LazyLimits({})
+        self._supply_hist: dict[str, deque[tuple[float, float]]] = {}  # CDU -> (ts, supply C)
+        self._rising: dict[str, bool] = {}  # CDU -> its supply still rises under caps
+        self._extra_events: list[Event] = []
+        self._now_wall = 0.0
 
     def reconfigure(self, config: InterlockConfig, topology: Topology) -> None:
         """New thresholds and topology (a config reload). Instances and GPU memory stay: a trip in
@@ -257,8 +176,8 @@ class Engine:
         self, snap: Snapshot, device: str, metric: str, now: float, stale_device: str | None = None
     ) -> float | None:
         r = snap.get((device, metric))
-        if r is None or r.value is None or r.quality is not Quality.GOOD:
-            return None
+        if r is None or r.value is None or r.quality is not Quality.GOOD or not math.isfinite(r.value):
+            return None  # NaN / Inf (a sensor's "absent", a decoding gone wrong) is missing: fail safe
         limit = self.topology.stale_after_s.get(stale_device or device)
         if limit is not None and now - r.ts_mono > limit:
             return None
@@ -267,7 +186,9 @@ class Engine:
     @staticmethod
     def _limits(readings: tuple[Reading | None, ...]) -> GpuLimits | None:
         """GpuLimits from the (min, max, default) readings (``_LIMIT_METRICS``); None if any is missing."""
-        lo, hi, default = (None if r is None else r.value for r in readings)
+        lo, hi, default = (
+            None if r is None or r.value is None or not math.isfinite(r.value) else r.value for r in readings
+        )
         if lo is None or hi is None or default is None:
             return None
         return GpuLimits(min_w=lo, max_w=hi, default_w=default)
@@ -306,11 +227,21 @@ class Engine:
             for group in (*loops.values(), *pdus.values()):
                 affected.update(group)
         self._transitions = []
+        self._extra_events = []
+        self._now_wall = now_wall
         if cfg.enabled:
             self._gpu_rules(snap, now, limits, gpus)
             self._loop_rules(snap, now, acked, loops)
+            self._escalation_rule(snap, now, limits, loops, suppressed)
+            self._alarm_rule(snap, now, None if changed is None else set(changed))
             self._pdu_rule(snap, now, limits, pdus)
-            self._stale_rule(snap, now, None if changed is None else set(changed))
+            self._stale_rule(
+                snap, now, None if changed is None else self._stale_scope(set(changed), affected)
+            )
+        for ev in self._extra_events:
+            events.append(ev)
+            if affected is not None:
+                affected.update(ev.detail.get("gpus", ()))
 
         # Transitions -> events (and shed actions), then caps.
         for inst in self._transitions:
@@ -344,7 +275,7 @@ class Engine:
         return Decision(caps=dict(self.last_caps), events=events, actions=actions, evaluated=evaluated)
 
     def _trip_event(self, inst: Instance, now_wall: float, suppressed: set[tuple[str, str]]) -> Event:
-        critical = inst.interlock in ("coolant_leak", "coolant_flow_low", "shed")
+        critical = inst.interlock in ("coolant_leak", "coolant_flow_low", "shed", "cooling_alarm")
         overridden = (inst.interlock, inst.device) in suppressed
         return Event(
             kind="interlock_trip",
@@ -362,7 +293,7 @@ class Engine:
                 "overridden": overridden,
                 **inst.detail,
             },
-            needs_ack=inst.interlock in ("coolant_leak", "shed"),
+            needs_ack=inst.interlock in ("coolant_leak", "shed", "cooling_alarm"),
             id=inst.trip_event or self._event_id(now_wall),
             ts_wall=now_wall,
         )
@@ -576,6 +507,120 @@ class Engine:
                     },
                 )
 
+    def _escalation_rule(
+        self,
+        snap: Snapshot,
+        now: float,
+        limits: Mapping[str, GpuLimits | None],
+        loops: Mapping[str, tuple[str, ...]],
+        suppressed: set[tuple[str, str]],
+    ) -> None:
+        """The ladder above each loop's coolant caps (escalation.py); one event per rung."""
+        esc = self.config.coolant_escalation
+        if not esc.enabled:
+            return
+        for cdu, gpus in loops.items():
+            r = snap.get((cdu, "supply_temp_c"))
+            supply = self._fresh(snap, cdu, "supply_temp_c", now)
+            hist = self._supply_hist.setdefault(cdu, deque(maxlen=256))
+            if supply is not None and r is not None and (not hist or hist[-1][0] != r.ts_mono):
+                hist.append((r.ts_mono, supply))
+            while hist and hist[-1][0] - hist[0][0] > 2 * esc.rise_window_s:
+                hist.popleft()
+            base = [
+                i
+                for n in ("coolant_supply_high", "coolant_flow_low")
+                if (i := self.instances.get((n, cdu))) is not None
+                and i.tripped
+                and (n, cdu) not in suppressed
+            ]
+            caps_since = min((i.tripped_since or now for i in base), default=None)
+            rise = escalation.rise_over(hist, esc.rise_window_s)
+            self._rising[cdu] = rise is not None and rise >= esc.rise_c
+            inst = self._instance("coolant_escalation", cdu, gpus)
+            was = inst.stage
+            outcome = escalation.step_ladder(
+                inst,
+                esc,
+                now=now,
+                supply_c=supply,
+                rise_c=rise,
+                caps_since=caps_since,
+                gpus=gpus,
+                limits=limits,
+            )
+            if outcome == "climb":
+                inst.trip_event = self._event_id(self._now_wall)
+                self._extra_events.append(
+                    Event(
+                        kind="interlock_escalation",
+                        severity=Severity.CRITICAL,
+                        message=f"coolant_escalation on {cdu}: stage {inst.stage} "
+                        f"({inst.detail['action']}, {len(inst.caps)} GPU(s)): supply "
+                        f"{supply} C {inst.detail['why']} with caps in force",
+                        device=cdu,
+                        needs_ack=True,
+                        id=inst.trip_event,
+                        ts_wall=self._now_wall,
+                        detail={
+                            "interlock": "coolant_escalation",
+                            "from_stage": was,
+                            "gpus": list(gpus),
+                            "caps_w": {g: round(w, 1) for g, w in inst.caps.items()},
+                            "base_trips": [i.trip_event for i in base],
+                            **inst.detail,
+                        },
+                    )
+                )
+            elif outcome == "clear":
+                self._extra_events.append(
+                    Event(
+                        kind="interlock_clear",
+                        severity=Severity.INFO,
+                        message=f"coolant_escalation cleared on {cdu} (coolant caps released)",
+                        device=cdu,
+                        detail={
+                            "interlock": "coolant_escalation",
+                            "from_stage": was,
+                            "trip_event": inst.trip_event,
+                            "gpus": list(gpus),
+                        },
+                        id=self._event_id(self._now_wall),
+                        ts_wall=self._now_wall,
+                    )
+                )
+                inst.trip_event = None
+
+    def _alarm_rule(self, snap: Snapshot, now: float, changed: set[str] | None) -> None:
+        """A cooling device's own trip/fault/alarm word: an event at once, and when it reads 0."""
+        if not self.config.cooling_alarm.enabled:
+            return
+        for dev, metrics in self.topology.alarm_metrics.items():
+            if changed is not None and dev not in changed:
+                continue
+            values = {m: self._fresh(snap, dev, m, now) for m in metrics}
+            known = {m: v for m, v in values.items() if v is not None}
+            if not known:
+                continue  # unread or stale: sensor_stale's business, not an alarm's
+            raised = {m: v for m, v in known.items() if v}
+            gpus = self.topology.cooled_gpus.get(dev, ())
+            inst = self._instance("cooling_alarm", dev, gpus)
+            self._update(
+                inst,
+                now,
+                trip_now=bool(raised),
+                cond=False,
+                sustain_s=0.0,
+                clear_cond=not raised and len(known) == len(metrics),
+                clear_hold_s=0.0,
+                caps=None,
+                detail={
+                    "inputs": {m: (int(v) if float(v).is_integer() else v) for m, v in known.items()},
+                    "raised": sorted(raised),
+                    "thresholds": {"raised_when": "non-zero"},
+                },
+            )
+
     def _pdu_rule(
         self,
         snap: Snapshot,
@@ -656,6 +701,13 @@ class Engine:
         self._inputs = out
         return out
 
+    def _stale_scope(self, changed: set[str], affected: set[str] | None) -> set[str]:
+        """A partial step's stale checks: the changed inputs and every input protecting a GPU the
+        step re-evaluates (its caps must be those a full step would give)."""
+        if not affected:
+            return changed
+        return changed | {dev for dev, _, gpus in self._stale_inputs() if not affected.isdisjoint(gpus)}
+
     def _stale_rule(self, snap: Snapshot, now: float, changed: set[str] | None) -> None:
         st = self.config.sensor_stale
         if not st.enabled:
@@ -687,6 +739,8 @@ class Engine:
                     if r is None
                     else (r.error or str(r.quality))
                     if r.quality is not Quality.GOOD or r.value is None
+                    else f"not a number ({r.value})"
+                    if not math.isfinite(r.value)
                     else f"{now - r.ts_mono:.1f} s old"
                 )
             self._update(
@@ -744,10 +798,20 @@ class Engine:
                 continue
             if not sh.enabled:
                 continue
-            if not capped or supply is None or supply < sh.critical_c or inst.shed_done:
+            if not capped or supply is None or inst.shed_done or ("shed", cdu) in suppressed:
                 continue
             since = min(i.tripped_since or now for i in capped)
-            if now - since < sh.after_caps_s or ("shed", cdu) in suppressed:
+            # design.md's shed: critical supply after_caps_s after the caps; or the ladder's last
+            # rung: minimum caps held stage_hold_s and the supply still rising.
+            esc, esc_cfg = self.instances.get(("coolant_escalation", cdu)), self.config.coolant_escalation
+            ladder = (
+                esc is not None
+                and esc.stage >= escalation.TOP_RUNG
+                and esc.stage_since is not None
+                and now - esc.stage_since >= esc_cfg.stage_hold_s
+                and self._rising.get(cdu, False)
+            )
+            if not ladder and (supply < sh.critical_c or now - since < sh.after_caps_s):
                 continue
             hottest = sorted(
                 gpus, key=lambda g: -(self._fresh(snap, g, "temp_c", now, stale_device=g) or -1e9)
@@ -777,7 +841,11 @@ class Engine:
                 message=f"shed on {cdu}: supply {supply:.1f} C >= {sh.critical_c} C "
                 f"{now - since:.0f} s after caps; switching off {len(chosen)} outlet(s)",
                 detail={
-                    "inputs": {"supply_temp_c": round(supply, 2)},
+                    "cause": "coolant_escalation" if ladder else "supply_critical",
+                    "inputs": {
+                        "supply_temp_c": round(supply, 2),
+                        "still_rising": self._rising.get(cdu, False),
+                    },
                     "thresholds": {"critical_c": sh.critical_c, "after_caps_s": sh.after_caps_s},
                     "servers": [list(s) for s in servers_done],
                 },
@@ -920,3 +988,16 @@ class Engine:
     # ------------------------------------------------------------------ views
     def active(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.tripped]
+
+
+__all__ = [
+    "Action",
+    "Decision",
+    "Engine",
+    "GpuLimits",
+    "GpuMemory",
+    "Instance",
+    "Override",
+    "Snapshot",
+    "Topology",
+]

@@ -1,9 +1,13 @@
 """The interlock service: runs the pure engine on every new interlock input, applies its decisions.
 
 The engine loop never awaits the network, a publisher or an actuator: it hands the desired caps to
-the actuator task through a one-slot mailbox (latest wins) and goes on. The actuator sets NVML power
-limits (clamped, read back, verified; a refused or failed set is an event and is retried), switches
-PDU outlets for ``shed`` and writes CDU setpoints.
+the power limiter (a task per batch) and discrete actions to an action task, and goes on. The
+actuators (agent/actuators.py) set GPU power limits (clamped, read back, verified; a refused or
+failed set is an event and is retried), switch PDU outlets for ``shed`` (verified off) and write
+CDU setpoints (read back).
+
+The service uses only what it is given: the store, the event bus, the actuators, its config and
+the GPUs with their staleness limits. ``run(agent)`` is the adapter that takes them from the agent.
 """
 
 from __future__ import annotations
@@ -16,20 +20,21 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.actuators import ActuationError, Actuators, CapResult
 from agent.config import AgentConfig
-from agent.drivers.base import DriverError
-from agent.events import Event, Severity
+from agent.events import Event, EventBus, Severity
 from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
 from agent.inventory import Inventory
 from agent.model import Reading
+from agent.state import StateStore
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -47,6 +52,8 @@ INPUT_METRICS = frozenset(
         "supply_temp_c",
         "flow_lpm",
         "pump_fault",
+        "tripped",
+        "alarms",
         "leak",
         "phase1_current_a",
         "phase2_current_a",
@@ -55,6 +62,7 @@ INPUT_METRICS = frozenset(
     }
 )
 CAP_TOLERANCE_W = 1.0  # NVML limits are whole mW; anything under a watt is the same limit
+CapSource = Callable[[], Mapping[str, tuple[float, str]]]  # GPU -> (cap W, why): the fleet budget...
 
 
 @dataclass
@@ -81,9 +89,6 @@ class GpuActuation:
 
 @dataclass
 class _Mailbox:
-    caps: dict[str, float] = field(default_factory=dict)
-    trigger_mono: float = 0.0
-    decided_mono: float = 0.0
     actions: list[Action] = field(default_factory=list)
 
 
@@ -91,7 +96,9 @@ class InterlockService:
     def __init__(self, config: InterlockConfig) -> None:
         self.config = config
         self.engine: Engine | None = None
-        self.agent: Agent | None = None
+        self.store: StateStore | None = None
+        self.events: EventBus | None = None
+        self.actuators: Actuators | None = None
         self._overrides: dict[str, Override] = {}
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
@@ -104,7 +111,10 @@ class InterlockService:
         self.steps = 0
         self.step_durations: deque[float] = deque(maxlen=2048)
         self.step_histogram = Histogram(EVALUATION_BUCKETS_S)  # for /metrics
-        self.cap_sources: list[Callable[[], Mapping[str, tuple[float, str]]]] = []
+        self.cap_sources: list[CapSource] = []
+        # The GPUs and staleness limits from the running pollers (set by run(); a reload's new
+        # topology is built from them and the new inventory).
+        self._inputs: Callable[[], tuple[list[str], dict[str, float]]] | None = None
         self._cdu_setpoints: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._changed: set[str] = set()
@@ -113,13 +123,36 @@ class InterlockService:
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
-        self.agent = agent
+        """The adapter: what the service uses, taken from the agent once it has polled."""
         agent.interlocks = self
         agent.status_providers["interlocks"] = self.status
         agent.metric_sources.append(self.metrics)
         await agent.ready.wait()
-        self.engine = self._build_engine(agent)
-        unsubscribe = agent.store.subscribe(self._on_batch)
+        self._inputs = lambda: inputs_from_pollers(agent)
+        gpus, stale = self._inputs()
+        await self.serve(
+            agent.store,
+            agent.events,
+            agent.actuators,
+            topology_from_config(agent.inventory, gpus, stale),
+            cap_sources=agent.cap_sources,
+        )
+
+    async def serve(
+        self,
+        store: StateStore,
+        events: EventBus,
+        actuators: Actuators,
+        topology: Topology,
+        *,
+        cap_sources: list[CapSource] | None = None,
+    ) -> None:
+        """Arm the interlocks on ``topology`` and run them until cancelled."""
+        self.store, self.events, self.actuators = store, events, actuators
+        if cap_sources is not None:
+            self.cap_sources = cap_sources
+        self.engine = self._build_engine(store, events, topology)
+        unsubscribe = store.subscribe(self._on_batch)
         log.info(
             "interlocks armed",
             gpus=len(self.engine.topology.gpus),
@@ -136,25 +169,13 @@ class InterlockService:
             if self.config.restore_defaults_on_stop:
                 await self._restore_defaults()
 
-    def _topology(self, agent: Agent, inventory: Inventory) -> Topology:
-        gpus: list[str] = []
-        stale: dict[str, float] = {}
-        for poller in agent.pollers.values():
-            if poller.cfg.kind in ("nvml", "node"):  # type: ignore[attr-defined]
-                limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
-                for g in sorted(poller.sub_devices, key=_natural):
-                    gpus.append(g)
-                    stale[g] = limit
-            else:
-                stale[poller.cfg.id] = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
-        return topology_from_config(inventory, gpus, stale)
-
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [interlocks] settings and topology (validated already): the next step
         uses them; trips in progress stay (their clear conditions now use the new thresholds)."""
         self.config = config.interlocks
-        if self.engine is not None and self.agent is not None:
-            topology = self._topology(self.agent, inventory)
+        if self.engine is not None and self._inputs is not None:
+            gpus, stale = self._inputs()
+            topology = topology_from_config(inventory, gpus, stale)
             # GPUs come from NVML discovery: a reload that restarted the NVML poller keeps the
             # GPUs it had until that poller has polled again.
             if not topology.gpus:
@@ -163,19 +184,16 @@ class InterlockService:
         self._full_next = True
         self._wake.set()
 
-    def _build_engine(self, agent: Agent) -> Engine:
-        store = agent.store
-        topo = self._topology(agent, agent.inventory)
-        gpus = list(topo.gpus)
+    def _build_engine(self, store: StateStore, events: EventBus, topo: Topology) -> Engine:
         initial = {}
-        for g in gpus:
+        for g in topo.gpus:
             limit_r, default_r = store.get(g, "power_limit_w"), store.get(g, "default_power_limit_w")
             if limit_r and default_r and limit_r.value is not None and default_r.value is not None:
                 if limit_r.value < default_r.value - CAP_TOLERANCE_W:
                     initial[g] = limit_r.value
                 self.actuation[g] = GpuActuation(requested_w=limit_r.value)
         if initial:
-            agent.events.emit(
+            events.emit(
                 "reconciled",
                 Severity.WARNING,
                 f"{len(initial)} GPU(s) found capped at start; "
@@ -197,8 +215,8 @@ class InterlockService:
 
     # ------------------------------------------------------------------ engine loop
     async def _engine_loop(self) -> None:
-        assert self.agent is not None and self.engine is not None
-        agent, engine = self.agent, self.engine
+        assert self.store is not None and self.events is not None and self.engine is not None
+        store, bus, engine = self.store, self.events, self.engine
         all_gpus = frozenset(engine.topology.gpus)
         while True:
             with contextlib.suppress(TimeoutError):
@@ -223,12 +241,12 @@ class InterlockService:
                     if g not in external or w < external[g][0]:
                         external[g] = (w, why)
             decision = engine.step(
-                agent.store.readings(),
+                store.readings(),
                 t0,
                 now_wall,
                 overrides=list(self._overrides.values()),
                 external_caps=external,
-                acked=frozenset(agent.events.acks),
+                acked=frozenset(bus.acks),
                 changed=None if full else changed,
             )
             decided = time.monotonic()
@@ -236,7 +254,7 @@ class InterlockService:
             self.step_durations.append(decided - t0)
             self.step_histogram.observe(decided - t0)
             for event in decision.events:
-                agent.events.publish(event)
+                bus.publish(event)
                 # At the event's own severity: a clear is info, a trip warning or critical (journald).
                 log.log(
                     _LOG_LEVEL[event.severity],
@@ -254,17 +272,11 @@ class InterlockService:
                 self._mail.set()
 
     # ------------------------------------------------------------------ actuation
-    def _nvml_for(self, gpu: str) -> Any:
-        assert self.agent is not None
-        parent = self.agent.store.parent_of(gpu)
-        poller = self.agent.pollers.get(parent)
-        return None if poller is None else poller.driver
-
     def _dispatch_caps(self, caps: Mapping[str, float], trigger: float, decided: float) -> None:
-        """Submit every needed power-limit change now, without awaiting: the NVML driver's
-        actuation thread starts on it at once; a task collects the read-backs."""
+        """Hand every needed power-limit change to the power limiter now, without awaiting it: a
+        task per batch collects the read-backs."""
         now = time.monotonic()
-        todo: dict[Any, dict[str, float]] = {}  # driver -> {gpu: cap}
+        batch: dict[str, float] = {}
         for gpu, cap in caps.items():
             act = self.actuation.setdefault(gpu, GpuActuation())
             target = act.in_flight_w if act.in_flight_w is not None else act.requested_w
@@ -277,20 +289,17 @@ class InterlockService:
             if act.failing_since is not None and now < act.next_try:
                 continue
             act.in_flight_w = cap
-            todo.setdefault(self._nvml_for(gpu), {})[gpu] = cap
-        for driver, batch in todo.items():
-            future = None
-            submitted = time.monotonic()
-            if driver is not None and hasattr(driver, "submit_power_limits"):
-                try:
-                    future = driver.submit_power_limits(batch)
-                except DriverError as err:
-                    for gpu, cap in batch.items():
-                        self._record(gpu, cap, None, err.reason, Timing(gpu, cap, trigger, decided, now, now))
-                    continue
-            assert self._tg is not None
+            batch[gpu] = cap
+        if batch:
+            assert self._tg is not None and self.actuators is not None
+            issued = time.monotonic()
+            try:
+                pending = self.actuators.power.set_caps(batch)  # the sets start here, now
+            except Exception as err:  # an actuator bug is a failed action, never a dead engine
+                log.exception("power limit set crashed")
+                pending = _failed_caps(batch, f"{type(err).__name__}: {err}")
             self._tg.create_task(
-                self._set_caps(driver, batch, trigger, decided, future, submitted), name="interlocks.set"
+                self._set_caps(batch, pending, trigger, decided, issued), name="interlocks.set"
             )
 
     async def _actuate_loop(self) -> None:
@@ -304,62 +313,67 @@ class InterlockService:
 
     async def _set_caps(
         self,
-        driver: Any,
         batch: dict[str, float],
+        pending: Awaitable[dict[str, CapResult]],
         trigger: float,
         decided: float,
-        future: Any = None,
-        submitted: float | None = None,
+        issued: float,
     ) -> None:
-        """Collect one driver's batch of cap changes (submitted already when ``future`` is given)."""
-        issued = submitted if future is not None and submitted is not None else time.monotonic()
-        results: dict[str, float | str] = {}
-        if driver is None or not hasattr(driver, "set_power_limit"):
-            results = dict.fromkeys(batch, "no NVML driver for this GPU")
-        else:
-            try:
-                if future is not None:
-                    async with asyncio.timeout(max(1.0, getattr(driver.cfg, "timeout_s", 2.0))):
-                        raw = await asyncio.shield(future)
-                    results = {g: (v.reason if isinstance(v, DriverError) else v) for g, v in raw.items()}
-                elif hasattr(driver, "set_power_limits"):
-                    raw = await driver.set_power_limits(batch)
-                    results = {g: (v.reason if isinstance(v, DriverError) else v) for g, v in raw.items()}
-                else:
-                    for gpu, cap in batch.items():
-                        try:
-                            results[gpu] = await driver.set_power_limit(gpu, cap)
-                        except DriverError as err:
-                            results[gpu] = err.reason
-            except (DriverError, TimeoutError) as err:
-                results = dict.fromkeys(batch, getattr(err, "reason", None) or "timed out")
-            except Exception as err:  # an actuator bug is a failed action, never a dead engine
-                log.exception("power limit set crashed")
-                results = dict.fromkeys(batch, f"{type(err).__name__}: {err}")
+        """Collect one batch of cap changes from the power limiter; one event for the batch."""
+        try:
+            results = await pending
+        except Exception as err:  # an actuator bug is a failed action, never a dead engine
+            log.exception("power limit set crashed")
+            results = {g: CapResult(None, f"{type(err).__name__}: {err}") for g in batch}
         done = time.monotonic()
+        applied: dict[str, tuple[float | None, float, float | None]] = {}  # gpu: previous, cap, readback
         for gpu, cap in batch.items():
             self.actuation.setdefault(gpu, GpuActuation()).in_flight_w = None
-            outcome = results.get(gpu, "no result")
+            outcome = results.get(gpu) or CapResult(None, "no result")
             timing = Timing(gpu, cap, trigger, decided, issued, done)
-            if isinstance(outcome, str):
-                self._record(gpu, cap, None, outcome, timing)
-            else:
-                self._record(gpu, cap, outcome, None, timing)
+            previous = self.actuation[gpu].requested_w
+            if self._record(gpu, cap, outcome, timing):
+                applied[gpu] = (previous, cap, outcome.readback_w)
+        if applied:
+            self._caps_applied_event(applied, (done - trigger) * 1000)
 
-    def _record(
-        self, gpu: str, cap: float, readback: float | None, error: str | None, timing: Timing
+    def _caps_applied_event(
+        self, applied: Mapping[str, tuple[float | None, float, float | None]], latency_ms: float
     ) -> None:
-        assert self.agent is not None
-        events = self.agent.events
+        """One ``cap_applied`` for a batch of GPUs (a loop's trip caps them all at once)."""
+        assert self.events is not None
+        gpus = sorted(applied, key=_natural)
+        caps = {g: round(applied[g][1], 1) for g in gpus}
+        lo, hi = min(caps.values()), max(caps.values())
+        span = f"{lo:.0f} W" if lo == hi else f"{lo:.0f}-{hi:.0f} W"
+        by = sorted({r for g in gpus for r in self._cap_reasons(g)})
+        self.events.emit(
+            "cap_applied",
+            Severity.INFO,
+            f"power limit of {len(gpus)} GPU(s) set to {span}"
+            + (f" ({', '.join(by)})" if by else " (released)")
+            + (f": {gpus[0]}" if len(gpus) == 1 else f": {gpus[0]}..{gpus[-1]}"),
+            device=gpus[0] if len(gpus) == 1 else None,
+            detail={
+                "gpus": gpus,
+                "caps_w": caps,
+                "previous_w": {g: None if (p := applied[g][0]) is None else round(p, 1) for g in gpus},
+                "readback_w": {g: None if (r := applied[g][2]) is None else round(r, 1) for g in gpus},
+                "by": by,
+                "latency_ms": round(latency_ms, 1),
+            },
+        )
+
+    def _record(self, gpu: str, cap: float, outcome: CapResult, timing: Timing) -> bool:
+        """Note one GPU's outcome; a failure is an event once per failure streak. True if applied."""
+        assert self.events is not None
+        events = self.events
         act = self.actuation.setdefault(gpu, GpuActuation())
-        if error is None and readback is not None and abs(readback - cap) > max(CAP_TOLERANCE_W, 0.01 * cap):
-            # The driver clamps to the GPU's constraints; anything else is a device that did not obey.
-            error = f"read back {readback:.1f} W after setting {cap:.1f} W"
+        error = outcome.error
         timing.ok = error is None
         self.timings.append(timing)
         if error is None:
-            previous = act.requested_w
-            act.requested_w = readback if readback is not None else cap
+            act.requested_w = outcome.readback_w if outcome.readback_w is not None else cap
             if act.failing_since is not None:
                 events.emit(
                     "actuation_recovered",
@@ -370,21 +384,7 @@ class InterlockService:
                 )
             act.failing_since = None
             act.last_error = None
-            events.emit(
-                "cap_applied",
-                Severity.INFO,
-                f"{gpu}: power limit {previous if previous is None else round(previous)} -> {cap:.0f} W "
-                f"(read back {act.requested_w:.0f} W)",
-                device=gpu,
-                detail={
-                    "cap_w": round(cap, 1),
-                    "previous_w": None if previous is None else round(previous, 1),
-                    "readback_w": None if readback is None else round(readback, 1),
-                    "by": self._cap_reasons(gpu),
-                    "latency_ms": round(((timing.done_mono or 0.0) - timing.trigger_mono) * 1000, 1),
-                },
-            )
-            return
+            return True
         first = act.failing_since is None
         act.failing_since = act.failing_since or time.monotonic()
         act.next_try = time.monotonic() + self.config.retry_s
@@ -398,42 +398,27 @@ class InterlockService:
                 detail={"cap_w": round(cap, 1), "error": error, "by": self._cap_reasons(gpu)},
             )
         act.last_error = error
+        return False
 
     async def _act(self, action: Action) -> None:
-        assert self.agent is not None
-        events = self.agent.events
-        poller = self.agent.pollers.get(action.device)
-        driver = None if poller is None else poller.driver
+        assert self.actuators is not None and self.events is not None and self.store is not None
+        acts = self.actuators
         try:
             if action.kind == "outlet_off":
-                if driver is None or not hasattr(driver, "set_outlet"):
-                    raise DriverError(action.device, "no SNMP driver with outlet control")
-                await driver.set_outlet(int(action.value), False)
-            elif action.kind in ("cdu_setpoint", "cdu_setpoint_restore"):
-                if driver is None or not hasattr(driver, "write_point"):
-                    raise DriverError(action.device, "no Modbus driver with writable points")
-                if action.kind == "cdu_setpoint":
-                    current = self.agent.store.value(action.device, "setpoint_c")
-                    if current is not None:
-                        self._cdu_setpoints.setdefault(action.device, current)
-                    await driver.write_point("setpoint_c", float(action.value))
-                elif action.device in self._cdu_setpoints:
-                    await driver.write_point("setpoint_c", self._cdu_setpoints.pop(action.device))
-        except (DriverError, ValueError) as err:
-            events.emit(
-                "actuation_failed",
-                Severity.CRITICAL,
-                f"{action.device}: {action.kind} failed: {err}",
-                device=action.device,
-                detail={
-                    "action": action.kind,
-                    "value": action.value,
-                    "reason": action.reason,
-                    "error": str(err),
-                },
-            )
-            return
-        events.emit(
+                await acts.outlets.switch_off(action.device, int(action.value), reason=action.reason)
+            elif action.kind == "cdu_setpoint":
+                current = self.store.value(action.device, "setpoint_c")
+                if current is not None:
+                    self._cdu_setpoints.setdefault(action.device, current)
+                await acts.points.write(
+                    action.device, "setpoint_c", float(action.value), reason=action.reason
+                )
+            elif action.kind == "cdu_setpoint_restore" and action.device in self._cdu_setpoints:
+                value = self._cdu_setpoints.pop(action.device)
+                await acts.points.write(action.device, "setpoint_c", value, reason=action.reason)
+        except ActuationError:
+            return  # the actuator reported it (actuation_failed, critical)
+        self.events.emit(
             "action",
             Severity.WARNING,
             f"{action.device}: {action.kind} {action.value} ({action.reason})",
@@ -447,15 +432,15 @@ class InterlockService:
         )
 
     async def _restore_defaults(self) -> None:
-        assert self.agent is not None
-        for gpu in list(self.caps):
-            default = self.agent.store.value(gpu, "default_power_limit_w")
-            driver = self._nvml_for(gpu)
-            if default is None or driver is None:
-                continue
-            with contextlib.suppress(Exception):
-                await driver.set_power_limit(gpu, default)
-        log.info("power limits restored to defaults on stop", gpus=len(self.caps))
+        if self.store is None or self.actuators is None:
+            return
+        defaults = {
+            g: d for g in self.caps if (d := self.store.value(g, "default_power_limit_w")) is not None
+        }
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await self.actuators.power.set_caps(defaults)
+        log.info("power limits restored to defaults on stop", gpus=len(defaults))
 
     def _cap_reasons(self, gpu: str) -> list[str]:
         if self.engine is None:
@@ -492,8 +477,8 @@ class InterlockService:
             forced=force,
         )
         self._overrides[ov.id] = ov
-        assert self.agent is not None
-        self.agent.events.emit(
+        assert self.events is not None
+        self.events.emit(
             "override_set",
             Severity.WARNING,
             f"{interlock} on {device} overridden by {by} for {duration_s:.0f} s: {reason}",
@@ -506,8 +491,8 @@ class InterlockService:
 
     def clear_override(self, override_id: str, *, by: str) -> dict[str, Any]:
         ov = self._overrides.pop(override_id)  # KeyError: unknown id
-        assert self.agent is not None
-        self.agent.events.emit(
+        assert self.events is not None
+        self.events.emit(
             "override_cleared",
             Severity.INFO,
             f"override {ov.id} ({ov.interlock} on {ov.device}) cleared by {by}",
@@ -524,8 +509,8 @@ class InterlockService:
     def _expire_overrides(self, now_wall: float) -> None:
         for ov in [o for o in self._overrides.values() if o.expires_wall <= now_wall]:
             del self._overrides[ov.id]
-            if self.agent is not None:
-                self.agent.events.emit(
+            if self.events is not None:
+                self.events.emit(
                     "override_expired",
                     Severity.INFO,
                     f"override {ov.id} ({ov.interlock} on {ov.device}) expired",
@@ -561,7 +546,7 @@ class InterlockService:
         caps = {}
         by_gpu = self.engine.caps_by_gpu(suppressed)
         for gpu, cap in self.caps.items():
-            default = self.agent.store.value(gpu, "default_power_limit_w") if self.agent else None
+            default = self.store.value(gpu, "default_power_limit_w") if self.store else None
             if default is None:
                 continue
             reasons = sorted({n for _, n in by_gpu.get(gpu, [])})
@@ -639,6 +624,10 @@ class InterlockService:
         return out
 
 
+async def _failed_caps(batch: Mapping[str, float], error: str) -> dict[str, CapResult]:
+    return {g: CapResult(None, error) for g in batch}
+
+
 def config_hash(cfg: InterlockConfig) -> str:
     import hashlib
 
@@ -651,18 +640,53 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(tail) if tail else -1
 
 
+def inputs_from_pollers(agent: Agent) -> tuple[list[str], dict[str, float]]:
+    """The GPUs (in natural order) and every input's staleness limit, from the agent's pollers."""
+    gpus: list[str] = []
+    stale: dict[str, float] = {}
+    for poller in agent.pollers.values():
+        limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
+        if poller.cfg.kind in ("nvml", "node"):  # type: ignore[attr-defined]
+            for g in sorted(poller.sub_devices, key=_natural):
+                gpus.append(g)
+                stale[g] = limit
+        else:
+            stale[poller.cfg.id] = limit
+    return gpus, stale
+
+
 def topology_from_config(inventory: Inventory, gpus: Sequence[str], stale: Mapping[str, float]) -> Topology:
     """The engine's topology from the pod's inventory, limited to the GPUs actually found."""
     known = set(gpus)
+    loops = {k: tuple(g for g in v if g in known) for k, v in inventory.loops.items()}
+    alarms: dict[str, tuple[str, ...]] = {}
+    cooled: dict[str, tuple[str, ...]] = {}
+    for entry in inventory.devices.values():
+        if entry.role not in COOLING_KINDS:
+            continue
+        found = tuple(m for m in ALARM_METRICS if entry.point(m) is not None)
+        if found:
+            alarms[entry.id] = found
+            # A CDU cools its loop; a chiller's facility water reaches every loop (no map says which).
+            cooled[entry.id] = loops.get(entry.id) or tuple(
+                g for g in gpus if any(g in v for v in loops.values())
+            )
     return Topology(
         gpus=tuple(gpus),
-        loops={k: tuple(g for g in v if g in known) for k, v in inventory.loops.items()},
+        loops=loops,
         pdus={k: tuple(g for g in v if g in known) for k, v in inventory.pdus.items()},
         pdu_rating_a=dict(inventory.pdu_rating_a),
         min_flow_lpm=dict(inventory.min_flow_lpm),
         stale_after_s=dict(stale),
         outlet_gpus={k: dict(v) for k, v in inventory.outlet_gpus.items()},
+        alarm_metrics=alarms,
+        cooled_gpus=cooled,
     )
+
+
+COOLING_KINDS = frozenset({"cdu", "chiller"})
+# A cooling device's own word that something is wrong (profile metrics): raised when non-zero.
+ALARM_METRICS = ("tripped", "pump_fault", "alarms")
 
 
 def build_service(config: AgentConfig) -> InterlockService | None:

@@ -4,6 +4,9 @@ Reads the store (site meter, BMS, the pod's PDU sum, GPU power/util/limits), run
 ``control_step`` and ``allocate``, commands the battery through its Modbus driver (never awaited by
 the control loop: one write in flight, latest wins) and hands the per-GPU caps to the interlock
 engine as a cap source (the lowest cap wins there, and it ramps releases).
+
+The service uses what it is given (store, events, the point writer for the battery, the GPUs and
+the fleet budget); ``run(agent)`` is the adapter that takes them from the agent.
 """
 
 from __future__ import annotations
@@ -11,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.actuators import ActuationError, PointWriter
 from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
-from agent.drivers.base import DriverError
 from agent.drivers.modbus import PointRole
-from agent.events import Severity
+from agent.events import EventBus, Severity
 from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
 from agent.power.config import PowerConfig
@@ -34,7 +37,7 @@ from agent.power.control import (
     control_step,
     soft_floor_step,
 )
-from agent.state import POD_DEVICE
+from agent.state import POD_DEVICE, StateStore
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -47,7 +50,12 @@ CAP_REASON = "power_budget"
 class PowerService:
     def __init__(self, config: PowerConfig) -> None:
         self.config = config
-        self.agent: Agent | None = None
+        self.store: StateStore | None = None
+        self.events: EventBus | None = None
+        self.points: PointWriter | None = None
+        self.inventory: Inventory | None = None  # the battery's points, bit names and modes
+        self._gpu_ids: Callable[[], list[str]] = list
+        self._fleet_budget: Callable[[], FleetBudget | None] = lambda: None
         self.ramp = RampState()
         self.caps: dict[str, float] = {}
         self.decision: Decision | None = None
@@ -78,7 +86,7 @@ class PowerService:
 
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [power] settings (validated already); the next period uses them."""
-        del inventory  # the battery's points are looked up in agent.inventory at each write
+        self.inventory = inventory
         self.config = config.power
         self.contract = (
             ContractMeter(
@@ -93,15 +101,42 @@ class PowerService:
 
     # ------------------------------------------------------------------ wiring
     async def run(self, agent: Agent) -> None:
-        self.agent = agent
+        """The adapter: what the service uses, taken from the agent once it has polled."""
         agent.status_providers["power"] = self.status
         agent.metric_sources.append(self.metrics)
         await agent.ready.wait()
-        if agent.interlocks is not None and hasattr(agent.interlocks, "cap_sources"):
-            agent.interlocks.cap_sources.append(self.cap_source)
-            self.interlocks_attached = True
-        else:
+        agent.cap_sources.append(self.cap_source)
+        self.interlocks_attached = agent.interlocks is not None
+        if not self.interlocks_attached:
             log.warning("power budget: no interlock service; GPU caps will not be applied")
+
+        def gpu_ids() -> list[str]:
+            hosts = [p for p in agent.pollers.values() if p.cfg.kind in ("nvml", "node")]  # type: ignore[attr-defined]
+            return sorted(g for p in hosts for g in p.sub_devices)
+
+        await self.serve(
+            agent.store,
+            agent.events,
+            agent.actuators.points,
+            inventory=agent.inventory,
+            gpus=gpu_ids,
+            fleet_budget=lambda: agent.fleet_budget,
+        )
+
+    async def serve(
+        self,
+        store: StateStore,
+        events: EventBus,
+        points: PointWriter,
+        *,
+        inventory: Inventory,
+        gpus: Callable[[], list[str]],
+        fleet_budget: Callable[[], FleetBudget | None],
+    ) -> None:
+        """Run the control period until cancelled."""
+        self.store, self.events, self.points = store, events, points
+        self.inventory = inventory
+        self._gpu_ids, self._fleet_budget = gpus, fleet_budget
         period = self.config.control_period_s
         try:
             loop = asyncio.get_running_loop()
@@ -125,11 +160,10 @@ class PowerService:
 
     # ------------------------------------------------------------------ the period
     def pod_limits(self, now_wall: float) -> dict[str, float]:
-        assert self.agent is not None
         out: dict[str, float] = {}
         if self.config.site_limit_w is not None:
             out["site_limit"] = self.config.site_limit_w
-        budget: FleetBudget | None = self.agent.fleet_budget
+        budget = self._fleet_budget()
         if budget is not None and budget.active(now_wall):
             out["fleet_budget"] = self.fleet_budget_w if self.fleet_budget_w is not None else budget.watts
         return out
@@ -137,8 +171,8 @@ class PowerService:
     def _update_fleet_budget(self, now: float, now_wall: float) -> None:
         """Moves the fleet budget in force toward the last one set, at its ramp rate: from the
         budget in force before it, or, with none, from the pod's draw now."""
-        assert self.agent is not None
-        budget: FleetBudget | None = self.agent.fleet_budget
+        assert self.store is not None
+        budget = self._fleet_budget()
         if budget is None or not budget.active(now_wall):
             self.fleet_budget_w, self._fleet_ramp = None, None
             return
@@ -146,34 +180,31 @@ class PowerService:
         if self._fleet_ramp is None or self._fleet_ramp[0] != key:
             start = self.fleet_budget_w
             if start is None:
-                start = self.agent.store.value(POD_DEVICE, "power_w", max_age_s=self.config.stale_after_s)
+                start = self.store.value(POD_DEVICE, "power_w", max_age_s=self.config.stale_after_s)
             self._fleet_ramp = (key, start, now)
         _, start, t0 = self._fleet_ramp
         self.fleet_budget_w = ramped_budget_w(budget.watts, budget.ramp_w_per_s, start, now - t0)
 
     def _gpus(self) -> dict[str, GpuInput]:
-        assert self.agent is not None
-        store = self.agent.store
+        assert self.store is not None
+        store = self.store
         gpus: dict[str, GpuInput] = {}
-        for poller in self.agent.pollers.values():
-            if getattr(poller.cfg, "kind", None) != "nvml":
-                continue
-            for g in sorted(getattr(poller, "sub_devices", ())):
-                lo, hi = store.value(g, "min_power_limit_w"), store.value(g, "max_power_limit_w")
-                default = store.value(g, "default_power_limit_w")
-                if lo is None or hi is None or default is None:
-                    continue  # constraints unknown: nothing safe to ask for
-                gpus[g] = GpuInput(lo, hi, default, store.value(g, "power_w"), store.value(g, "util_gpu_pct"))
+        for g in self._gpu_ids():
+            lo, hi = store.value(g, "min_power_limit_w"), store.value(g, "max_power_limit_w")
+            default = store.value(g, "default_power_limit_w")
+            if lo is None or hi is None or default is None:
+                continue  # constraints unknown: nothing safe to ask for
+            gpus[g] = GpuInput(lo, hi, default, store.value(g, "power_w"), store.value(g, "util_gpu_pct"))
         return gpus
 
     def _battery(self) -> BatteryInput | None:
-        assert self.agent is not None
+        assert self.store is not None
         dev = self.config.battery
         if dev is None:
             return None
         age = self.config.stale_after_s
         v = {
-            m: self.agent.store.value(dev, m, max_age_s=age)
+            m: self.store.value(dev, m, max_age_s=age)
             for m in ("soc_pct", "power_w", "max_charge_w", "max_discharge_w", "faults")
         }
         if any(x is None for k, x in v.items() if k != "faults"):
@@ -188,14 +219,18 @@ class PowerService:
 
     def _note_battery_faults(self, battery: BatteryInput | None) -> None:
         """A change of the BMS's fault bits is an event (the ramp then falls back on GPU caps)."""
-        assert self.agent is not None
+        assert self.events is not None
         faults = battery.faults if battery is not None else self._battery_faults
         if faults == self._battery_faults:
             return
         # The fault bits' names are the profile's (generic-bms.toml `bits`).
-        names = self.agent.inventory.bit_names(self.config.battery or "", "faults", faults)
+        names = (
+            []
+            if self.inventory is None
+            else self.inventory.bit_names(self.config.battery or "", "faults", faults)
+        ) or ([f"0x{faults:x}"] if faults else [])
         if faults:
-            self.agent.events.emit(
+            self.events.emit(
                 "battery_fault",
                 Severity.WARNING,
                 f"{self.config.battery}: BMS fault {', '.join(names)}; ramp limiting falls back on GPU caps",
@@ -203,7 +238,7 @@ class PowerService:
                 detail={"faults": faults, "names": names},
             )
         else:
-            self.agent.events.emit(
+            self.events.emit(
                 "battery_ok",
                 Severity.INFO,
                 f"{self.config.battery}: BMS faults cleared",
@@ -213,8 +248,8 @@ class PowerService:
         self._battery_faults = faults
 
     def step(self, now: float, now_wall: float) -> Decision:
-        assert self.agent is not None
-        cfg, store = self.config, self.agent.store
+        assert self.store is not None
+        cfg, store = self.config, self.store
         dt = cfg.control_period_s if self.last_step_mono is None else now - self.last_step_mono
         self.last_step_mono = now
         self._update_fleet_budget(now, now_wall)
@@ -269,20 +304,18 @@ class PowerService:
     def _point(self, role: PointRole) -> str:
         """The battery's writable point with this role (the profile's ``role``); check-config
         makes sure the [power] battery has them all."""
-        assert self.agent is not None
-        return self.agent.inventory.writable(self.config.battery or "", role) or role
+        found = None if self.inventory is None else self.inventory.writable(self.config.battery or "", role)
+        return found or role
 
     def _mode(self, name: str) -> tuple[str, float]:
         """(mode point, raw value) selecting the inverter mode ``name`` (the profile's ``enum``)."""
-        assert self.agent is not None
         metric = self._point("mode")
-        raw = self.agent.inventory.enum_value(self.config.battery or "", metric, name)
-        return metric, float("nan") if raw is None else float(raw)  # NaN: write_point refuses it
-
-    def _driver(self) -> Any:
-        assert self.agent is not None
-        poller = self.agent.pollers.get(self.config.battery or "")
-        return None if poller is None else poller.driver
+        raw = (
+            None
+            if self.inventory is None
+            else self.inventory.enum_value(self.config.battery or "", metric, name)
+        )
+        return metric, float("nan") if raw is None else float(raw)  # NaN: the point writer refuses it
 
     def _command_battery(self, d: Decision) -> None:
         if self._write is not None and not self._write.done():
@@ -301,27 +334,21 @@ class PowerService:
             self._write = asyncio.get_running_loop().create_task(self._send(writes), name="power.battery")
 
     async def _send(self, writes: list[tuple[str, float]]) -> None:
-        driver = self._driver()
-        if driver is None or not hasattr(driver, "write_point"):
-            self.battery_error = "no Modbus driver for the battery"
-            return
+        """The battery's commands through the point writer (read back; a failure is its event)."""
+        assert self.points is not None and self.config.battery is not None
         try:
             for metric, value in writes:
-                async with asyncio.timeout(max(1.0, self.config.control_period_s * 5)):
-                    await driver.write_point(metric, value)
+                await self.points.write(self.config.battery, metric, value, reason="power control")
                 self._written[metric] = value
-            if self.battery_error is not None:
-                log.info("battery commands work again", device=self.config.battery)
             self.battery_error = None
-        except (DriverError, ValueError, TimeoutError) as err:
-            if self.battery_error is None:
-                log.warning("battery command failed", device=self.config.battery, error=str(err))
-            self.battery_error = str(err) or type(err).__name__
+        except ActuationError as err:
+            self.battery_error = err.reason
             self._written.clear()  # unknown state on the unit: send everything again
 
     async def _release_battery(self) -> None:
         """On stop: the battery back to an idle setpoint (a stale grid target must not linger)."""
-        if self.config.battery is None or self._driver() is None:
+        battery, points = self.config.battery, self.points
+        if battery is None or points is None:
             return
         if self._write is not None:
             self._write.cancel()
@@ -329,13 +356,13 @@ class PowerService:
                 await self._write
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
-                await self._driver().write_point(self._point("power_setpoint"), 0.0)
-                await self._driver().write_point(*self._mode("power_setpoint"))
+                await points.write(battery, self._point("power_setpoint"), 0.0, reason="agent stopping")
+                await points.write(battery, *self._mode("power_setpoint"), reason="agent stopping")
 
     # ------------------------------------------------------------------ views
     def status(self) -> dict[str, Any]:
         d, a = self.decision, self.allocation
-        bat = self._battery() if self.agent is not None and self.config.battery else None
+        bat = self._battery() if self.store is not None and self.config.battery else None
 
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 1)
@@ -344,14 +371,12 @@ class PowerService:
             "enabled": True,
             "steps": self.steps,
             "budget": {
-                "pod_limits_w": self.pod_limits(time.time()) if self.agent else {},
+                "pod_limits_w": self.pod_limits(time.time()),
                 "grid_import_limit_w": self.config.grid_import_limit_w,
                 "pod_budget_w": r(d.pod_budget_w) if d else None,
                 "source": d.budget_source if d else None,
                 # The fleet's last budget and, while ramping toward it, where the ramp stands.
-                "fleet_target_w": (
-                    r(self.agent.fleet_budget.watts) if self.agent and self.agent.fleet_budget else None
-                ),
+                "fleet_target_w": r(fb.watts) if (fb := self._fleet_budget()) is not None else None,
                 "fleet_in_force_w": r(self.fleet_budget_w),
             },
             "allocation": {

@@ -1,0 +1,155 @@
+"""The poller's runtime contract: one down/up record per transition, one exchange in flight per
+device, a dead unit on a shared RTU line does not starve its neighbours, staggered deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+
+from agent.config import HostDevice
+from agent.events import Event
+from agent.model import Reading
+from agent.poller import Poller, phase_offset
+from agent.state import DeviceStatus, StateStore
+from tests.agent_helpers import running_agent, until
+from tests.conftest import SimPod
+
+
+def _transitions(events: list[Event], device: str) -> list[str]:
+    return [e.kind for e in events if e.device == device and e.kind in ("device_down", "device_up")]
+
+
+async def _down_and_up_once(tiny_pod: SimPod, config: Path, fault: str, device: str) -> None:
+    async with running_agent(config) as agent:
+        seen: list[Event] = []
+        unsubscribe = agent.events.subscribe(seen.append)
+        poller = agent.pollers[device]
+        try:
+            with structlog.testing.capture_logs() as logs:
+                tiny_pod.fault(fault, device)
+                await until(agent, lambda: poller.up is False, timeout=30, what=f"{device} down")
+                # Several failed cycles while it stays down: still one record.
+                failures = poller.stats.failures
+                await until(agent, lambda: poller.stats.failures >= failures + 2, timeout=60, what="more")
+                tiny_pod.fault(fault, device, clear=True)
+                await until(agent, lambda: poller.up is True, timeout=150, what=f"{device} back")
+                # A few good cycles after the return: no further up.
+                polls = poller.stats.polls
+                await until(agent, lambda: poller.stats.polls >= polls + 3, timeout=30, what="polls")
+        finally:
+            tiny_pod.fault(fault, device, clear=True)
+            unsubscribe()
+        assert _transitions(seen, device) == ["device_down", "device_up"]
+        down = next(e for e in seen if e.kind == "device_down" and e.device == device)
+        assert down.detail["reason"]  # says why
+        up = next(e for e in seen if e.kind == "device_up" and e.device == device)
+        assert "again after" in up.detail["reason"]
+        lines = [
+            (entry["event"], entry.get("reason"))
+            for entry in logs
+            if entry.get("device") == device and entry["event"] in ("device down", "device up")
+        ]
+        assert [e for e, _ in lines] == ["device down", "device up"], lines
+        assert all(reason for _, reason in lines)
+        # No driver logs a transition of its own.
+        assert not [e for e in logs if "unavailable" in e["event"] or "recovered" in e["event"]], logs
+
+
+async def test_snmp_pdu_killed_and_restored_is_one_down_and_one_up(
+    tiny_pod: SimPod, agent_config_path: Path
+) -> None:
+    await _down_and_up_once(tiny_pod, agent_config_path, "snmp-timeout", "pdu-a")
+
+
+async def test_modbus_unit_killed_and_restored_is_one_down_and_one_up(
+    tiny_pod: SimPod, agent_config_path: Path
+) -> None:
+    await _down_and_up_once(tiny_pod, agent_config_path, "modbus-timeout", "cdu-1")
+
+
+async def test_dead_rtu_unit_leaves_its_line_neighbour_its_cadence(
+    tiny_pod: SimPod, agent_config_path: Path
+) -> None:
+    async with running_agent(agent_config_path) as agent:
+        chiller, meter = agent.pollers["chiller-1"], agent.pollers["meter-1"]
+        assert chiller.bus is not None and chiller.bus == meter.bus  # one serial line
+        try:
+            tiny_pod.fault("modbus-timeout", "chiller-1")
+            await until(agent, lambda: chiller.up is False, timeout=30, what="chiller-1 down")
+            loop = asyncio.get_running_loop()
+            polls, t0 = meter.stats.polls, loop.time()
+            await asyncio.sleep(12.0)  # the measurement window (not a synchronisation)
+            done, elapsed = meter.stats.polls - polls, loop.time() - t0
+        finally:
+            tiny_pod.fault("modbus-timeout", "chiller-1", clear=True)
+        expected = elapsed / meter.cfg.poll_interval_s
+        assert done / expected >= 0.9, (done, expected)
+        assert agent.store.health()["meter-1"].status is DeviceStatus.OK
+
+
+class SlowDriver:
+    """Counts how many exchanges overlap on its one connection."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.active = 0
+        self.most = 0
+        self.polls = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def _exchange(self) -> None:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        await asyncio.sleep(0.02)
+        self.active -= 1
+
+    async def poll(self) -> list[Reading]:
+        self.polls += 1
+        await self._exchange()
+        return [Reading(self.device_id, "value_pct", float(self.polls))]
+
+    async def poll_raw(self) -> list[int]:
+        await self._exchange()
+        return [self.polls]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_scheduled_polls_podctl_polls_and_actuations_never_overlap_on_a_device() -> None:
+    store = StateStore()
+    driver = SlowDriver("slow")
+    poller = Poller(HostDevice(id="slow", kind="host", poll_interval_s=0.01), driver, store)
+    task = asyncio.create_task(poller.run())
+
+    async def actuate() -> None:
+        async with poller.exclusive() as drv:
+            assert drv is driver
+            await driver._exchange()
+
+    try:
+        await asyncio.wait_for(poller.first_cycle.wait(), 5)
+        for _ in range(5):
+            await asyncio.gather(poller.poll_once(), poller.poll_raw(), actuate(), poller.poll_once())
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert driver.polls >= 11
+    assert driver.most == 1
+
+
+def test_deadlines_sit_at_a_stable_phase_spread_over_the_interval() -> None:
+    assert phase_offset("pdu-a", 1.0) == phase_offset("pdu-a", 1.0)
+    phases = [phase_offset(f"pdu-{i}", 1.0) for i in range(32)]
+    assert all(0.0 <= p < 1.0 for p in phases)
+    # 32 PDUs spread over the second: no tenth of it holds more than a third of them.
+    tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
+    assert max(tenths) <= 32 // 3, tenths
+    poller = Poller(HostDevice(id="pdu-7", kind="host", poll_interval_s=2.0), SlowDriver("x"), StateStore())
+    nxt = poller._next_phase(100.3)
+    assert nxt > 100.3 and nxt - 100.3 <= 2.0
+    assert (nxt - poller.phase_s) / 2.0 == round((nxt - poller.phase_s) / 2.0)
