@@ -34,6 +34,7 @@ from agent.power.control import (
     control_step,
     soft_floor_step,
 )
+from agent.power.curtail import CurtailOrder, CurtailRefused, CurtailRun
 from agent.state import POD_DEVICE
 
 if TYPE_CHECKING:
@@ -75,6 +76,10 @@ class PowerService:
             if config.grid_contract is not None
             else None
         )
+        # Fleet curtailment (MQTT ``curtail``): the order in force, and the last one finished.
+        self.curtail: CurtailRun | None = None
+        self.curtail_last: CurtailRun | None = None
+        self._curtail_meter_ts: float | None = None
 
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [power] settings (validated already); the next period uses them."""
@@ -96,6 +101,7 @@ class PowerService:
         self.agent = agent
         agent.status_providers["power"] = self.status
         agent.metric_sources.append(self.metrics)
+        agent.curtail_sink = self.accept_curtail
         await agent.ready.wait()
         if agent.interlocks is not None and hasattr(agent.interlocks, "cap_sources"):
             agent.interlocks.cap_sources.append(self.cap_source)
@@ -223,6 +229,10 @@ class PowerService:
         battery = self._battery()
         self._note_battery_faults(battery)
         grid = store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s) if cfg.site_meter else None
+        grid_limit = cfg.grid_import_limit_w
+        curtail_w = self._curtail_step(now_wall, grid)
+        if curtail_w is not None:
+            grid_limit = curtail_w if grid_limit is None else min(grid_limit, curtail_w)
         inputs = Inputs(
             dt=dt,
             pod_power_w=store.value(POD_DEVICE, "power_w", max_age_s=cfg.stale_after_s),
@@ -230,7 +240,7 @@ class PowerService:
             grid_w=grid,
             battery=battery,
             pod_limits=self.pod_limits(now_wall),
-            grid_limit_w=cfg.grid_import_limit_w,
+            grid_limit_w=grid_limit,
         )
         decision = control_step(cfg, inputs, self.ramp)
         self.decision = decision
@@ -264,6 +274,85 @@ class PowerService:
             self._command_battery(decision)
         self.steps += 1
         return decision
+
+    # ------------------------------------------------------------------ curtailment
+    def accept_curtail(self, order: CurtailOrder) -> None:
+        """A validated fleet ``curtail`` order (agent/publish/commands.py); ``CurtailRefused`` with
+        the reason when this pod cannot deliver it. A new order replaces the one in force."""
+        assert self.agent is not None
+        cfg = self.config
+        if cfg.site_meter is None:
+            raise CurtailRefused("no site meter in [power]: a curtailment could not be measured")
+        grid = self.agent.store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s)
+        if grid is None:
+            raise CurtailRefused(f"the site meter {cfg.site_meter} has no fresh reading")
+        floor = self._min_import_w()
+        target = order.target_w if order.target_w is not None else (order.fraction or 0.0) * grid
+        if floor is not None and target < floor:
+            raise CurtailRefused(
+                f"target {target:.0f} W is under what the site can go down to now ({floor:.0f} W: "
+                "cooling, non-GPU load and every GPU at its minimum, less the battery's discharge)"
+            )
+        now = time.time()
+        if self.curtail is not None and self.curtail.phase != "done":
+            self._curtail_event("curtail_replaced", self.curtail, f"replaced by {order.id}")
+        self.curtail = CurtailRun(order, accepted_wall=now)
+        self._curtail_meter_ts = None
+        self._curtail_event("curtail_accepted", self.curtail, f"target {target:.0f} W now")
+
+    def _min_import_w(self) -> float | None:
+        """The lowest grid import the site can reach now, or None when it is not known."""
+        d, gpus = self.decision, self._gpus()
+        if d is None or d.site_load_w is None or d.aux_w is None or not gpus:
+            return None
+        pod = d.site_load_w - d.aux_w
+        gpu_now = [g.power_w for g in gpus.values()]
+        if None in gpu_now:
+            return None
+        non_gpu = max(0.0, pod - sum(p or 0.0 for p in gpu_now))
+        return max(0.0, d.aux_w + non_gpu + sum(g.min_w for g in gpus.values()) - d.discharge_avail_w)
+
+    def _curtail_step(self, now_wall: float, grid: float | None) -> float | None:
+        """The order's grid import limit this period (None: none in force); measures it at the
+        site meter (each new reading once, by its own time) and says what happened as events."""
+        run = self.curtail
+        if run is None:
+            return None
+        cfg = self.config
+        gc = cfg.grid_contract
+        ramp = gc.ramp_up_w_per_s if gc is not None and gc.ramp_up_w_per_s else cfg.ramp_limit_w_per_s
+        site = self.decision.site_load_w if self.decision is not None else None
+        release_at = cfg.grid_import_limit_w
+        if release_at is None:
+            known = [x for x in (site, run.import_at_start_w) if x is not None]
+            release_at = max(known) if known else None
+        before = run.phase
+        limit = run.limit(now_wall, grid, ramp, release_at)
+        if before != run.phase:
+            if run.phase == "active":
+                self._curtail_event("curtail_started", run, f"target {run.target_w or 0:.0f} W in force")
+            elif run.phase == "releasing":
+                self._curtail_event("curtail_released", run, f"released at {ramp or 0:.0f} W/s")
+            elif run.phase == "done":
+                self._curtail_event("curtail_done", run, "ended")
+        reading = self.agent.store.get(cfg.site_meter, "power_w") if self.agent and cfg.site_meter else None
+        if reading is not None and reading.ts_wall != self._curtail_meter_ts:
+            self._curtail_meter_ts = reading.ts_wall
+            what = run.measure(grid, reading.ts_wall if grid is not None else None)
+            if what == "reached":
+                after = run.reached_after_s or 0.0
+                text = f"reached {run.grid_w or 0:.0f} W after {after:.2f} s"
+                self._curtail_event("curtail_reached", run, text)
+            elif what == "missed":
+                self._curtail_event("curtail_missed", run, f"not reached within {run.order.deadline_s:g} s")
+        if run.phase == "done":
+            self.curtail_last, self.curtail = run, None
+        return limit
+
+    def _curtail_event(self, kind: str, run: CurtailRun, what: str) -> None:
+        assert self.agent is not None
+        severity = Severity.WARNING if kind in ("curtail_missed", "curtail_replaced") else Severity.INFO
+        self.agent.events.emit(kind, severity, f"curtailment {run.order.id}: {what}", detail=run.status())
 
     # ------------------------------------------------------------------ battery
     def _point(self, role: PointRole) -> str:
@@ -392,6 +481,8 @@ class PowerService:
             "contract": None
             if self.contract is None
             else report_status(self.contract.report, self.contract.contract),
+            "curtail": None if self.curtail is None else self.curtail.status(),
+            "curtail_last": None if self.curtail_last is None else self.curtail_last.status(),
         }
 
     def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
@@ -420,7 +511,26 @@ class PowerService:
         add("podagent_pod_budget_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
         if self.contract is not None:
             out.extend(report_metrics(self.contract.report))
+        run = self.curtail or self.curtail_last
+        if run is not None:
+            out.extend(curtail_metrics(run))
         return out
+
+
+def curtail_metrics(run: CurtailRun) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+    """The order in force (or the last one): limit, target, delivered W, time to reach."""
+    out: list[tuple[str, list[tuple[str, str]], float, str]] = []
+    active = 1.0 if run.phase in ("active", "releasing") else 0.0
+    out.append(("podagent_pod_curtail_active", [], active, "1 while a curtailment order is in force."))
+    for name, value in (
+        ("podagent_pod_curtail_limit_watts", run.limit_w),
+        ("podagent_pod_curtail_target_watts", run.target_w),
+        ("podagent_pod_curtail_delivered_watts", run.status()["delivered_w"]),
+        ("podagent_pod_curtail_reached_seconds", run.reached_after_s),
+    ):
+        if isinstance(value, int | float):
+            out.append((name, [], float(value), ""))
+    return out
 
 
 def build_service(config: AgentConfig) -> PowerService | None:

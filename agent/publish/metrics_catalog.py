@@ -558,6 +558,41 @@ SERVICES: tuple[Family, ...] = (
         (),
         "power",
     ),
+    Family(
+        "podagent_pod_curtail_active",
+        "gauge",
+        "1 while a fleet curtailment order is in force (its target held or being released).",
+        (),
+        "power",
+    ),
+    Family(
+        "podagent_pod_curtail_limit_watts",
+        "gauge",
+        "Grid import limit the curtailment order sets now (rises at the ramp after its end).",
+        (),
+        "power",
+    ),
+    Family(
+        "podagent_pod_curtail_target_watts",
+        "gauge",
+        "Grid import the curtailment order asks for (a fraction: of the import at its start).",
+        (),
+        "power",
+    ),
+    Family(
+        "podagent_pod_curtail_delivered_watts",
+        "gauge",
+        "Import at the order's start minus the mean site meter import since the target was reached.",
+        (),
+        "power",
+    ),
+    Family(
+        "podagent_pod_curtail_reached_seconds",
+        "gauge",
+        "Time from the order's start to the first site meter reading at its target.",
+        (),
+        "power",
+    ),
 )
 # Defined for the node agent (issue 12) and the alert rules; exported by the controller once
 # nodes are polled as devices.
