@@ -35,6 +35,10 @@ from hwsim.state import (
     CLOCKS_EVENT_HW_SLOWDOWN,
     CLOCKS_EVENT_HW_THERMAL,
     CLOCKS_EVENT_SW_POWER_CAP,
+    GRID_NORMAL,
+    GRID_OUTAGE,
+    GRID_SAG,
+    SAG_VOLTAGE_PCT,
     BatteryState,
     CduState,
     ChillerState,
@@ -107,6 +111,9 @@ class Physics:
         # Grid outage (ride-through): the battery carries the site; what it cannot is unserved
         # (a real site would trip or shed it). The site meter reads 0.
         self.grid_outage = False
+        # Grid sag (voltage at SAG_VOLTAGE_PCT): the inverter rides through, carrying the site as on
+        # an outage; the grid still supplies what the battery cannot (the meter reads it).
+        self.grid_sag = False
         self.unserved_w = 0.0
         self.unserved_j = 0.0
         self._build()
@@ -575,6 +582,12 @@ class Physics:
         if bat is not None:
             self._update_battery(bat, load, dt)
         meter = self.state.site_meter
+        status = GRID_OUTAGE if self.grid_outage else GRID_SAG if self.grid_sag else GRID_NORMAL
+        if bat is not None:
+            bat.grid_status = status
+        if meter is not None:
+            meter.grid_status = status
+            meter.grid_voltage_pct = {GRID_OUTAGE: 0.0, GRID_SAG: SAG_VOLTAGE_PCT}.get(status, 100.0)
         self.unserved_w = 0.0
         if self.grid_outage:
             self.unserved_w = max(0.0, load - (bat.power_w if bat is not None else 0.0))
@@ -598,7 +611,7 @@ class Physics:
         target from its own current transformer) within the BMS's limits; SoC integrates."""
         self._battery_limits(bat)
         want = load_w - bat.grid_target_w if bat.mode == BATTERY_MODE_GRID_TARGET else bat.power_setpoint_w
-        if self.grid_outage:
+        if self.grid_outage or self.grid_sag:
             want = load_w  # islanded: the inverter carries the whole site, whatever it was told
         power = min(max(want, -bat.max_charge_w), bat.max_discharge_w)
         if dt > 0.0 and bat.capacity_wh > 0.0:

@@ -198,6 +198,12 @@ BMS_FAULT_OVERTEMP = 0x1
 BMS_FAULT_CELL_IMBALANCE = 0x2
 BMS_FAULT_INVERTER = 0x4
 
+# Grid status as the site meter and the BMS report it (generic-site-meter.toml / generic-bms.toml enum).
+GRID_NORMAL = 0
+GRID_SAG = 1
+GRID_OUTAGE = 2
+SAG_VOLTAGE_PCT = 70.0  # a typical ride-through sag (IEEE 1668 / SEMI F47 curves go to 50-70%)
+
 BATTERY_MODE_SETPOINT = 0  # follow power_setpoint_w
 BATTERY_MODE_GRID_TARGET = 1  # the inverter holds the site meter's import at grid_target_w
 
@@ -228,6 +234,8 @@ class BatteryState:
     faults: int = 0
     energy_charged_wh: float = 0.0
     energy_discharged_wh: float = 0.0
+    # What the inverter sees of the grid (GRID_* below): on a sag or an outage it carries the site.
+    grid_status: int = 0
     busy: bool = False
     unresponsive: bool = False
     # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
@@ -260,6 +268,8 @@ class SiteMeterState:
     power_w: float = 0.0
     energy_import_wh: float = 0.0
     energy_export_wh: float = 0.0
+    grid_status: int = 0  # GRID_NORMAL / GRID_SAG / GRID_OUTAGE
+    grid_voltage_pct: float = 100.0  # of nominal
     busy: bool = False
     unresponsive: bool = False
     # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,

@@ -35,6 +35,7 @@ from agent.power.control import (
     soft_floor_step,
 )
 from agent.power.curtail import CurtailOrder, CurtailRefused, CurtailRun
+from agent.power.ridethrough import outage_pod_budget_w, stagger
 from agent.state import POD_DEVICE
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ class PowerService:
         self.curtail: CurtailRun | None = None
         self.curtail_last: CurtailRun | None = None
         self._curtail_meter_ts: float | None = None
+        # Ride-through: the grid event the meter/BMS report ("sag", "outage"), since when (mono);
+        # re-energisation: when the grid came back (mono), the caps held then, the climbing limit.
+        self.grid_event: str | None = None
+        self._grid_event_since: float | None = None
+        self._restored_at: float | None = None
+        self._held_caps: dict[str, float] = {}
+        self.restore_limit_w: float | None = None
+        self.ride_through_budget_w: float | None = None
+        self._aux_before_w: float | None = None
 
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [power] settings (validated already); the next period uses them."""
@@ -233,13 +243,20 @@ class PowerService:
         curtail_w = self._curtail_step(now_wall, grid)
         if curtail_w is not None:
             grid_limit = curtail_w if grid_limit is None else min(grid_limit, curtail_w)
+        pod_limits = self.pod_limits(now_wall)
+        ride = self._ride_through_step(now, battery)
+        if ride is not None:
+            pod_limits["ride_through"] = ride
+            grid_limit = 0.0  # the grid carries nothing; on return the limit climbs from here
+        elif self.restore_limit_w is not None:
+            grid_limit = self.restore_limit_w if grid_limit is None else min(grid_limit, self.restore_limit_w)
         inputs = Inputs(
             dt=dt,
             pod_power_w=store.value(POD_DEVICE, "power_w", max_age_s=cfg.stale_after_s),
             gpu_power_w=None if not gpu_power or None in gpu_power else sum(p or 0.0 for p in gpu_power),
             grid_w=grid,
             battery=battery,
-            pod_limits=self.pod_limits(now_wall),
+            pod_limits=pod_limits,
             grid_limit_w=grid_limit,
         )
         decision = control_step(cfg, inputs, self.ramp)
@@ -253,6 +270,8 @@ class PowerService:
             idle_margin_w=cfg.idle_margin_w,
         )
         self.caps = self.allocation.caps
+        if self._restored_at is not None and self._held_caps:
+            self.caps = self._staggered(self.caps, now)
         no_battery = decision.discharge_avail_w == 0.0 and decision.charge_avail_w == 0.0
         if cfg.no_battery_fallback == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
             draws = {g: x.power_w for g, x in gpus.items()}
@@ -274,6 +293,121 @@ class PowerService:
             self._command_battery(decision)
         self.steps += 1
         return decision
+
+    # ------------------------------------------------------------------ ride-through
+    def _grid_status(self) -> str | None:
+        """``"outage"`` or ``"sag"`` when the site meter or the BMS says so (their profiles' enum
+        on ``grid_status``), else None (a device without the point says nothing)."""
+        assert self.agent is not None
+        found: set[str] = set()
+        for dev in (self.config.site_meter, self.config.battery):
+            if dev is None:
+                continue
+            raw = self.agent.store.value(dev, "grid_status", max_age_s=self.config.stale_after_s)
+            if raw is None:
+                continue
+            for name in ("outage", "sag"):
+                if self.agent.inventory.enum_value(dev, "grid_status", name) == int(raw):
+                    found.add(name)
+        return "outage" if "outage" in found else "sag" if "sag" in found else None
+
+    def _restore_ramp(self) -> float | None:
+        cfg, gc = self.config, self.config.grid_contract
+        if cfg.restore_ramp_w_per_s is not None:
+            return cfg.restore_ramp_w_per_s
+        rates = [r for r in (gc.ramp_up_w_per_s if gc else None, cfg.ramp_limit_w_per_s) if r is not None]
+        return min(rates) if rates else None
+
+    def _ride_through_step(self, now: float, battery: BatteryInput | None) -> float | None:
+        """The pod budget while the grid is out or sagging (None: it is not); on its return, moves
+        the climbing grid limit (``restore_limit_w``) and says what happened as events."""
+        assert self.agent is not None
+        cfg, d = self.config, self.decision
+        event = self._grid_status()
+        if event is None and self.grid_event is None and d is not None and d.aux_w is not None:
+            self._aux_before_w = d.aux_w  # cooling as measured on the grid (an outage hides it)
+        if event != self.grid_event:
+            self._grid_changed(event, now)
+        if event is not None:
+            dis = 0.0
+            energy = 0.0
+            if battery is not None and not battery.faults:
+                dis = battery.max_discharge_w
+                cap = self.agent.store.value(cfg.battery or "", "capacity_wh", max_age_s=60.0)
+                above = max(0.0, battery.soc_pct - cfg.soc_min_pct) / 100.0
+                energy = cap * above if cap is not None else dis * cfg.ride_through_s / 3600.0
+            # Cooling as last seen on the grid; an outage at start-up: as the battery carries it now.
+            aux = self._aux_before_w if self._aux_before_w is not None else (d.aux_w if d else None)
+            self.ride_through_budget_w = outage_pod_budget_w(
+                dis, energy, cfg.ride_through_s, aux or 0.0, cfg.ride_through_margin_w
+            )
+            return self.ride_through_budget_w
+        self.ride_through_budget_w = None
+        if self._restored_at is not None:
+            ramp = self._restore_ramp()
+            since = now - self._restored_at
+            servers = len(set(self._server_of().values()))
+            stagger_done = since >= max(0, servers - 1) * cfg.restore_stagger_s
+            site = d.site_load_w if d is not None else None
+            if ramp is None:
+                self.restore_limit_w = None
+                limit_done = True
+            else:
+                self.restore_limit_w = ramp * since
+                limit_done = site is not None and self.restore_limit_w >= site
+            if limit_done:
+                self.restore_limit_w = None
+            if limit_done and stagger_done:
+                self._restored_at, self._held_caps = None, {}
+                self.agent.events.emit(
+                    "grid_reenergised",
+                    Severity.INFO,
+                    f"grid import back to the load at the ramp after {since:.1f} s",
+                    device=cfg.site_meter,
+                    detail={"after_s": round(since, 2), "ramp_w_per_s": ramp},
+                )
+        return None
+
+    def _grid_changed(self, event: str | None, now: float) -> None:
+        assert self.agent is not None
+        was, since = self.grid_event, self._grid_event_since
+        self.grid_event = event
+        if event is not None:
+            self._grid_event_since = now if was is None else since
+            self._restored_at, self.restore_limit_w, self._held_caps = None, None, {}
+            self.agent.events.emit(
+                f"grid_{event}",
+                Severity.WARNING,
+                f"grid {event}: the battery carries the site; GPUs held to what it can carry for "
+                f"{self.config.ride_through_s:g} s",
+                device=self.config.site_meter or self.config.battery,
+                detail={"event": event, "was": was, "ride_through_s": self.config.ride_through_s},
+            )
+            return
+        lasted = None if since is None else round(now - since, 2)
+        self._grid_event_since = None
+        self._restored_at = now
+        self._held_caps = dict(self.caps)
+        self.agent.events.emit(
+            "grid_restored",
+            Severity.INFO,
+            f"grid back after a {was} of {lasted} s: load returns at {self._restore_ramp() or 0:g} W/s, "
+            f"one server every {self.config.restore_stagger_s:g} s",
+            device=self.config.site_meter or self.config.battery,
+            detail={"was": was, "lasted_s": lasted, "ramp_w_per_s": self._restore_ramp()},
+        )
+
+    def _server_of(self) -> dict[str, int]:
+        """GPU -> its server's turn (servers: the devices that poll GPUs, in name order)."""
+        assert self.agent is not None
+        parents = {g: self.agent.store.parent_of(g) for g in self._held_caps}
+        order = {p: k for k, p in enumerate(sorted(set(parents.values())))}
+        return {g: order[p] for g, p in parents.items()}
+
+    def _staggered(self, caps: dict[str, float], now: float) -> dict[str, float]:
+        assert self._restored_at is not None
+        since = now - self._restored_at
+        return stagger(caps, self._held_caps, self._server_of(), since, self.config.restore_stagger_s)
 
     # ------------------------------------------------------------------ curtailment
     def accept_curtail(self, order: CurtailOrder) -> None:
@@ -481,6 +615,13 @@ class PowerService:
             "contract": None
             if self.contract is None
             else report_status(self.contract.report, self.contract.contract),
+            "grid": {
+                "event": self.grid_event,
+                "ride_through_budget_w": r(self.ride_through_budget_w),
+                "aux_before_w": r(self._aux_before_w),
+                "restoring": self._restored_at is not None,
+                "restore_limit_w": r(self.restore_limit_w),
+            },
             "curtail": None if self.curtail is None else self.curtail.status(),
             "curtail_last": None if self.curtail_last is None else self.curtail_last.status(),
         }
