@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from hwsim.podspec import PodSpec, WorkloadSpec
@@ -108,6 +109,10 @@ class Physics:
         self._xid_seq = 0
         # Per GPU (same index as state.gpus): power smoothing, filler floor, work done.
         self.smoothing: list[GpuSmoothingState] = []
+        # Per GPU: (dt, W) of the last second of ticks and their energy, for NVML's 1 s average.
+        self._power_window: list[deque[tuple[float, float]]] = []
+        self._power_window_j: list[float] = []
+        self._power_window_s: list[float] = []
         # Grid outage (ride-through): the battery carries the site; what it cannot is unserved
         # (a real site would trip or shed it). The site meter reads 0.
         self.grid_outage = False
@@ -154,6 +159,9 @@ class Physics:
             self._phase_offset.append(self.rng.uniform(0.0, 1.0))
             self._spike_until.append(-1.0)
             self.smoothing.append(GpuSmoothingState(supported=g.power_smoothing))
+            self._power_window.append(deque())
+            self._power_window_j.append(0.0)
+            self._power_window_s.append(0.0)
 
         for p in spec.pdu:
             phases = [PhaseState(index=i, voltage_v=p.voltage_v) for i in (1, 2, 3)]
@@ -373,6 +381,7 @@ class Physics:
         g = self.spec.gpu
         if not powered:
             gpu.power_w = 0.0
+            self._average_power(gpu, dt)
             gpu.util_gpu_pct = 0.0
             gpu.util_mem_pct = 0.0
             gpu.temp_c += (coolant - gpu.temp_c) * alpha
@@ -396,6 +405,7 @@ class Physics:
         if demand > 0.0:
             sm.work_s += dt * min(1.0, useful / demand)
         gpu.power_w = power
+        self._average_power(gpu, dt)
         gpu.clocks_event_reasons = reasons
         gpu.energy_j += power * dt
         gpu.util_gpu_pct = min(100.0, 100.0 * frac)
@@ -407,6 +417,21 @@ class Physics:
         r = g.r_c_per_w * r_flow * (RUNAWAY_R_FACTOR if gpu.index in self.runaway else 1.0)
         target = coolant + power * r
         gpu.temp_c += (target - gpu.temp_c) * alpha
+
+    def _average_power(self, gpu: GpuState, dt: float) -> None:
+        """``power_avg_w``: the draw averaged over the last second of ticks (a boxcar, as the
+        1 s average nvmlDeviceGetPowerUsage reports on Ampere and later)."""
+        window = self._power_window[gpu.index]
+        window.append((dt, gpu.power_w))
+        i = gpu.index
+        self._power_window_j[i] += dt * gpu.power_w
+        span = self._power_window_s[i] + dt
+        while len(window) > 1 and span - window[0][0] >= 1.0 - 1e-9:
+            d, w = window.popleft()
+            span -= d
+            self._power_window_j[i] -= d * w
+        self._power_window_s[i] = span
+        gpu.power_avg_w = max(0.0, self._power_window_j[i] / span) if span > 0 else gpu.power_w
 
     @staticmethod
     def _smooth(

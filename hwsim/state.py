@@ -34,7 +34,9 @@ class GpuState:
     max_limit_w: float
     power_limit_w: float  # set through NVML (persists until set again or the sim restarts)
     enforced_limit_w: float  # min(power_limit_w, out-of-band limit); what the GPU obeys
-    power_w: float = 0.0
+    power_w: float = 0.0  # instantaneous (this tick): NVML_FI_DEV_POWER_INSTANT
+    # What nvmlDeviceGetPowerUsage reports on Ampere and later: the average over the last second.
+    power_avg_w: float = 0.0
     temp_c: float = 30.0
     energy_j: float = 0.0  # since the sim started (NVML reports mJ)
     util_gpu_pct: float = 0.0

@@ -505,3 +505,16 @@ def test_leak_without_shed_only_caps() -> None:
         pod.touch(t)
         actions += eng.step(pod.snapshot(), t, WALL0 + t).actions
     assert actions == [] and ("coolant_leak", "cdu-1") in trips(eng)
+
+
+def test_pdu_overcurrent_scales_the_instantaneous_draw_where_nvml_gives_it() -> None:
+    # power_w is NVML's 1 s average; power_instant_w (NVML_FI_DEV_POWER_INSTANT) is the draw now.
+    eng, pod = engine(), Pod()
+    for g in GPUS:
+        pod.set(g, "power_instant_w", 600.0)
+    pod.set("pdu-a", "phase1_current_a", 15.3)  # at once
+    caps = run(eng, pod, 0, 0)
+    eng2, pod2 = engine(), Pod()  # the same without the field: the average is used
+    pod2.set("pdu-a", "phase1_current_a", 15.3)
+    caps2 = run(eng2, pod2, 0, 0)
+    assert abs(caps["gpu0"] - caps2["gpu0"] * 600.0 / 500.0) < 1e-6

@@ -131,10 +131,16 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             (("mem_reserved_bytes", lambda v: float(v.reserved)),),
             slow=True,
         ),
+        # One nvmlDeviceGetFieldValues for every per-GPU field (bench/nvml_cost.py: one call for
+        # two fields costs less than two calls): the HBM temperature and the instantaneous
+        # power (nvmlDeviceGetPowerUsage is a 1 s average on Ampere and later). An entry the board
+        # lacks (NOT_SUPPORTED in its own entry) drops that metric only.
         _Call(
-            "mem_temp",
-            lambda m, h: m.nvmlDeviceGetFieldValues(h, [m.NVML_FI_DEV_MEMORY_TEMP]),
-            (("mem_temp_c", _field(lib, 0)),),
+            "fields",
+            lambda m, h: m.nvmlDeviceGetFieldValues(
+                h, [m.NVML_FI_DEV_MEMORY_TEMP, m.NVML_FI_DEV_POWER_INSTANT]
+            ),
+            (("mem_temp_c", _field(lib, 0)), ("power_instant_w", _milli(_field(lib, 1)))),
         ),
         _Call(
             "enc",
@@ -209,6 +215,10 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
     )
 
 
+def _milli(extract: Extract) -> Extract:
+    return lambda v: extract(v) / 1000.0
+
+
 def _memory_info(lib: ModuleType, handle: Any) -> Any:
     # v2 (R510+) keeps driver-reserved memory out of ``used``, as DCGM's FB_USED does; a driver
     # without it answers FUNCTION_NOT_FOUND and v1's ``used`` includes the reserved part.
@@ -271,6 +281,7 @@ class _Gpu:
     handle: Any = None  # None until obtained (a GPU lost at open has none)
     handle_key: int | None = None  # the handle's pointer value, to match event data
     unsupported: set[str] = field(default_factory=set)
+    unsupported_metrics: set[str] = field(default_factory=set)  # field-values entries it lacks
     errors_total: int = 0
     lost: bool = False
     xid_total: int = 0
@@ -631,10 +642,14 @@ class NvmlDriver:
                     gpu.last_error = name
                 continue
             for metric, extract in call.outputs:
+                if metric in gpu.unsupported_metrics:
+                    continue
                 try:
                     good(metric, extract(result))
                 except _FieldUnsupported:
-                    gpu.unsupported.add(call.key)
+                    gpu.unsupported_metrics.add(metric)
+                    if all(m in gpu.unsupported_metrics for m, _ in call.outputs):
+                        gpu.unsupported.add(call.key)
                 except (TypeError, ValueError, IndexError, AttributeError) as err:
                     bad(metric, f"bad NVML result: {err}")
             if call.key in {"constraints", "default"}:

@@ -179,7 +179,11 @@ class PowerService:
                 default = store.value(g, "default_power_limit_w")
                 if lo is None or hi is None or default is None:
                     continue  # constraints unknown: nothing safe to ask for
-                gpus[g] = GpuInput(lo, hi, default, store.value(g, "power_w"), store.value(g, "util_gpu_pct"))
+                # The draw now where NVML gives it (power_w is a 1 s average on Ampere and later).
+                power = store.value(g, "power_instant_w", max_age_s=self.config.stale_after_s)
+                if power is None:
+                    power = store.value(g, "power_w")
+                gpus[g] = GpuInput(lo, hi, default, power, store.value(g, "util_gpu_pct"))
         return gpus
 
     def _battery(self) -> BatteryInput | None:

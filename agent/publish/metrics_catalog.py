@@ -60,6 +60,12 @@ DCGM: dict[str, tuple[str, Kind, float, str]] = {
     "mem_temp_c": ("DCGM_FI_DEV_MEMORY_TEMP", "gauge", 1.0, "Memory temperature (in C)."),
     "temp_c": ("DCGM_FI_DEV_GPU_TEMP", "gauge", 1.0, "GPU temperature (in C)."),
     "power_w": ("DCGM_FI_DEV_POWER_USAGE", "gauge", 1.0, "Power draw (in W)."),
+    "power_instant_w": (
+        "DCGM_FI_DEV_POWER_USAGE_INSTANT",
+        "gauge",
+        1.0,
+        "Current instantaneous power usage of the device (in W).",
+    ),
     "energy_mj": (
         "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
         "counter",

@@ -60,6 +60,7 @@ from pynvml import (
     NVML_ERROR_UNINITIALIZED,
     NVML_FI_DEV_MEMORY_TEMP,
     NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+    NVML_FI_DEV_POWER_INSTANT,
     NVML_FI_DEV_REMAPPED_COR,
     NVML_FI_DEV_REMAPPED_FAILURE,
     NVML_FI_DEV_REMAPPED_PENDING,
@@ -354,7 +355,9 @@ def nvmlDeviceGetTemperatureThreshold(handle: Any, threshold: int) -> int:
 
 
 def nvmlDeviceGetPowerUsage(handle: Any) -> int:
-    return round(_gpu(handle)[2].power_w * 1000)
+    # Ampere and later: the draw averaged over the last second (the instantaneous value is the
+    # field NVML_FI_DEV_POWER_INSTANT).
+    return round(_gpu(handle)[2].power_avg_w * 1000)
 
 
 def nvmlDeviceGetPowerManagementLimit(handle: Any) -> int:
@@ -494,17 +497,19 @@ def nvmlDeviceGetDecoderUtilization(handle: Any) -> list[int]:
     return [0, _CODEC_SAMPLE_US]
 
 
-def _field_value(rec: GpuNumbers, field_id: int) -> int | None:
+def _field_values(rec: GpuNumbers) -> dict[int, int]:
+    """Every field this fake serves, from one record (computed once per call, as NVML answers
+    a whole field list in one driver round trip)."""
     cor, unc, pending, failure = _remapped_rows(rec)
-    values = {
+    return {
         NVML_FI_DEV_MEMORY_TEMP: _memory_temp_c(rec),
+        NVML_FI_DEV_POWER_INSTANT: round(rec.power_w * 1000),  # mW, this tick
         NVML_FI_DEV_PCIE_REPLAY_COUNTER: 0,
         NVML_FI_DEV_REMAPPED_COR: cor,
         NVML_FI_DEV_REMAPPED_UNC: unc,
         NVML_FI_DEV_REMAPPED_PENDING: pending,
         NVML_FI_DEV_REMAPPED_FAILURE: failure,
     }
-    return values.get(field_id)
 
 
 def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
@@ -512,6 +517,7 @@ def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
     ``nvmlReturn = NVML_ERROR_NOT_SUPPORTED`` in its own entry (the call itself succeeds), as
     real NVML does for a field the board lacks."""
     rec = _gpu(handle)[2]
+    served = _field_values(rec)
     values = (c_nvmlFieldValue_t * len(fieldIds))()
     now_us = int(time.time() * 1e6)
     for i, field_id in enumerate(fieldIds):
@@ -522,7 +528,7 @@ def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
             entry.fieldId = field_id
         entry.timestamp = now_us
         entry.latencyUsec = 0
-        value = _field_value(rec, int(entry.fieldId))
+        value = served.get(int(entry.fieldId))
         if value is None:
             entry.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
             continue

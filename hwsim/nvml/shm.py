@@ -34,7 +34,7 @@ from typing import NamedTuple
 from hwsim.state import GpuState, PodState
 
 MAGIC = b"HWSNVML\x00"
-VERSION = 1
+VERSION = 2  # 2: power_avg_w (the 1 s average) beside power_w (instantaneous)
 XID_CAP = 1024  # XID ring entries; a reader that falls further behind loses the oldest
 HEADER_SIZE = 128
 
@@ -75,6 +75,7 @@ class GpuNumbers(NamedTuple):
     power_limit_w: float
     enforced_limit_w: float
     power_w: float
+    power_avg_w: float
     temp_c: float
     energy_j: float
     util_gpu_pct: float
@@ -97,9 +98,9 @@ class GpuStrings(NamedTuple):
     loop: str
 
 
-# Numeric part: I i I(lost) + 6 Q (incl. padding-free order) + 18 d. Sizes chosen from nvml.h
+# Numeric part: I i I(lost) + 6 Q (incl. padding-free order) + 19 d. Sizes chosen from nvml.h
 # buffer sizes: UUID 96, name 96, PCI bus id 32, serial 30 (rounded to 32).
-_NUMBERS = struct.Struct("<IiI" + "4x" + "Q" * 6 + "d" * 18)
+_NUMBERS = struct.Struct("<IiI" + "4x" + "Q" * 6 + "d" * 19)
 _STRING_SIZES = (96, 96, 32, 32, 64)
 _STRINGS = struct.Struct("<" + "".join(f"{n}s" for n in _STRING_SIZES))
 _NUM_OFF = 8  # after the record's u64 seqlock
@@ -164,7 +165,8 @@ class NvmlShmWriter:
                 mm, off + _NUM_OFF, gpu.index, gpu.server, int(gpu.lost), gpu.clocks_event_reasons,
                 gpu.mem_total_bytes, gpu.mem_used_bytes, gpu.ecc_corrected, gpu.ecc_uncorrected,
                 self._taken[gpu.index], gpu.default_limit_w, gpu.min_limit_w, gpu.max_limit_w,
-                gpu.power_limit_w, gpu.enforced_limit_w, gpu.power_w, gpu.temp_c, gpu.energy_j,
+                gpu.power_limit_w, gpu.enforced_limit_w, gpu.power_w, gpu.power_avg_w, gpu.temp_c,
+                gpu.energy_j,
                 gpu.util_gpu_pct, gpu.util_mem_pct, gpu.clock_sm_mhz, gpu.clock_mem_mhz,
                 gpu.clock_sm_max_mhz, gpu.clock_mem_max_mhz, gpu.temp_shutdown_c, gpu.temp_slowdown_c,
                 gpu.temp_max_operating_c, gpu.temp_mem_max_c,
