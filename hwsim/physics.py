@@ -301,6 +301,34 @@ class Physics:
         if hysteresis_ms is not None:
             sm.hysteresis_ms = hysteresis_ms
 
+    def smoothing_request(self, gpu_index: int, op: int, profile: int, param: int, value: float) -> None:
+        """One NVML smoothing call taken from the fake (already validated there): 1 SetState
+        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam. The active preset's
+        floor / ramps / hysteresis are what the physics applies. ValueError: not supported."""
+        sm = self.smoothing[gpu_index]
+        if not sm.supported:
+            raise ValueError("power smoothing not supported on this GPU")
+        if not 0 <= profile < len(sm.presets):
+            raise ValueError(f"profile {profile} out of range")
+        if op == 1:
+            sm.enabled = bool(value)
+        elif op == 2:
+            sm.profile = profile
+        elif op == 3:
+            if not 0 <= param < len(sm.presets[profile]):
+                raise ValueError(f"param {param} out of range")
+            sm.presets[profile][param] = float(value)
+        else:
+            raise ValueError(f"unknown smoothing op {op}")
+        floor, up, down, hyst = sm.presets[sm.profile][:4]
+        self.set_power_smoothing(
+            gpu_index,
+            floor_pct=floor,
+            ramp_up_w_per_s=up if up > 0 else None,
+            ramp_down_w_per_s=down if down > 0 else None,
+            hysteresis_ms=hyst,
+        )
+
     def set_soft_floor(self, gpu_index: int, watts: float) -> None:
         """The software fallback's filler floor on one GPU (0: off); any GPU model."""
         if not math.isfinite(watts) or watts < 0.0:

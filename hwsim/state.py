@@ -323,7 +323,7 @@ class GpuSmoothingState:
     """Per GPU, beside ``GpuState`` (kept apart so that the NVML fake's shared-memory layout, which
     carries every GpuState field, is unchanged until the fake serves these): NVIDIA power
     smoothing (Blackwell-class only), the software fallback's filler floor, and the work done.
-    ``hwsim/physics.py`` applies them."""
+    ``hwsim/physics.py`` applies them; the NVML fake serves the smoothing part (hwsim/nvml/shm.py)."""
 
     supported: bool = False  # Blackwell-class; H100: NVML answers NOT_SUPPORTED
     enabled: bool = False
@@ -333,6 +333,11 @@ class GpuSmoothingState:
     ramp_down_w_per_s: float = float("inf")
     hysteresis_ms: float = 0.0  # a fall waits this long before the ramp down starts
     lifetime_pct: float = 100.0  # NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING
+    # NVML's preset profiles (5 x 8 params: % TMP floor, ramp up W/s, ramp down W/s, hysteresis
+    # ms, secondary floor, floor window parameters); the active one's first four are applied.
+    presets: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 10000.0, 10000.0, 0.0, 0.0, 0.0, 0.0, 0.0] for _ in range(5)]
+    )
     # Software fallback (any GPU): the node keeps the GPU busy with filler work so that its draw
     # stays >= this (never above the enforced limit). Filler adds no work.
     soft_floor_w: float = 0.0
