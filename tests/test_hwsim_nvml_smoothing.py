@@ -4,7 +4,10 @@ H100-class one answers NOT_SUPPORTED."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import pynvml
 import pytest
 
 import hwsim.nvml as nv
+from agent.config import NvmlDevice
+from agent.drivers.nvml import NvmlDriver
 from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.physics import Physics
 from hwsim.podspec import PodSpec, load_pod_spec
@@ -133,3 +138,55 @@ def test_h100_class_answers_not_supported(sim: Sim) -> None:
         nv.nvmlDevicePowerSmoothingUpdatePresetProfileParam(h, _profile(0, 0, 50.0))
     assert _fields(h, pynvml.NVML_FI_PWR_SMOOTHING_ENABLED, pynvml.NVML_FI_DEV_POWER_INSTANT)[0] is None
     assert sim.writer.take_smoothing_requests() == []
+
+
+@pytest.mark.parametrize("sim", [True], indirect=True)
+@pytest.mark.skipif(os.geteuid() != 0, reason="smoothing calls need root, as on real NVML")
+async def test_the_nvml_driver_sets_smoothing_and_its_poll_reads_it_back(sim: Sim) -> None:
+    """The agent's NVML driver (controller nvml kind and node agent alike) against the fake, with
+    the pod ticking in a thread as hwsim's runner does: six calls in a row, none lost."""
+    stop = threading.Event()
+
+    def ticking() -> None:
+        while not stop.is_set():
+            sim.tick()
+            time.sleep(0.005)
+
+    cfg = NvmlDevice.model_validate(
+        {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": sim.writer.path}
+    )
+    thread = threading.Thread(target=ticking, daemon=True)
+    thread.start()
+    drv = NvmlDriver(cfg)
+    await drv.open()
+    try:
+        before = {(r.device, r.metric): r.value for r in await drv.poll()}
+        assert before[("gpu0", "power_smoothing_enabled")] == 0.0
+        await drv.set_power_smoothing("gpu0", 20.0, 2000.0, 2000.0, 100.0, preset=1)
+        for _ in range(200):
+            got = {(r.device, r.metric): r.value for r in await drv.poll()}
+            if got[("gpu0", "power_smoothing_enabled")] == 1.0:
+                break
+            await asyncio.sleep(0.01)
+        default_w = sim.phys.state.gpus[0].default_limit_w
+        assert got[("gpu0", "power_smoothing_profile")] == 1.0
+        assert got[("gpu0", "power_smoothing_floor_w")] == pytest.approx(0.2 * default_w)
+        sm = sim.phys.smoothing[0]
+        assert (sm.floor_pct, sm.ramp_up_w_per_s, sm.ramp_down_w_per_s, sm.hysteresis_ms) == (
+            20.0,
+            2000.0,
+            2000.0,
+            100.0,
+        )
+        assert got[("gpu1", "power_smoothing_enabled")] == 0.0  # only the GPU asked
+        await drv.set_power_smoothing("gpu0", None)  # released
+        for _ in range(200):
+            got = {(r.device, r.metric): r.value for r in await drv.poll()}
+            if got[("gpu0", "power_smoothing_enabled")] == 0.0:
+                break
+            await asyncio.sleep(0.01)
+        assert got[("gpu0", "power_smoothing_enabled")] == 0.0
+    finally:
+        await drv.close()
+        stop.set()
+        thread.join(5)

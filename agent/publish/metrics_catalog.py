@@ -148,6 +148,21 @@ _GPU_OWN: dict[str, tuple[str, Kind, str]] = {
         "Highest temperature the GPU is specified to run at.",
     ),
     "lost": ("podagent_gpu_lost", "gauge", "1 while NVML reports the GPU lost (fell off the bus)."),
+    "power_smoothing_enabled": (
+        "podagent_gpu_power_smoothing_enabled",
+        "gauge",
+        "1 while NVIDIA power smoothing is on (NVML_FI_PWR_SMOOTHING_ENABLED; Blackwell-class).",
+    ),
+    "power_smoothing_profile": (
+        "podagent_gpu_power_smoothing_profile",
+        "gauge",
+        "The active power smoothing preset profile (NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE).",
+    ),
+    "power_smoothing_floor_w": (
+        "podagent_gpu_power_smoothing_floor_watts",
+        "gauge",
+        "The applied power smoothing floor (NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR).",
+    ),
     "nvml_errors_total": (
         "podagent_gpu_nvml_errors_total",
         "counter",

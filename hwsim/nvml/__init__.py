@@ -673,8 +673,19 @@ def _smoothing_gpu(handle: Any) -> tuple[NvmlShmReader, int]:
     return reader, idx
 
 
+SMOOTHING_TAKE_TIMEOUT_S = 2.0  # a live pod's physics takes a request within one tick
+
+
 def _smoothing_request(handle: Any, op: int, profile: int, param: int, value: float) -> None:
+    """Queue one call in the GPU's request slot, once the physics took the one before (calls in a
+    row must not overwrite each other); NVML_ERROR_TIMEOUT if the pod is not ticking."""
     reader, idx = _smoothing_gpu(handle)
+    pending = reader.smoothing_request_seq(idx)
+    deadline = time.monotonic() + SMOOTHING_TAKE_TIMEOUT_S
+    while reader.smoothing(idx).taken < pending:
+        if time.monotonic() > deadline:
+            raise NVMLError(NVML_ERROR_TIMEOUT)
+        time.sleep(0.001)
     try:
         reader.request_smoothing(idx, op, profile, param, value)
     except PermissionError:

@@ -118,12 +118,14 @@ _REQ_SPINS = 1000
 SMOOTHING_PROFILES = 5  # NVML_POWER_SMOOTHING_MAX_NUM_PROFILES
 SMOOTHING_PARAMS = 8  # NVML_POWER_SMOOTHING_NUM_PROFILE_PARAMS
 SMOOTH_OP_SET_STATE, SMOOTH_OP_ACTIVATE, SMOOTH_OP_UPDATE_PARAM = 1, 2, 3
-_SMOOTH = struct.Struct("<III4x" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))  # after a u64 seqlock
+# After a u64 seqlock: the request counter taken, supported, enabled, profile, then the doubles.
+_SMOOTH = struct.Struct("<QIII4x" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))
 _SMOOTH_SIZE = 8 + _SMOOTH.size
 _SREQ = struct.Struct("<QIII4xd")
 
 
 class SmoothingNumbers(NamedTuple):
+    taken: int  # the last request counter the physics has taken
     supported: bool
     enabled: bool
     profile: int
@@ -215,7 +217,8 @@ class NvmlShmWriter:
                 flat = [_finite(v) for row in sm.presets[:SMOOTHING_PROFILES] for v in row[:SMOOTHING_PARAMS]]
                 flat += [0.0] * (SMOOTHING_PROFILES * SMOOTHING_PARAMS - len(flat))
                 _SMOOTH.pack_into(
-                    mm, off + 8, int(sm.supported), int(sm.enabled), sm.profile, sm.lifetime_pct,
+                    mm, off + 8, self._smooth_taken[i], int(sm.supported), int(sm.enabled), sm.profile,
+                    sm.lifetime_pct,
                     _finite(sm.floor_pct), _finite(sm.ramp_up_w_per_s), _finite(sm.ramp_down_w_per_s),
                     sm.hysteresis_ms, *flat,
                 )  # fmt: skip
@@ -450,13 +453,17 @@ class NvmlShmReader:
             if not seq & 1:
                 v = _SMOOTH.unpack_from(mm, off + 8)
                 if _U64.unpack_from(mm, off)[0] == seq:
-                    flat = v[8:]
+                    flat = v[9:]
                     presets = tuple(
                         tuple(flat[p * SMOOTHING_PARAMS : (p + 1) * SMOOTHING_PARAMS])
                         for p in range(SMOOTHING_PROFILES)
                     )
-                    return SmoothingNumbers(bool(v[0]), bool(v[1]), v[2], *v[3:8], presets)
+                    return SmoothingNumbers(v[0], bool(v[1]), bool(v[2]), v[3], *v[4:9], presets)
             spins = self._spin(spins)
+
+    def smoothing_request_seq(self, index: int) -> int:
+        """The counter of the GPU's latest smoothing request (0: none yet)."""
+        return int(_U64.unpack_from(self._mm, self._sreq_off + index * _SREQ.size)[0]) & ~1
 
     def request_smoothing(self, index: int, op: int, profile: int, param: int, value: float) -> int:
         """Write a smoothing request for the physics' next tick; returns its counter."""
