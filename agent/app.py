@@ -24,6 +24,7 @@ from agent.events import EventBus, Severity
 from agent.inventory import Inventory, build_inventory
 from agent.model import DeviceEvent
 from agent.poller import Poller
+from agent.power.curtail import CurtailOrder
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.state import POD_DEVICE, StateStore
 
@@ -92,6 +93,8 @@ class Agent:
         self._extra_services: list[Any] = []
         self.fleet_budget: FleetBudget | None = None
         self.budget_listeners: list[Callable[[FleetBudget | None], None]] = []
+        # The power service's intake for fleet ``curtail`` orders (None: no power service running).
+        self.curtail_sink: Callable[[CurtailOrder], None] | None = None
         # name -> callable returning a JSON-able summary (interlocks, mqtt link, spool depth...)
         self.status_providers: dict[str, Callable[[], Any]] = {}
         # callables returning [(prom name, labels, value, help)] for /metrics; names and types are

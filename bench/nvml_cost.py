@@ -46,6 +46,7 @@ def make_pod(n: int) -> PodState:
             power_limit_w=700.0,
             enforced_limit_w=700.0,
             power_w=500.0,
+            power_avg_w=500.0,
         )
         for i in range(n)
     ]
@@ -83,13 +84,21 @@ def time_calls(lib: ModuleType, label: str) -> None:
         "GetTotalEccErrors": lambda: lib.nvmlDeviceGetTotalEccErrors(
             h, lib.NVML_MEMORY_ERROR_TYPE_CORRECTED, lib.NVML_VOLATILE_ECC
         ),
+        # The driver's per-GPU fields: two single-field calls vs one call for both.
+        "GetFieldValues[MEM_TEMP]": lambda: lib.nvmlDeviceGetFieldValues(h, [lib.NVML_FI_DEV_MEMORY_TEMP]),
+        "GetFieldValues[POWER_INSTANT]": lambda: lib.nvmlDeviceGetFieldValues(
+            h, [lib.NVML_FI_DEV_POWER_INSTANT]
+        ),
+        "GetFieldValues[both]": lambda: lib.nvmlDeviceGetFieldValues(
+            h, [lib.NVML_FI_DEV_MEMORY_TEMP, lib.NVML_FI_DEV_POWER_INSTANT]
+        ),
     }
     for name, fn in calls.items():
         try:
             us = per_call_rounds(fn, 2000 if label == "pynvml" else 20000)
-            print(f"{label:8} {name:28} {harness.fmt(us, 2):>24} us/call (CPU)")
+            print(f"{label:8} {name:32} {harness.fmt(us, 2):>24} us/call (CPU)")
         except lib.NVMLError as err:
-            print(f"{label:8} {name:28} {err}")
+            print(f"{label:8} {name:32} {err}")
 
 
 async def time_driver(cfg: NvmlDevice, polls: int) -> float:

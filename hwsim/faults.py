@@ -28,6 +28,10 @@ FAULTS: dict[str, str] = {
     " --value nan|inf|-inf|garbage|NUMBER); --clear without --point clears every point of the unit",
     "battery-fault": "the BMS reports a fault (--value bitmask, default 1: over-temperature); its"
     " contactor opens: no charge or discharge until cleared",
+    "grid-outage": "the grid is lost: the site meter reads 0 and says outage, the BMS islands and"
+    " carries the site alone (what it cannot is unserved)",
+    "grid-sag": "the grid voltage sags to 70%: meter and BMS say sag, the inverter rides through"
+    " carrying the site, the grid supplies only what the battery cannot",
 }
 
 
@@ -123,6 +127,15 @@ def apply_fault(
 
         def action() -> None:
             bat.faults = (int(value) if isinstance(value, int | float) else BMS_FAULT_OVERTEMP) if on else 0
+    elif name in ("grid-outage", "grid-sag"):
+        meter = st.site_meter
+        dev = pick([meter.id] if meter is not None else [], "site meter")
+
+        def action() -> None:
+            if name == "grid-outage":
+                physics.grid_outage = on
+            else:
+                physics.grid_sag = on
     else:  # modbus-exception, modbus-timeout, bad-value
         units: dict[str, object] = {c.id: c for c in st.cdus}
         units.update({c.id: c for c in st.chillers})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from hwsim.podspec import PodSpec, WorkloadSpec
@@ -35,6 +36,10 @@ from hwsim.state import (
     CLOCKS_EVENT_HW_SLOWDOWN,
     CLOCKS_EVENT_HW_THERMAL,
     CLOCKS_EVENT_SW_POWER_CAP,
+    GRID_NORMAL,
+    GRID_OUTAGE,
+    GRID_SAG,
+    SAG_VOLTAGE_PCT,
     BatteryState,
     CduState,
     ChillerState,
@@ -104,9 +109,16 @@ class Physics:
         self._xid_seq = 0
         # Per GPU (same index as state.gpus): power smoothing, filler floor, work done.
         self.smoothing: list[GpuSmoothingState] = []
+        # Per GPU: (dt, W) of the last second of ticks and their energy, for NVML's 1 s average.
+        self._power_window: list[deque[tuple[float, float]]] = []
+        self._power_window_j: list[float] = []
+        self._power_window_s: list[float] = []
         # Grid outage (ride-through): the battery carries the site; what it cannot is unserved
         # (a real site would trip or shed it). The site meter reads 0.
         self.grid_outage = False
+        # Grid sag (voltage at SAG_VOLTAGE_PCT): the inverter rides through, carrying the site as on
+        # an outage; the grid still supplies what the battery cannot (the meter reads it).
+        self.grid_sag = False
         self.unserved_w = 0.0
         self.unserved_j = 0.0
         self._build()
@@ -147,6 +159,9 @@ class Physics:
             self._phase_offset.append(self.rng.uniform(0.0, 1.0))
             self._spike_until.append(-1.0)
             self.smoothing.append(GpuSmoothingState(supported=g.power_smoothing))
+            self._power_window.append(deque())
+            self._power_window_j.append(0.0)
+            self._power_window_s.append(0.0)
 
         for p in spec.pdu:
             phases = [PhaseState(index=i, voltage_v=p.voltage_v) for i in (1, 2, 3)]
@@ -286,6 +301,34 @@ class Physics:
         if hysteresis_ms is not None:
             sm.hysteresis_ms = hysteresis_ms
 
+    def smoothing_request(self, gpu_index: int, op: int, profile: int, param: int, value: float) -> None:
+        """One NVML smoothing call taken from the fake (already validated there): 1 SetState
+        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam. The active preset's
+        floor / ramps / hysteresis are what the physics applies. ValueError: not supported."""
+        sm = self.smoothing[gpu_index]
+        if not sm.supported:
+            raise ValueError("power smoothing not supported on this GPU")
+        if not 0 <= profile < len(sm.presets):
+            raise ValueError(f"profile {profile} out of range")
+        if op == 1:
+            sm.enabled = bool(value)
+        elif op == 2:
+            sm.profile = profile
+        elif op == 3:
+            if not 0 <= param < len(sm.presets[profile]):
+                raise ValueError(f"param {param} out of range")
+            sm.presets[profile][param] = float(value)
+        else:
+            raise ValueError(f"unknown smoothing op {op}")
+        floor, up, down, hyst = sm.presets[sm.profile][:4]
+        self.set_power_smoothing(
+            gpu_index,
+            floor_pct=floor,
+            ramp_up_w_per_s=up if up > 0 else None,
+            ramp_down_w_per_s=down if down > 0 else None,
+            hysteresis_ms=hyst,
+        )
+
     def set_soft_floor(self, gpu_index: int, watts: float) -> None:
         """The software fallback's filler floor on one GPU (0: off); any GPU model."""
         if not math.isfinite(watts) or watts < 0.0:
@@ -366,6 +409,7 @@ class Physics:
         g = self.spec.gpu
         if not powered:
             gpu.power_w = 0.0
+            self._average_power(gpu, dt)
             gpu.util_gpu_pct = 0.0
             gpu.util_mem_pct = 0.0
             gpu.temp_c += (coolant - gpu.temp_c) * alpha
@@ -389,6 +433,7 @@ class Physics:
         if demand > 0.0:
             sm.work_s += dt * min(1.0, useful / demand)
         gpu.power_w = power
+        self._average_power(gpu, dt)
         gpu.clocks_event_reasons = reasons
         gpu.energy_j += power * dt
         gpu.util_gpu_pct = min(100.0, 100.0 * frac)
@@ -400,6 +445,21 @@ class Physics:
         r = g.r_c_per_w * r_flow * (RUNAWAY_R_FACTOR if gpu.index in self.runaway else 1.0)
         target = coolant + power * r
         gpu.temp_c += (target - gpu.temp_c) * alpha
+
+    def _average_power(self, gpu: GpuState, dt: float) -> None:
+        """``power_avg_w``: the draw averaged over the last second of ticks (a boxcar, as the
+        1 s average nvmlDeviceGetPowerUsage reports on Ampere and later)."""
+        window = self._power_window[gpu.index]
+        window.append((dt, gpu.power_w))
+        i = gpu.index
+        self._power_window_j[i] += dt * gpu.power_w
+        span = self._power_window_s[i] + dt
+        while len(window) > 1 and span - window[0][0] >= 1.0 - 1e-9:
+            d, w = window.popleft()
+            span -= d
+            self._power_window_j[i] -= d * w
+        self._power_window_s[i] = span
+        gpu.power_avg_w = max(0.0, self._power_window_j[i] / span) if span > 0 else gpu.power_w
 
     @staticmethod
     def _smooth(
@@ -575,6 +635,12 @@ class Physics:
         if bat is not None:
             self._update_battery(bat, load, dt)
         meter = self.state.site_meter
+        status = GRID_OUTAGE if self.grid_outage else GRID_SAG if self.grid_sag else GRID_NORMAL
+        if bat is not None:
+            bat.grid_status = status
+        if meter is not None:
+            meter.grid_status = status
+            meter.grid_voltage_pct = {GRID_OUTAGE: 0.0, GRID_SAG: SAG_VOLTAGE_PCT}.get(status, 100.0)
         self.unserved_w = 0.0
         if self.grid_outage:
             self.unserved_w = max(0.0, load - (bat.power_w if bat is not None else 0.0))
@@ -598,7 +664,7 @@ class Physics:
         target from its own current transformer) within the BMS's limits; SoC integrates."""
         self._battery_limits(bat)
         want = load_w - bat.grid_target_w if bat.mode == BATTERY_MODE_GRID_TARGET else bat.power_setpoint_w
-        if self.grid_outage:
+        if self.grid_outage or self.grid_sag:
             want = load_w  # islanded: the inverter carries the whole site, whatever it was told
         power = min(max(want, -bat.max_charge_w), bat.max_discharge_w)
         if dt > 0.0 and bat.capacity_wh > 0.0:

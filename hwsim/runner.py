@@ -82,7 +82,7 @@ class PodRunner:
         }
         try:
             self._nvml = NvmlShmWriter(self.nvml_path, len(st.gpus))
-            self._nvml.publish(st)
+            self._nvml.publish(st, self.physics.smoothing)
             manifest["nvml"] = {"library": "hwsim", "state": str(self.nvml_path), "gpus": len(st.gpus)}
             for p in self.spec.pdu:
                 if p.snmp is None:
@@ -257,10 +257,13 @@ class PodRunner:
         if self._nvml is not None:
             for index, watts in self._nvml.take_limit_requests():
                 self.physics.set_power_limit(index, watts)
+            for index, op, profile, param, value in self._nvml.take_smoothing_requests():
+                with contextlib.suppress(ValueError):  # the fake validated it; a stale slot is dropped
+                    self.physics.smoothing_request(index, op, profile, param, value)
         self.physics.step(sim_dt)
         self.generation += 1
         if self._nvml is not None:
-            self._nvml.publish(self.physics.state)
+            self._nvml.publish(self.physics.state, self.physics.smoothing)
         self.ticks += 1
 
     def _run_step(self, step: Step) -> None:

@@ -34,7 +34,9 @@ class GpuState:
     max_limit_w: float
     power_limit_w: float  # set through NVML (persists until set again or the sim restarts)
     enforced_limit_w: float  # min(power_limit_w, out-of-band limit); what the GPU obeys
-    power_w: float = 0.0
+    power_w: float = 0.0  # instantaneous (this tick): NVML_FI_DEV_POWER_INSTANT
+    # What nvmlDeviceGetPowerUsage reports on Ampere and later: the average over the last second.
+    power_avg_w: float = 0.0
     temp_c: float = 30.0
     energy_j: float = 0.0  # since the sim started (NVML reports mJ)
     util_gpu_pct: float = 0.0
@@ -198,6 +200,12 @@ BMS_FAULT_OVERTEMP = 0x1
 BMS_FAULT_CELL_IMBALANCE = 0x2
 BMS_FAULT_INVERTER = 0x4
 
+# Grid status as the site meter and the BMS report it (generic-site-meter.toml / generic-bms.toml enum).
+GRID_NORMAL = 0
+GRID_SAG = 1
+GRID_OUTAGE = 2
+SAG_VOLTAGE_PCT = 70.0  # a typical ride-through sag (IEEE 1668 / SEMI F47 curves go to 50-70%)
+
 BATTERY_MODE_SETPOINT = 0  # follow power_setpoint_w
 BATTERY_MODE_GRID_TARGET = 1  # the inverter holds the site meter's import at grid_target_w
 
@@ -228,6 +236,8 @@ class BatteryState:
     faults: int = 0
     energy_charged_wh: float = 0.0
     energy_discharged_wh: float = 0.0
+    # What the inverter sees of the grid (GRID_* below): on a sag or an outage it carries the site.
+    grid_status: int = 0
     busy: bool = False
     unresponsive: bool = False
     # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
@@ -260,6 +270,8 @@ class SiteMeterState:
     power_w: float = 0.0
     energy_import_wh: float = 0.0
     energy_export_wh: float = 0.0
+    grid_status: int = 0  # GRID_NORMAL / GRID_SAG / GRID_OUTAGE
+    grid_voltage_pct: float = 100.0  # of nominal
     busy: bool = False
     unresponsive: bool = False
     # Fault bad-value: metric -> what its Modbus register serves instead (nan, inf, a number,
@@ -311,7 +323,7 @@ class GpuSmoothingState:
     """Per GPU, beside ``GpuState`` (kept apart so that the NVML fake's shared-memory layout, which
     carries every GpuState field, is unchanged until the fake serves these): NVIDIA power
     smoothing (Blackwell-class only), the software fallback's filler floor, and the work done.
-    ``hwsim/physics.py`` applies them."""
+    ``hwsim/physics.py`` applies them; the NVML fake serves the smoothing part (hwsim/nvml/shm.py)."""
 
     supported: bool = False  # Blackwell-class; H100: NVML answers NOT_SUPPORTED
     enabled: bool = False
@@ -321,6 +333,11 @@ class GpuSmoothingState:
     ramp_down_w_per_s: float = float("inf")
     hysteresis_ms: float = 0.0  # a fall waits this long before the ramp down starts
     lifetime_pct: float = 100.0  # NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING
+    # NVML's preset profiles (5 x 8 params: % TMP floor, ramp up W/s, ramp down W/s, hysteresis
+    # ms, secondary floor, floor window parameters); the active one's first four are applied.
+    presets: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 10000.0, 10000.0, 0.0, 0.0, 0.0, 0.0, 0.0] for _ in range(5)]
+    )
     # Software fallback (any GPU): the node keeps the GPU busy with filler work so that its draw
     # stays >= this (never above the enforced limit). Filler adds no work.
     soft_floor_w: float = 0.0

@@ -56,6 +56,7 @@ ALL_METRICS = {
     "mem_free_bytes",
     "mem_reserved_bytes",
     "mem_temp_c",
+    "power_instant_w",  # NVML_FI_DEV_POWER_INSTANT, in the same field-values call
     "util_enc_pct",
     "util_dec_pct",
     "pcie_replay_total",
@@ -80,7 +81,8 @@ def make_gpu(i: int) -> GpuState:
         max_limit_w=700.0,
         power_limit_w=700.0,
         enforced_limit_w=700.0,
-        power_w=400.5 + i,
+        power_w=420.25 + i,  # this tick
+        power_avg_w=400.5 + i,  # the last second: nvmlDeviceGetPowerUsage
         temp_c=61.0,
         energy_j=5000.0,
         util_gpu_pct=90.0,
@@ -139,6 +141,7 @@ async def test_every_metric_good_for_every_gpu(driver: NvmlDriver) -> None:
             assert r.quality is Quality.GOOD and r.value is not None, r
     g1 = {m: got[("gpu1", m)].value for m in ALL_METRICS}
     assert g1["power_w"] == pytest.approx(401.5)
+    assert g1["power_instant_w"] == pytest.approx(421.25)
     assert g1["temp_c"] == 61
     assert g1["energy_mj"] == 5_000_000
     assert g1["mem_used_bytes"] == 10 * 1024**3
@@ -292,7 +295,7 @@ async def test_pod_restart_recovers(tmp_path: Path, pod: PodState, writer: NvmlS
         with pytest.raises(DeviceUnavailable):
             await drv.poll()  # still no pod
         w2 = NvmlShmWriter(writer.path, N_GPUS)
-        pod.gpus[0].power_w = 123.0
+        pod.gpus[0].power_w = pod.gpus[0].power_avg_w = 123.0
         w2.publish(pod)
         got = by_key(await drv.poll())
         assert got[("gpu0", "power_w")].value == 123.0
@@ -348,6 +351,7 @@ async def test_older_driver_and_board_without_a_field(
     for _ in range(2):
         got = by_key(await driver.poll())
         assert ("gpu1", "mem_reserved_bytes") not in got and ("gpu1", "mem_temp_c") not in got
+        assert ("gpu1", "power_instant_w") not in got
         assert got[("gpu1", "mem_used_bytes")].value == 10 * 1024**3 + nv.RESERVED_BYTES  # v1: reserved in
         assert got[("gpu1", "nvml_errors_total")].value == 0
         assert all(r.quality is Quality.GOOD for r in got.values())

@@ -35,6 +35,7 @@ def make_gpu(i: int) -> GpuState:
         power_limit_w=700.0,
         enforced_limit_w=650.0,
         power_w=512.3456 + i,
+        power_avg_w=512.3456 + i,
         temp_c=55.6 + i,
         energy_j=1234.5678,
         util_gpu_pct=87.4,
@@ -153,10 +154,13 @@ def test_values_and_units(lib: None, pod: PodState) -> None:
 
 def test_values_follow_publish(lib: None, pod: PodState, writer: NvmlShmWriter) -> None:
     h = nv.nvmlDeviceGetHandleByIndex(0)
-    pod.gpus[0].power_w = 301.0
+    pod.gpus[0].power_w = 350.0  # this tick
+    pod.gpus[0].power_avg_w = 301.0  # the last second
     pod.gpus[0].temp_c = 88.2
     writer.publish(pod)
-    assert nv.nvmlDeviceGetPowerUsage(h) == 301000
+    assert nv.nvmlDeviceGetPowerUsage(h) == 301000  # the 1 s average (Ampere and later)
+    inst = nv.nvmlDeviceGetFieldValues(h, [pynvml.NVML_FI_DEV_POWER_INSTANT])[0]
+    assert inst.nvmlReturn == 0 and inst.value.uiVal == 350000  # mW, instantaneous
     assert nv.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) == 88
 
 
@@ -194,7 +198,7 @@ def test_env_var_and_pod_restart(tmp_path: Path, pod: PodState, monkeypatch: pyt
         with pytest.raises(pynvml.NVMLError_DriverNotLoaded):
             nv.nvmlDeviceGetPowerUsage(h)
         w2 = NvmlShmWriter(path, N_GPUS)
-        pod.gpus[0].power_w = 100.0
+        pod.gpus[0].power_w = pod.gpus[0].power_avg_w = 100.0
         w2.publish(pod)
         nv.nvmlShutdown()
         nv.nvmlInit()
@@ -305,7 +309,8 @@ _WRITER_SCRIPT = textwrap.dedent(
         v += 1
         for g in gpus:  # every numeric field = v: a torn record mixes two values
             for name in ("default_limit_w", "min_limit_w", "max_limit_w", "power_limit_w",
-                         "enforced_limit_w", "power_w", "temp_c", "energy_j", "util_gpu_pct",
+                         "enforced_limit_w", "power_w", "power_avg_w", "temp_c", "energy_j",
+                         "util_gpu_pct",
                          "util_mem_pct", "clock_sm_mhz", "clock_mem_mhz", "clock_sm_max_mhz",
                          "clock_mem_max_mhz", "temp_shutdown_c", "temp_slowdown_c",
                          "temp_max_operating_c", "temp_mem_max_c"):

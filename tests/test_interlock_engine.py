@@ -688,3 +688,16 @@ def test_nan_and_inf_in_any_input_never_give_a_higher_cap_than_a_missing_input(
         for gpu, cap in a.caps.items():
             assert math.isfinite(cap)
             assert cap <= b.caps[gpu] + 1e-9, (key, bad, gpu)
+
+
+def test_pdu_overcurrent_scales_the_instantaneous_draw_where_nvml_gives_it() -> None:
+    # power_w is NVML's 1 s average; power_instant_w (NVML_FI_DEV_POWER_INSTANT) is the draw now.
+    eng, pod = engine(), Pod()
+    for g in GPUS:
+        pod.set(g, "power_instant_w", 600.0)
+    pod.set("pdu-a", "phase1_current_a", 15.3)  # at once
+    caps = run(eng, pod, 0, 0)
+    eng2, pod2 = engine(), Pod()  # the same without the field: the average is used
+    pod2.set("pdu-a", "phase1_current_a", 15.3)
+    caps2 = run(eng2, pod2, 0, 0)
+    assert abs(caps["gpu0"] - caps2["gpu0"] * 600.0 / 500.0) < 1e-6

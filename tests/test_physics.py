@@ -189,3 +189,25 @@ def test_bad_pod_files_name_the_problem(tmp_path, text: str, needle: str) -> Non
 def test_unknown_pod_name() -> None:
     with pytest.raises(PodSpecError, match="unknown pod 'huge'"):
         load_pod_spec("huge")
+
+
+def test_nvml_power_usage_is_a_one_second_average_of_the_instantaneous_draw() -> None:
+    """NVML on Ampere+: nvmlDeviceGetPowerUsage averages the last second; a step in the draw
+    shows at once in power_w (NVML_FI_DEV_POWER_INSTANT) and over one second in power_avg_w."""
+    from hwsim.physics import Physics
+    from hwsim.podspec import load_pod_spec
+
+    phys = Physics(load_pod_spec("tiny"), seed=1)
+    gpu = phys.state.gpus[0]
+    window, joules, span = phys._power_window[0], 0.0, 0.0
+    for k in range(40):
+        phys.step(0.1)
+        joules = sum(d * w for d, w in window)
+        span = sum(d for d, _ in window)
+        assert abs(gpu.power_avg_w - joules / span) < 1e-6
+        assert span <= 1.0 + 1e-9 and (k < 10 or span >= 1.0 - 1e-9)
+    # A step in the draw: the instantaneous value moves at once, the average over one second.
+    before = gpu.power_avg_w
+    gpu.enforced_limit_w = gpu.power_limit_w = 300.0
+    phys.step(0.1)
+    assert gpu.power_w <= 300.0 + 1e-6 and gpu.power_avg_w > gpu.power_w + 0.5 * (before - 300.0)

@@ -131,10 +131,21 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
             (("mem_reserved_bytes", lambda v: float(v.reserved)),),
             slow=True,
         ),
+        # One nvmlDeviceGetFieldValues for every per-GPU field (bench/nvml_cost.py: one call for
+        # two fields costs less than two calls): the HBM temperature and the instantaneous
+        # power (nvmlDeviceGetPowerUsage is a 1 s average on Ampere and later). An entry the board
+        # lacks (NOT_SUPPORTED in its own entry) drops that metric only.
         _Call(
-            "mem_temp",
-            lambda m, h: m.nvmlDeviceGetFieldValues(h, [m.NVML_FI_DEV_MEMORY_TEMP]),
-            (("mem_temp_c", _field(lib, 0)),),
+            "fields",
+            lambda m, h: m.nvmlDeviceGetFieldValues(h, [getattr(m, f) for f in _FIELDS]),
+            (
+                ("mem_temp_c", _field(lib, 0)),
+                ("power_instant_w", _milli(_field(lib, 1))),
+                # Power smoothing read-back (Blackwell-class; NOT_SUPPORTED entries on H100).
+                ("power_smoothing_enabled", _field(lib, 2)),
+                ("power_smoothing_profile", _field(lib, 3)),
+                ("power_smoothing_floor_w", _field(lib, 4)),
+            ),
         ),
         _Call(
             "enc",
@@ -209,6 +220,20 @@ def _calls(lib: ModuleType) -> tuple[_Call, ...]:
     )
 
 
+# The per-GPU field-values entries, in the order the "fields" call's outputs read them.
+_FIELDS = (
+    "NVML_FI_DEV_MEMORY_TEMP",
+    "NVML_FI_DEV_POWER_INSTANT",
+    "NVML_FI_PWR_SMOOTHING_ENABLED",
+    "NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE",
+    "NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR",
+)
+
+
+def _milli(extract: Extract) -> Extract:
+    return lambda v: extract(v) / 1000.0
+
+
 def _memory_info(lib: ModuleType, handle: Any) -> Any:
     # v2 (R510+) keeps driver-reserved memory out of ``used``, as DCGM's FB_USED does; a driver
     # without it answers FUNCTION_NOT_FOUND and v1's ``used`` includes the reserved part.
@@ -271,6 +296,7 @@ class _Gpu:
     handle: Any = None  # None until obtained (a GPU lost at open has none)
     handle_key: int | None = None  # the handle's pointer value, to match event data
     unsupported: set[str] = field(default_factory=set)
+    unsupported_metrics: set[str] = field(default_factory=set)  # field-values entries it lacks
     errors_total: int = 0
     lost: bool = False
     xid_total: int = 0
@@ -629,10 +655,14 @@ class NvmlDriver:
                     gpu.last_error = name
                 continue
             for metric, extract in call.outputs:
+                if metric in gpu.unsupported_metrics:
+                    continue
                 try:
                     good(metric, extract(result))
                 except _FieldUnsupported:
-                    gpu.unsupported.add(call.key)
+                    gpu.unsupported_metrics.add(metric)
+                    if all(m in gpu.unsupported_metrics for m, _ in call.outputs):
+                        gpu.unsupported.add(call.key)
                 except (TypeError, ValueError, IndexError, AttributeError) as err:
                     bad(metric, f"bad NVML result: {err}")
             if call.key in {"constraints", "default"}:
@@ -717,6 +747,56 @@ class NvmlDriver:
             raise cls(gpu.device, f"set power limit {watts:.0f} W: {name}") from None
         log.info("gpu power limit set", device=gpu.device, requested_w=watts, now_w=_w(now_mw))
         return _w(now_mw)
+
+    async def set_power_smoothing(
+        self,
+        device: str,
+        floor_pct: float | None,
+        ramp_up_w_per_s: float = 0.0,
+        ramp_down_w_per_s: float = 0.0,
+        hysteresis_ms: float = 0.0,
+        *,
+        preset: int = 0,
+    ) -> None:
+        """NVIDIA power smoothing (Blackwell-class, root): write ``preset``'s floor (% of TMP),
+        ramp rates (W/s) and hysteresis (ms), activate it and switch smoothing on; ``floor_pct``
+        None switches it off. The read-back is the poll's ``power_smoothing_*`` readings.
+        DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU without it (H100)."""
+        gpu = self._gpu(device)
+        values = (floor_pct, ramp_up_w_per_s, ramp_down_w_per_s, hysteresis_ms)
+        if floor_pct is not None and not all(v is not None and math.isfinite(v) for v in values):
+            raise ValueError(f"{device}: power smoothing values {values!r}")
+        await self._run(lambda: self._set_smoothing_sync(gpu, values, preset))
+
+    def _set_smoothing_sync(self, gpu: _Gpu, values: tuple[float | None, ...], preset: int) -> None:
+        lib = self._lib
+        assert lib is not None
+        failure = self._ensure_handle(gpu)
+        if failure is not None:
+            raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
+        try:
+            state = lib.c_nvmlPowerSmoothingState_v1_t()
+            if values[0] is not None:
+                params = (
+                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_PERCENT_TMP_FLOOR,
+                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_UP_RATE,
+                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_RATE,
+                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_HYSTERESIS,
+                )
+                for param, value in zip(params, values, strict=True):
+                    profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
+                    profile.profileId, profile.paramId, profile.value = preset, param, float(value or 0.0)
+                    lib.nvmlDevicePowerSmoothingUpdatePresetProfileParam(gpu.handle, profile)
+                profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
+                profile.profileId = preset
+                lib.nvmlDevicePowerSmoothingActivatePresetProfile(gpu.handle, profile)
+            state.state = 0 if values[0] is None else 1
+            lib.nvmlDevicePowerSmoothingSetState(gpu.handle, state)
+        except lib.NVMLError as err:
+            name = self._err_name(err)
+            cls = DeviceUnavailable if name in (*_LIBRARY_GONE, "NVML_ERROR_GPU_IS_LOST") else DeviceError
+            raise cls(gpu.device, f"power smoothing: {name}") from None
+        log.info("gpu power smoothing set", device=gpu.device, values=values, preset=preset)
 
     def _gpu(self, device: str) -> _Gpu:
         gpu = self._by_device.get(device)

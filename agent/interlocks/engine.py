@@ -648,7 +648,10 @@ class Engine:
                 scale = oc.target_pct / pct if pct > 0 else 1.0
                 for g in gpus:
                     lim = limits.get(g)
-                    power = self._fresh(snap, g, "power_w", now, stale_device=g)
+                    # The GPU's draw now where NVML gives it (power_w is a 1 s average).
+                    power = self._fresh(snap, g, "power_instant_w", now, stale_device=g)
+                    if power is None:
+                        power = self._fresh(snap, g, "power_w", now, stale_device=g)
                     if lim is None:
                         continue
                     base = power if power is not None else lim.default_w

@@ -73,6 +73,16 @@ class PowerConfig(Strict):
     no_battery_fallback: Literal["trough_caps", "soft_floor"] = "trough_caps"
     soft_floor_frac: float = Field(0.85, ge=0, le=1)  # floor = this x the GPU's recent peak draw
     soft_floor_hold_s: float = Field(5.0, ge=0)  # the peak is held this long (a trough is shorter)
+    # Ride-through (a grid sag or outage, as the site meter's or the BMS's grid_status says): the
+    # GPUs step down to what the battery can carry for this long (its discharge limit, or its
+    # energy above soc_min_pct over this time, minus cooling and ride_through_margin_w).
+    ride_through_s: float = Field(300.0, gt=0, le=86400)
+    ride_through_margin_w: float = Field(0.0, ge=0)
+    # Re-energisation: on return the grid import limit climbs from 0 at this rate (None: the
+    # contract's ramp_up_w_per_s and ramp_limit_w_per_s, the lower; neither: no climb) and GPU
+    # caps are released one server (the device that polls its GPUs) every restore_stagger_s.
+    restore_ramp_w_per_s: float | None = Field(None, gt=0)
+    restore_stagger_s: float = Field(2.0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _soc(self) -> PowerConfig:

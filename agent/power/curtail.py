@@ -96,3 +96,110 @@ def curtail_limit_w(
     if ramp_w_per_s is None:
         return None
     return target + ramp_w_per_s * (now_wall - end)
+
+
+# Reached: the site meter's import at or under the target plus this share of it (a meter's own
+# accuracy class and the inverter's regulation band; 1% or 100 W, whichever is more).
+REACHED_TOLERANCE = 0.01
+REACHED_TOLERANCE_MIN_W = 100.0
+
+
+@dataclass
+class CurtailRun:
+    """One accepted order as the power service carries it out, measured at the site meter.
+
+    ``phase``: ``scheduled`` (before its start), ``active`` (the target in force), ``releasing``
+    (after the end, the limit climbing at the ramp), ``done``. ``reached_after_s`` is the meter
+    reading's own time minus the start; ``missed`` says the deadline passed first."""
+
+    order: CurtailOrder
+    accepted_wall: float
+    phase: str = "scheduled"
+    import_at_start_w: float | None = None
+    target_w: float | None = None
+    limit_w: float | None = None
+    reached_after_s: float | None = None
+    missed: bool = False
+    grid_w: float | None = None
+    max_after_reached_w: float | None = None
+    _sum_w: float = 0.0
+    _n: int = 0
+
+    def limit(
+        self, now_wall: float, grid_w: float | None, ramp_w_per_s: float | None, release_at_w: float | None
+    ) -> float | None:
+        """The grid import limit the order sets now; moves the phase on. ``release_at_w``: once the
+        released limit is above this (the import limit otherwise in force, or the load) it is done."""
+        o = self.order
+        if now_wall < o.start_wall or self.phase == "done":
+            return None
+        if self.import_at_start_w is None and grid_w is not None:
+            self.import_at_start_w = grid_w
+        lim = curtail_limit_w(o, now_wall, self.import_at_start_w, ramp_w_per_s)
+        if self.target_w is None and lim is not None:
+            self.target_w = lim
+        end = o.start_wall + o.duration_s
+        if now_wall < end:
+            self.phase = "active"
+        elif lim is None or (release_at_w is not None and lim >= release_at_w):
+            self.phase, lim = "done", None
+        else:
+            self.phase = "releasing"
+        self.limit_w = lim
+        return lim
+
+    def measure(self, grid_w: float | None, grid_wall: float | None) -> str | None:
+        """One site meter reading (W, its wall time). Returns ``"reached"`` or ``"missed"`` the
+        first time either happens (for the event), else None."""
+        self.grid_w = grid_w
+        if self.phase != "active" or self.target_w is None or grid_w is None or grid_wall is None:
+            return None
+        o = self.order
+        if self.reached_after_s is not None:
+            self._sum_w += grid_w
+            self._n += 1
+            self.max_after_reached_w = max(self.max_after_reached_w or grid_w, grid_w)
+            return None
+        tol = max(REACHED_TOLERANCE * self.target_w, REACHED_TOLERANCE_MIN_W)
+        if grid_w <= self.target_w + tol and grid_wall >= o.start_wall:
+            self.reached_after_s = grid_wall - o.start_wall
+            self.max_after_reached_w = grid_w
+            self._sum_w, self._n = grid_w, 1
+            return "reached"
+        if not self.missed and grid_wall > o.start_wall + o.deadline_s:
+            self.missed = True
+            return "missed"
+        return None
+
+    @property
+    def mean_after_reached_w(self) -> float | None:
+        return self._sum_w / self._n if self._n else None
+
+    def status(self) -> dict[str, object]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 1)
+
+        o = self.order
+        mean = self.mean_after_reached_w
+        delivered = None if self.import_at_start_w is None or mean is None else self.import_at_start_w - mean
+        return {
+            "id": o.id,
+            "phase": self.phase,
+            "start_at": int(o.start_wall * 1000),
+            "duration_s": o.duration_s,
+            "deadline_s": o.deadline_s,
+            "fraction": o.fraction,
+            "target_w": r(self.target_w),
+            "limit_w": r(self.limit_w),
+            "import_at_start_w": r(self.import_at_start_w),
+            "grid_w": r(self.grid_w),
+            # What the order delivered: the import at the start minus the mean import since reached.
+            "delivered_w": r(delivered),
+            "mean_import_w": r(mean),
+            "max_import_after_reached_w": r(self.max_after_reached_w),
+            "reached_after_s": None if self.reached_after_s is None else round(self.reached_after_s, 3),
+            "reached_before_deadline": None
+            if self.reached_after_s is None and not self.missed
+            else (self.reached_after_s is not None and self.reached_after_s <= o.deadline_s),
+            "missed_deadline": self.missed,
+        }

@@ -37,6 +37,8 @@ from agent.power.control import (
     control_step,
     soft_floor_step,
 )
+from agent.power.curtail import CurtailOrder, CurtailRefused, CurtailRun
+from agent.power.ridethrough import outage_pod_budget_w, stagger
 from agent.state import POD_DEVICE, StateStore
 
 if TYPE_CHECKING:
@@ -83,6 +85,19 @@ class PowerService:
             if config.grid_contract is not None
             else None
         )
+        # Fleet curtailment (MQTT ``curtail``): the order in force, and the last one finished.
+        self.curtail: CurtailRun | None = None
+        self.curtail_last: CurtailRun | None = None
+        self._curtail_meter_ts: float | None = None
+        # Ride-through: the grid event the meter/BMS report ("sag", "outage"), since when (mono);
+        # re-energisation: when the grid came back (mono), the caps held then, the climbing limit.
+        self.grid_event: str | None = None
+        self._grid_event_since: float | None = None
+        self._restored_at: float | None = None
+        self._held_caps: dict[str, float] = {}
+        self.restore_limit_w: float | None = None
+        self.ride_through_budget_w: float | None = None
+        self._aux_before_w: float | None = None
 
     def apply_config(self, config: AgentConfig, inventory: Inventory) -> None:
         """A reload's new [power] settings (validated already); the next period uses them."""
@@ -104,6 +119,7 @@ class PowerService:
         """The adapter: what the service uses, taken from the agent once it has polled."""
         agent.status_providers["power"] = self.status
         agent.metric_sources.append(self.metrics)
+        agent.curtail_sink = self.accept_curtail
         await agent.ready.wait()
         agent.cap_sources.append(self.cap_source)
         self.interlocks_attached = agent.interlocks is not None
@@ -194,7 +210,11 @@ class PowerService:
             default = store.value(g, "default_power_limit_w")
             if lo is None or hi is None or default is None:
                 continue  # constraints unknown: nothing safe to ask for
-            gpus[g] = GpuInput(lo, hi, default, store.value(g, "power_w"), store.value(g, "util_gpu_pct"))
+            # The draw now where NVML gives it (power_w is a 1 s average on Ampere and later).
+            power = store.value(g, "power_instant_w", max_age_s=self.config.stale_after_s)
+            if power is None:
+                power = store.value(g, "power_w")
+            gpus[g] = GpuInput(lo, hi, default, power, store.value(g, "util_gpu_pct"))
         return gpus
 
     def _battery(self) -> BatteryInput | None:
@@ -258,14 +278,25 @@ class PowerService:
         battery = self._battery()
         self._note_battery_faults(battery)
         grid = store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s) if cfg.site_meter else None
+        grid_limit = cfg.grid_import_limit_w
+        curtail_w = self._curtail_step(now_wall, grid)
+        if curtail_w is not None:
+            grid_limit = curtail_w if grid_limit is None else min(grid_limit, curtail_w)
+        pod_limits = self.pod_limits(now_wall)
+        ride = self._ride_through_step(now, battery)
+        if ride is not None:
+            pod_limits["ride_through"] = ride
+            grid_limit = 0.0  # the grid carries nothing; on return the limit climbs from here
+        elif self.restore_limit_w is not None:
+            grid_limit = self.restore_limit_w if grid_limit is None else min(grid_limit, self.restore_limit_w)
         inputs = Inputs(
             dt=dt,
             pod_power_w=store.value(POD_DEVICE, "power_w", max_age_s=cfg.stale_after_s),
             gpu_power_w=None if not gpu_power or None in gpu_power else sum(p or 0.0 for p in gpu_power),
             grid_w=grid,
             battery=battery,
-            pod_limits=self.pod_limits(now_wall),
-            grid_limit_w=cfg.grid_import_limit_w,
+            pod_limits=pod_limits,
+            grid_limit_w=grid_limit,
         )
         decision = control_step(cfg, inputs, self.ramp)
         self.decision = decision
@@ -278,6 +309,8 @@ class PowerService:
             idle_margin_w=cfg.idle_margin_w,
         )
         self.caps = self.allocation.caps
+        if self._restored_at is not None and self._held_caps:
+            self.caps = self._staggered(self.caps, now)
         no_battery = decision.discharge_avail_w == 0.0 and decision.charge_avail_w == 0.0
         if cfg.no_battery_fallback == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
             draws = {g: x.power_w for g, x in gpus.items()}
@@ -299,6 +332,202 @@ class PowerService:
             self._command_battery(decision)
         self.steps += 1
         return decision
+
+    # ------------------------------------------------------------------ ride-through
+    def _grid_status(self) -> str | None:
+        """``"outage"`` or ``"sag"`` when the site meter or the BMS says so (their profiles' enum
+        on ``grid_status``), else None (a device without the point says nothing)."""
+        assert self.store is not None and self.inventory is not None
+        found: set[str] = set()
+        for dev in (self.config.site_meter, self.config.battery):
+            if dev is None:
+                continue
+            raw = self.store.value(dev, "grid_status", max_age_s=self.config.stale_after_s)
+            if raw is None:
+                continue
+            for name in ("outage", "sag"):
+                if self.inventory.enum_value(dev, "grid_status", name) == int(raw):
+                    found.add(name)
+        return "outage" if "outage" in found else "sag" if "sag" in found else None
+
+    def _restore_ramp(self) -> float | None:
+        cfg, gc = self.config, self.config.grid_contract
+        if cfg.restore_ramp_w_per_s is not None:
+            return cfg.restore_ramp_w_per_s
+        rates = [r for r in (gc.ramp_up_w_per_s if gc else None, cfg.ramp_limit_w_per_s) if r is not None]
+        return min(rates) if rates else None
+
+    def _ride_through_step(self, now: float, battery: BatteryInput | None) -> float | None:
+        """The pod budget while the grid is out or sagging (None: it is not); on its return, moves
+        the climbing grid limit (``restore_limit_w``) and says what happened as events."""
+        assert self.store is not None and self.events is not None
+        cfg, d = self.config, self.decision
+        event = self._grid_status()
+        if event is None and self.grid_event is None and d is not None and d.aux_w is not None:
+            self._aux_before_w = d.aux_w  # cooling as measured on the grid (an outage hides it)
+        if event != self.grid_event:
+            self._grid_changed(event, now)
+        if event is not None:
+            dis = 0.0
+            energy = 0.0
+            if battery is not None and not battery.faults:
+                dis = battery.max_discharge_w
+                cap = self.store.value(cfg.battery or "", "capacity_wh", max_age_s=60.0)
+                above = max(0.0, battery.soc_pct - cfg.soc_min_pct) / 100.0
+                energy = cap * above if cap is not None else dis * cfg.ride_through_s / 3600.0
+            # Cooling as last seen on the grid; an outage at start-up: as the battery carries it now.
+            aux = self._aux_before_w if self._aux_before_w is not None else (d.aux_w if d else None)
+            self.ride_through_budget_w = outage_pod_budget_w(
+                dis, energy, cfg.ride_through_s, aux or 0.0, cfg.ride_through_margin_w
+            )
+            return self.ride_through_budget_w
+        self.ride_through_budget_w = None
+        if self._restored_at is not None:
+            ramp = self._restore_ramp()
+            since = now - self._restored_at
+            servers = len(set(self._server_of().values()))
+            stagger_done = since >= max(0, servers - 1) * cfg.restore_stagger_s
+            site = d.site_load_w if d is not None else None
+            if ramp is None:
+                self.restore_limit_w = None
+                limit_done = True
+            else:
+                self.restore_limit_w = ramp * since
+                limit_done = site is not None and self.restore_limit_w >= site
+            if limit_done:
+                self.restore_limit_w = None
+            if limit_done and stagger_done:
+                self._restored_at, self._held_caps = None, {}
+                self.events.emit(
+                    "grid_reenergised",
+                    Severity.INFO,
+                    f"grid import back to the load at the ramp after {since:.1f} s",
+                    device=cfg.site_meter,
+                    detail={"after_s": round(since, 2), "ramp_w_per_s": ramp},
+                )
+        return None
+
+    def _grid_changed(self, event: str | None, now: float) -> None:
+        assert self.store is not None and self.events is not None
+        was, since = self.grid_event, self._grid_event_since
+        self.grid_event = event
+        if event is not None:
+            self._grid_event_since = now if was is None else since
+            self._restored_at, self.restore_limit_w, self._held_caps = None, None, {}
+            self.events.emit(
+                f"grid_{event}",
+                Severity.WARNING,
+                f"grid {event}: the battery carries the site; GPUs held to what it can carry for "
+                f"{self.config.ride_through_s:g} s",
+                device=self.config.site_meter or self.config.battery,
+                detail={"event": event, "was": was, "ride_through_s": self.config.ride_through_s},
+            )
+            return
+        lasted = None if since is None else round(now - since, 2)
+        self._grid_event_since = None
+        self._restored_at = now
+        self._held_caps = dict(self.caps)
+        self.events.emit(
+            "grid_restored",
+            Severity.INFO,
+            f"grid back after a {was} of {lasted} s: load returns at {self._restore_ramp() or 0:g} W/s, "
+            f"one server every {self.config.restore_stagger_s:g} s",
+            device=self.config.site_meter or self.config.battery,
+            detail={"was": was, "lasted_s": lasted, "ramp_w_per_s": self._restore_ramp()},
+        )
+
+    def _server_of(self) -> dict[str, int]:
+        """GPU -> its server's turn (servers: the devices that poll GPUs, in name order)."""
+        assert self.store is not None and self.events is not None
+        parents = {g: self.store.parent_of(g) for g in self._held_caps}
+        order = {p: k for k, p in enumerate(sorted(set(parents.values())))}
+        return {g: order[p] for g, p in parents.items()}
+
+    def _staggered(self, caps: dict[str, float], now: float) -> dict[str, float]:
+        assert self._restored_at is not None
+        since = now - self._restored_at
+        return stagger(caps, self._held_caps, self._server_of(), since, self.config.restore_stagger_s)
+
+    # ------------------------------------------------------------------ curtailment
+    def accept_curtail(self, order: CurtailOrder) -> None:
+        """A validated fleet ``curtail`` order (agent/publish/commands.py); ``CurtailRefused`` with
+        the reason when this pod cannot deliver it. A new order replaces the one in force."""
+        assert self.store is not None and self.events is not None
+        cfg = self.config
+        if cfg.site_meter is None:
+            raise CurtailRefused("no site meter in [power]: a curtailment could not be measured")
+        grid = self.store.value(cfg.site_meter, "power_w", max_age_s=cfg.stale_after_s)
+        if grid is None:
+            raise CurtailRefused(f"the site meter {cfg.site_meter} has no fresh reading")
+        floor = self._min_import_w()
+        target = order.target_w if order.target_w is not None else (order.fraction or 0.0) * grid
+        if floor is not None and target < floor:
+            raise CurtailRefused(
+                f"target {target:.0f} W is under what the site can go down to now ({floor:.0f} W: "
+                "cooling, non-GPU load and every GPU at its minimum, less the battery's discharge)"
+            )
+        now = time.time()
+        if self.curtail is not None and self.curtail.phase != "done":
+            self._curtail_event("curtail_replaced", self.curtail, f"replaced by {order.id}")
+        self.curtail = CurtailRun(order, accepted_wall=now)
+        self._curtail_meter_ts = None
+        self._curtail_event("curtail_accepted", self.curtail, f"target {target:.0f} W now")
+
+    def _min_import_w(self) -> float | None:
+        """The lowest grid import the site can reach now, or None when it is not known."""
+        d, gpus = self.decision, self._gpus()
+        if d is None or d.site_load_w is None or d.aux_w is None or not gpus:
+            return None
+        pod = d.site_load_w - d.aux_w
+        gpu_now = [g.power_w for g in gpus.values()]
+        if None in gpu_now:
+            return None
+        non_gpu = max(0.0, pod - sum(p or 0.0 for p in gpu_now))
+        return max(0.0, d.aux_w + non_gpu + sum(g.min_w for g in gpus.values()) - d.discharge_avail_w)
+
+    def _curtail_step(self, now_wall: float, grid: float | None) -> float | None:
+        """The order's grid import limit this period (None: none in force); measures it at the
+        site meter (each new reading once, by its own time) and says what happened as events."""
+        run = self.curtail
+        if run is None:
+            return None
+        cfg = self.config
+        gc = cfg.grid_contract
+        ramp = gc.ramp_up_w_per_s if gc is not None and gc.ramp_up_w_per_s else cfg.ramp_limit_w_per_s
+        site = self.decision.site_load_w if self.decision is not None else None
+        release_at = cfg.grid_import_limit_w
+        if release_at is None:
+            known = [x for x in (site, run.import_at_start_w) if x is not None]
+            release_at = max(known) if known else None
+        before = run.phase
+        limit = run.limit(now_wall, grid, ramp, release_at)
+        if before != run.phase:
+            if run.phase == "active":
+                self._curtail_event("curtail_started", run, f"target {run.target_w or 0:.0f} W in force")
+            elif run.phase == "releasing":
+                self._curtail_event("curtail_released", run, f"released at {ramp or 0:.0f} W/s")
+            elif run.phase == "done":
+                self._curtail_event("curtail_done", run, "ended")
+        reading = (
+            self.store.get(cfg.site_meter, "power_w") if self.store is not None and cfg.site_meter else None
+        )
+        if reading is not None and reading.ts_wall != self._curtail_meter_ts:
+            self._curtail_meter_ts = reading.ts_wall
+            what = run.measure(grid, reading.ts_wall if grid is not None else None)
+            if what == "reached":
+                after = run.reached_after_s or 0.0
+                text = f"reached {run.grid_w or 0:.0f} W after {after:.2f} s"
+                self._curtail_event("curtail_reached", run, text)
+            elif what == "missed":
+                self._curtail_event("curtail_missed", run, f"not reached within {run.order.deadline_s:g} s")
+        if run.phase == "done":
+            self.curtail_last, self.curtail = run, None
+        return limit
+
+    def _curtail_event(self, kind: str, run: CurtailRun, what: str) -> None:
+        assert self.store is not None and self.events is not None
+        severity = Severity.WARNING if kind in ("curtail_missed", "curtail_replaced") else Severity.INFO
+        self.events.emit(kind, severity, f"curtailment {run.order.id}: {what}", detail=run.status())
 
     # ------------------------------------------------------------------ battery
     def _point(self, role: PointRole) -> str:
@@ -417,6 +646,15 @@ class PowerService:
             "contract": None
             if self.contract is None
             else report_status(self.contract.report, self.contract.contract),
+            "grid": {
+                "event": self.grid_event,
+                "ride_through_budget_w": r(self.ride_through_budget_w),
+                "aux_before_w": r(self._aux_before_w),
+                "restoring": self._restored_at is not None,
+                "restore_limit_w": r(self.restore_limit_w),
+            },
+            "curtail": None if self.curtail is None else self.curtail.status(),
+            "curtail_last": None if self.curtail_last is None else self.curtail_last.status(),
         }
 
     def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
@@ -445,7 +683,26 @@ class PowerService:
         add("podagent_pod_budget_capped_gpus", float(len(self.caps)), "GPUs capped by the power budget.")
         if self.contract is not None:
             out.extend(report_metrics(self.contract.report))
+        run = self.curtail or self.curtail_last
+        if run is not None:
+            out.extend(curtail_metrics(run))
         return out
+
+
+def curtail_metrics(run: CurtailRun) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+    """The order in force (or the last one): limit, target, delivered W, time to reach."""
+    out: list[tuple[str, list[tuple[str, str]], float, str]] = []
+    active = 1.0 if run.phase in ("active", "releasing") else 0.0
+    out.append(("podagent_pod_curtail_active", [], active, "1 while a curtailment order is in force."))
+    for name, value in (
+        ("podagent_pod_curtail_limit_watts", run.limit_w),
+        ("podagent_pod_curtail_target_watts", run.target_w),
+        ("podagent_pod_curtail_delivered_watts", run.status()["delivered_w"]),
+        ("podagent_pod_curtail_reached_seconds", run.reached_after_s),
+    ):
+        if isinstance(value, int | float):
+            out.append((name, [], float(value), ""))
+    return out
 
 
 def build_service(config: AgentConfig) -> PowerService | None:

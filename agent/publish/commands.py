@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.budget import FleetBudget
 from agent.events import Severity
+from agent.power.curtail import MAX_DURATION_S, CurtailRefused, validate_curtail
 from agent.statefile import read_json, write_atomic
 
 log = structlog.get_logger(__name__)
@@ -69,11 +70,23 @@ class PollNow(_Cmd):
     device: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
 
 
+class Curtail(_Cmd):
+    # Hold the site meter's grid import at target_w, or at fraction x the import at start_at, for
+    # duration_s, reached within deadline_s of the start; then released at the contract's ramp.
+    # Physical bounds here; what this pod can deliver is the power service's (agent/power/curtail.py).
+    target_w: Annotated[Finite, Field(ge=0, le=1e9)] | None = None
+    fraction: Annotated[Finite, Field(ge=0, lt=1)] | None = None
+    start_at: Millis | None = None  # ms since epoch, UTC; absent: now
+    duration_s: Annotated[Finite, Field(gt=0, le=MAX_DURATION_S)]
+    deadline_s: Annotated[Finite, Field(gt=0, le=3600)] | None = None
+
+
 COMMANDS: dict[str, type[_Cmd]] = {
     "set_power_budget": SetPowerBudget,
     "ack": Ack,
     "rebirth": Rebirth,
     "poll_now": PollNow,
+    "curtail": Curtail,
 }
 
 ErrorCode = Literal[
@@ -89,6 +102,7 @@ ErrorCode = Literal[
     "replayed",
     "unknown_event",
     "unknown_device",
+    "refused",
     "internal",
 ]
 
@@ -424,6 +438,22 @@ class CommandHandler:
             if poller is None:
                 raise CommandError("unknown_device", cmd.device)
             poller.poll_now()
+        elif isinstance(cmd, Curtail):
+            self._curtail(cmd)
+
+    def _curtail(self, cmd: Curtail) -> None:
+        body = cmd.model_dump(include={"target_w", "fraction", "start_at", "duration_s", "deadline_s"})
+        try:
+            order = validate_curtail(cmd.id, {k: v for k, v in body.items() if v is not None}, self.clock())
+        except CurtailRefused as err:
+            raise CommandError("schema", str(err)) from None
+        sink = getattr(self.agent, "curtail_sink", None)
+        if sink is None:
+            raise CommandError("refused", "no power service ([power] enabled = false) to deliver it")
+        try:
+            sink(order)
+        except CurtailRefused as err:
+            raise CommandError("refused", str(err)) from None
 
     def _audit(self, reply: dict[str, Any]) -> None:
         ok = bool(reply.get("ok"))

@@ -35,6 +35,7 @@ NVML has no ``.gpuId``: map ``.device`` with ``nvmlDeviceGetIndex``).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 import time
@@ -60,10 +61,27 @@ from pynvml import (
     NVML_ERROR_UNINITIALIZED,
     NVML_FI_DEV_MEMORY_TEMP,
     NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+    NVML_FI_DEV_POWER_INSTANT,
     NVML_FI_DEV_REMAPPED_COR,
     NVML_FI_DEV_REMAPPED_FAILURE,
     NVML_FI_DEV_REMAPPED_PENDING,
     NVML_FI_DEV_REMAPPED_UNC,
+    NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE,
+    NVML_FI_PWR_SMOOTHING_APPLIED_TMP_CEIL,
+    NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR,
+    NVML_FI_PWR_SMOOTHING_ENABLED,
+    NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING,
+    NVML_FI_PWR_SMOOTHING_IMM_RAMP_DOWN_ENABLED,
+    NVML_FI_PWR_SMOOTHING_MAX_NUM_PRESET_PROFILES,
+    NVML_FI_PWR_SMOOTHING_MAX_PERCENT_TMP_FLOOR_SETTING,
+    NVML_FI_PWR_SMOOTHING_MIN_PERCENT_TMP_FLOOR_SETTING,
+    NVML_FI_PWR_SMOOTHING_PRIMARY_POWER_FLOOR,
+    NVML_FI_PWR_SMOOTHING_PRIV_LVL,
+    NVML_FI_PWR_SMOOTHING_PROFILE_PERCENT_TMP_FLOOR,
+    NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_DOWN_HYST_VAL,
+    NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_DOWN_RATE,
+    NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_UP_RATE,
+    NVML_FI_PWR_SMOOTHING_PROFILE_SECONDARY_POWER_FLOOR,
     NVML_MEMORY_ERROR_TYPE_CORRECTED,
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
     NVML_TEMPERATURE_GPU,
@@ -71,6 +89,7 @@ from pynvml import (
     NVML_TEMPERATURE_THRESHOLD_MEM_MAX,
     NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
     NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
+    NVML_VALUE_TYPE_DOUBLE,
     NVML_VALUE_TYPE_UNSIGNED_INT,
     NVML_VOLATILE_ECC,
     NVMLError,
@@ -90,7 +109,16 @@ from pynvml import (
     nvmlPciInfo_t,
 )
 
-from hwsim.nvml.shm import GpuNumbers, NvmlShmReader, ShmClosedError
+from hwsim.nvml.shm import (
+    SMOOTH_OP_ACTIVATE,
+    SMOOTH_OP_SET_STATE,
+    SMOOTH_OP_UPDATE_PARAM,
+    SMOOTHING_PARAMS,
+    SMOOTHING_PROFILES,
+    GpuNumbers,
+    NvmlShmReader,
+    ShmClosedError,
+)
 
 # Re-export every constant and error class under pynvml's names (NVML_*, nvmlClocks*Reason*,
 # nvmlEventType*, NVMLError_*), so code written for pynvml finds them here too.
@@ -354,7 +382,9 @@ def nvmlDeviceGetTemperatureThreshold(handle: Any, threshold: int) -> int:
 
 
 def nvmlDeviceGetPowerUsage(handle: Any) -> int:
-    return round(_gpu(handle)[2].power_w * 1000)
+    # Ampere and later: the draw averaged over the last second (the instantaneous value is the
+    # field NVML_FI_DEV_POWER_INSTANT).
+    return round(_gpu(handle)[2].power_avg_w * 1000)
 
 
 def nvmlDeviceGetPowerManagementLimit(handle: Any) -> int:
@@ -494,24 +524,30 @@ def nvmlDeviceGetDecoderUtilization(handle: Any) -> list[int]:
     return [0, _CODEC_SAMPLE_US]
 
 
-def _field_value(rec: GpuNumbers, field_id: int) -> int | None:
+def _field_values(rec: GpuNumbers) -> dict[int, int]:
+    """Every field this fake serves, from one record (computed once per call, as NVML answers
+    a whole field list in one driver round trip)."""
     cor, unc, pending, failure = _remapped_rows(rec)
-    values = {
+    return {
         NVML_FI_DEV_MEMORY_TEMP: _memory_temp_c(rec),
+        NVML_FI_DEV_POWER_INSTANT: round(rec.power_w * 1000),  # mW, this tick
         NVML_FI_DEV_PCIE_REPLAY_COUNTER: 0,
         NVML_FI_DEV_REMAPPED_COR: cor,
         NVML_FI_DEV_REMAPPED_UNC: unc,
         NVML_FI_DEV_REMAPPED_PENDING: pending,
         NVML_FI_DEV_REMAPPED_FAILURE: failure,
     }
-    return values.get(field_id)
+
+
+_SMOOTHING_FIELDS = (NVML_FI_PWR_SMOOTHING_ENABLED, 300)  # 251..300: NVML_FI_PWR_SMOOTHING_*
 
 
 def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
     """pynvml's array of ``c_nvmlFieldValue_t``; a field this fake does not simulate answers
     ``nvmlReturn = NVML_ERROR_NOT_SUPPORTED`` in its own entry (the call itself succeeds), as
     real NVML does for a field the board lacks."""
-    rec = _gpu(handle)[2]
+    reader, idx, rec = _gpu(handle)
+    served = _field_values(rec)
     values = (c_nvmlFieldValue_t * len(fieldIds))()
     now_us = int(time.time() * 1e6)
     for i, field_id in enumerate(fieldIds):
@@ -522,7 +558,17 @@ def nvmlDeviceGetFieldValues(handle: Any, fieldIds: list[Any]) -> Any:
             entry.fieldId = field_id
         entry.timestamp = now_us
         entry.latencyUsec = 0
-        value = _field_value(rec, int(entry.fieldId))
+        fid = int(entry.fieldId)
+        if _SMOOTHING_FIELDS[0] <= fid <= _SMOOTHING_FIELDS[1]:
+            smooth = _smoothing_field(reader, idx, rec, fid, int(entry.scopeId))
+            if smooth is None:
+                entry.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+                continue
+            entry.nvmlReturn = 0
+            entry.valueType = NVML_VALUE_TYPE_DOUBLE
+            entry.value.dVal = smooth
+            continue
+        value = served.get(fid)
         if value is None:
             entry.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
             continue
@@ -613,25 +659,120 @@ def nvmlEventSetFree(eventSet: Any) -> None:
 
 
 # ---------------------------------------------------------------- power smoothing, workload profiles
-# Blackwell-class only (GB200/GB300, root): every GPU the fake serves today is H100-class, which
-# answers NOT_SUPPORTED, after the usual checks (initialised, a present GPU). hwsim's physics models
-# smoothing for a Blackwell-class GPU (``Physics.set_power_smoothing``, ``GpuSmoothingState``); the
-# fake serves it once the shared-memory layout carries that state and a request slot for it.
-def _not_supported(handle: Any) -> None:
-    _gpu(handle)
-    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+# Power smoothing: Blackwell-class GPUs (GB200/GB300; hwsim GpuSpec.power_smoothing), root only;
+# H100-class answers NOT_SUPPORTED after the usual checks (initialised, a present GPU). A call is
+# validated here (INVALID_ARGUMENT as NVML) and queued in the GPU's request slot; the physics
+# applies it at its next tick (hwsim.physics.Physics.smoothing_request), and the field values
+# (NVML_FI_PWR_SMOOTHING_*) read back what it applied. Workload power profiles: not simulated.
+def _smoothing_gpu(handle: Any) -> tuple[NvmlShmReader, int]:
+    reader, idx, _ = _gpu(handle)
+    if not reader.smoothing(idx).supported:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    if os.geteuid() != 0:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION)
+    return reader, idx
+
+
+SMOOTHING_TAKE_TIMEOUT_S = 2.0  # a live pod's physics takes a request within one tick
+
+
+def _smoothing_request(handle: Any, op: int, profile: int, param: int, value: float) -> None:
+    """Queue one call in the GPU's request slot, once the physics took the one before (calls in a
+    row must not overwrite each other); NVML_ERROR_TIMEOUT if the pod is not ticking."""
+    reader, idx = _smoothing_gpu(handle)
+    pending = reader.smoothing_request_seq(idx)
+    deadline = time.monotonic() + SMOOTHING_TAKE_TIMEOUT_S
+    while reader.smoothing(idx).taken < pending:
+        if time.monotonic() > deadline:
+            raise NVMLError(NVML_ERROR_TIMEOUT)
+        time.sleep(0.001)
+    try:
+        reader.request_smoothing(idx, op, profile, param, value)
+    except PermissionError:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION) from None
+
+
+# Each preset parameter's accepted range (PERCENT_TMP_FLOOR %, RAMP_UP/DOWN W/s, HYSTERESIS ms,
+# then secondary floor W and the floor window parameters).
+_PARAM_RANGES = ((0.0, 100.0), (1.0, 1e7), (1.0, 1e7), (0.0, 60000.0)) + ((0.0, 1e7),) * 4
+
+
+def _profile_args(profile: Any) -> tuple[int, int, float]:
+    version = int(getattr(profile, "version", 0))
+    if version != _pynvml.nvmlPowerSmoothingProfile_v1:
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    pid, param, value = int(profile.profileId), int(profile.paramId), float(profile.value)
+    if not 0 <= pid < SMOOTHING_PROFILES:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return pid, param, value
 
 
 def nvmlDevicePowerSmoothingSetState(device: Any, state: Any) -> None:
-    _not_supported(device)
+    if int(getattr(state, "version", 0)) != _pynvml.nvmlPowerSmoothingState_v1:
+        _gpu(device)
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    on = int(state.state)
+    if on not in (0, 1):
+        _gpu(device)
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    _smoothing_request(device, SMOOTH_OP_SET_STATE, 0, 0, float(on))
 
 
 def nvmlDevicePowerSmoothingActivatePresetProfile(device: Any, profile: Any) -> None:
-    _not_supported(device)
+    _gpu(device)
+    pid, _, _ = _profile_args(profile)
+    _smoothing_request(device, SMOOTH_OP_ACTIVATE, pid, 0, 0.0)
 
 
 def nvmlDevicePowerSmoothingUpdatePresetProfileParam(device: Any, profile: Any) -> None:
-    _not_supported(device)
+    _gpu(device)
+    pid, param, value = _profile_args(profile)
+    if not 0 <= param < SMOOTHING_PARAMS or not math.isfinite(value):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    lo, hi = _PARAM_RANGES[param]
+    if not lo <= value <= hi:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    _smoothing_request(device, SMOOTH_OP_UPDATE_PARAM, pid, param, value)
+
+
+def _smoothing_field(reader: NvmlShmReader, idx: int, rec: GpuNumbers, fid: int, scope: int) -> float | None:
+    """A NVML_FI_PWR_SMOOTHING_* value (None: not served; every one on a GPU without smoothing)."""
+    sm = reader.smoothing(idx)
+    if not sm.supported:
+        return None
+    floor_w = sm.floor_pct / 100.0 * rec.default_limit_w
+    preset = sm.presets[scope] if 0 <= scope < SMOOTHING_PROFILES else None
+    per_profile = {
+        NVML_FI_PWR_SMOOTHING_PROFILE_PERCENT_TMP_FLOOR: 0,
+        NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_UP_RATE: 1,  # mW/s
+        NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_DOWN_RATE: 2,  # mW/s
+        NVML_FI_PWR_SMOOTHING_PROFILE_RAMP_DOWN_HYST_VAL: 3,
+        NVML_FI_PWR_SMOOTHING_PROFILE_SECONDARY_POWER_FLOOR: 4,
+    }
+    if fid in per_profile:
+        if preset is None:
+            return None
+        v = preset[per_profile[fid]]
+        return v * 1000.0 if per_profile[fid] in (1, 2) else v
+    values = {
+        NVML_FI_PWR_SMOOTHING_ENABLED: float(sm.enabled),
+        NVML_FI_PWR_SMOOTHING_PRIV_LVL: 2.0,  # root
+        NVML_FI_PWR_SMOOTHING_IMM_RAMP_DOWN_ENABLED: 0.0,
+        NVML_FI_PWR_SMOOTHING_APPLIED_TMP_CEIL: rec.enforced_limit_w,
+        NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR: floor_w if sm.enabled else 0.0,
+        NVML_FI_PWR_SMOOTHING_MAX_PERCENT_TMP_FLOOR_SETTING: 100.0,
+        NVML_FI_PWR_SMOOTHING_MIN_PERCENT_TMP_FLOOR_SETTING: 0.0,
+        NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING: sm.lifetime_pct,
+        NVML_FI_PWR_SMOOTHING_MAX_NUM_PRESET_PROFILES: float(SMOOTHING_PROFILES),
+        NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE: float(sm.profile),
+        NVML_FI_PWR_SMOOTHING_PRIMARY_POWER_FLOOR: floor_w if sm.enabled else 0.0,
+    }
+    return values.get(fid)
+
+
+def _not_supported(handle: Any) -> None:
+    _gpu(handle)
+    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
 
 
 def nvmlDeviceWorkloadPowerProfileGetProfilesInfo(device: Any, profilesInfo: Any) -> None:

@@ -23,18 +23,20 @@ reports a new limit at once).
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from hwsim.state import GpuState, PodState
 
 MAGIC = b"HWSNVML\x00"
-VERSION = 1
+VERSION = 2  # 2: power_avg_w (1 s average) beside power_w (instantaneous); power smoothing
 XID_CAP = 1024  # XID ring entries; a reader that falls further behind loses the oldest
 HEADER_SIZE = 128
 
@@ -75,6 +77,7 @@ class GpuNumbers(NamedTuple):
     power_limit_w: float
     enforced_limit_w: float
     power_w: float
+    power_avg_w: float
     temp_c: float
     energy_j: float
     util_gpu_pct: float
@@ -97,9 +100,9 @@ class GpuStrings(NamedTuple):
     loop: str
 
 
-# Numeric part: I i I(lost) + 6 Q (incl. padding-free order) + 18 d. Sizes chosen from nvml.h
+# Numeric part: I i I(lost) + 6 Q (incl. padding-free order) + 19 d. Sizes chosen from nvml.h
 # buffer sizes: UUID 96, name 96, PCI bus id 32, serial 30 (rounded to 32).
-_NUMBERS = struct.Struct("<IiI" + "4x" + "Q" * 6 + "d" * 18)
+_NUMBERS = struct.Struct("<IiI" + "4x" + "Q" * 6 + "d" * 19)
 _STRING_SIZES = (96, 96, 32, 32, 64)
 _STRINGS = struct.Struct("<" + "".join(f"{n}s" for n in _STRING_SIZES))
 _NUM_OFF = 8  # after the record's u64 seqlock
@@ -108,6 +111,49 @@ RECORD_SIZE = (_STR_OFF + _STRINGS.size + 7) // 8 * 8
 _REQ = struct.Struct("<Qd")
 _XID = struct.Struct("<QII")
 _REQ_SPINS = 1000
+# Power smoothing (Blackwell-class): per GPU a state block (seqlock, supported, enabled, active
+# profile, lifetime %, the applied floor % / ramp up / ramp down W/s / hysteresis ms, then
+# SMOOTHING_PROFILES x SMOOTHING_PARAMS preset values as NVML numbers them) and a request slot
+# (seqlock, op, profile, param, value) the fake writes and the physics takes at its next tick.
+SMOOTHING_PROFILES = 5  # NVML_POWER_SMOOTHING_MAX_NUM_PROFILES
+SMOOTHING_PARAMS = 8  # NVML_POWER_SMOOTHING_NUM_PROFILE_PARAMS
+SMOOTH_OP_SET_STATE, SMOOTH_OP_ACTIVATE, SMOOTH_OP_UPDATE_PARAM = 1, 2, 3
+# After a u64 seqlock: the request counter taken, supported, enabled, profile, then the doubles.
+_SMOOTH = struct.Struct("<QIII4x" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))
+_SMOOTH_SIZE = 8 + _SMOOTH.size
+_SREQ = struct.Struct("<QIII4xd")
+
+
+class SmoothingNumbers(NamedTuple):
+    taken: int  # the last request counter the physics has taken
+    supported: bool
+    enabled: bool
+    profile: int
+    lifetime_pct: float
+    floor_pct: float
+    ramp_up_w_per_s: float
+    ramp_down_w_per_s: float
+    hysteresis_ms: float
+    presets: tuple[tuple[float, ...], ...]  # [profile][param]
+
+
+class SmoothingSource(Protocol):
+    """What the writer publishes per GPU (hwsim.state.GpuSmoothingState has these)."""
+
+    supported: bool
+    enabled: bool
+    profile: int
+    lifetime_pct: float
+    floor_pct: float
+    ramp_up_w_per_s: float
+    ramp_down_w_per_s: float
+    hysteresis_ms: float
+    presets: list[list[float]]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0  # "no limit" (inf) travels as 0
+
 
 # Every GpuState field must travel (a field the lead adds to GpuState must be added here too).
 SHM_FIELDS = frozenset(GpuNumbers._fields) | frozenset(GpuStrings._fields)
@@ -118,8 +164,14 @@ def _layout(n_gpus: int) -> tuple[int, int, int, int]:
     records = HEADER_SIZE
     requests = records + n_gpus * RECORD_SIZE
     xids = requests + n_gpus * _REQ.size
-    size = xids + XID_CAP * _XID.size
+    size = xids + XID_CAP * _XID.size + n_gpus * (_SMOOTH_SIZE + _SREQ.size)
     return records, requests, xids, size
+
+
+def _smooth_offsets(n_gpus: int, xids: int) -> tuple[int, int]:
+    """(smoothing state blocks, smoothing request slots): after the XID ring."""
+    smooth = xids + XID_CAP * _XID.size
+    return smooth, smooth + n_gpus * _SMOOTH_SIZE
 
 
 class NvmlShmWriter:
@@ -129,6 +181,8 @@ class NvmlShmWriter:
         self.path = Path(path)
         self.n_gpus = n_gpus
         self._rec_off, self._req_off, self._xid_off, size = _layout(n_gpus)
+        self._smooth_off, self._sreq_off = _smooth_offsets(n_gpus, self._xid_off)
+        self._smooth_taken = [0] * n_gpus
         self._tick = 0
         self._xid_count = 0
         self._last_xid_seq = -1
@@ -151,9 +205,24 @@ class NvmlShmWriter:
         os.replace(tmp, self.path)
         self._ino = os.stat(self.path).st_ino
 
-    def publish(self, pod: PodState) -> None:
-        """Write every GPU record, the header and the XID events newer than the last publish."""
+    def publish(self, pod: PodState, smoothing: Sequence[SmoothingSource] | None = None) -> None:
+        """Write every GPU record, the header and the XID events newer than the last publish;
+        with ``smoothing`` (the physics' per-GPU power smoothing), its state blocks too."""
         mm = self._mm
+        if smoothing is not None:
+            for i, sm in enumerate(smoothing[: self.n_gpus]):
+                off = self._smooth_off + i * _SMOOTH_SIZE
+                seq = _U64.unpack_from(mm, off)[0]
+                _store_u64(mm, off, seq + 1)
+                flat = [_finite(v) for row in sm.presets[:SMOOTHING_PROFILES] for v in row[:SMOOTHING_PARAMS]]
+                flat += [0.0] * (SMOOTHING_PROFILES * SMOOTHING_PARAMS - len(flat))
+                _SMOOTH.pack_into(
+                    mm, off + 8, self._smooth_taken[i], int(sm.supported), int(sm.enabled), sm.profile,
+                    sm.lifetime_pct,
+                    _finite(sm.floor_pct), _finite(sm.ramp_up_w_per_s), _finite(sm.ramp_down_w_per_s),
+                    sm.hysteresis_ms, *flat,
+                )  # fmt: skip
+                _store_u64(mm, off, seq + 2)
         for gpu in pod.gpus:
             if not 0 <= gpu.index < self.n_gpus:
                 raise ValueError(f"GPU index {gpu.index} outside this file's {self.n_gpus} GPUs")
@@ -164,7 +233,8 @@ class NvmlShmWriter:
                 mm, off + _NUM_OFF, gpu.index, gpu.server, int(gpu.lost), gpu.clocks_event_reasons,
                 gpu.mem_total_bytes, gpu.mem_used_bytes, gpu.ecc_corrected, gpu.ecc_uncorrected,
                 self._taken[gpu.index], gpu.default_limit_w, gpu.min_limit_w, gpu.max_limit_w,
-                gpu.power_limit_w, gpu.enforced_limit_w, gpu.power_w, gpu.temp_c, gpu.energy_j,
+                gpu.power_limit_w, gpu.enforced_limit_w, gpu.power_w, gpu.power_avg_w, gpu.temp_c,
+                gpu.energy_j,
                 gpu.util_gpu_pct, gpu.util_mem_pct, gpu.clock_sm_mhz, gpu.clock_mem_mhz,
                 gpu.clock_sm_max_mhz, gpu.clock_mem_max_mhz, gpu.temp_shutdown_c, gpu.temp_slowdown_c,
                 gpu.temp_max_operating_c, gpu.temp_mem_max_c,
@@ -214,6 +284,25 @@ class NvmlShmWriter:
                 out.append((i, watts))
         return out
 
+    def take_smoothing_requests(self) -> list[tuple[int, int, int, int, float]]:
+        """(gpu index, op, profile, param, value) of every smoothing request since the last call
+        (one slot per GPU: the latest request wins, as the fake writes one per call)."""
+        out: list[tuple[int, int, int, int, float]] = []
+        mm = self._mm
+        for i in range(self.n_gpus):
+            off = self._sreq_off + i * _SREQ.size
+            for _ in range(_REQ_SPINS):
+                seq, op, profile, param, value = _SREQ.unpack_from(mm, off)
+                if not seq & 1 and _U64.unpack_from(mm, off)[0] == seq:
+                    break
+                time.sleep(0)
+            else:
+                continue
+            if seq != self._smooth_taken[i]:
+                self._smooth_taken[i] = seq
+                out.append((i, op, profile, param, value))
+        return out
+
     def close(self) -> None:
         """Mark the file closed (mapped readers see it), unmap it and remove it."""
         if self._mm.closed:
@@ -260,6 +349,7 @@ class NvmlShmReader:
         self.n_gpus: int = n_gpus
         self.writer_pid: int = hdr[6]
         self._rec_off, self._req_off, self._xid_off, expect = _layout(n_gpus)
+        self._smooth_off, self._sreq_off = _smooth_offsets(n_gpus, self._xid_off)
         if size < expect or hdr[10] != RECORD_SIZE:
             self._mm.close()
             raise ValueError(f"{path}: layout mismatch (size {size}, expected {expect})")
@@ -351,6 +441,38 @@ class NvmlShmReader:
         seq = _U64.unpack_from(self._mm, off)[0] & ~1
         _store_u64(self._mm, off, seq + 1)
         struct.pack_into("<d", self._mm, off + 8, watts)
+        _store_u64(self._mm, off, seq + 2)
+        return seq + 2
+
+    # -- power smoothing ---------------------------------------------------------------------
+    def smoothing(self, index: int) -> SmoothingNumbers:
+        mm, off = self._mm, self._smooth_off + index * _SMOOTH_SIZE
+        spins = 0
+        while True:
+            seq = _U64.unpack_from(mm, off)[0]
+            if not seq & 1:
+                v = _SMOOTH.unpack_from(mm, off + 8)
+                if _U64.unpack_from(mm, off)[0] == seq:
+                    flat = v[9:]
+                    presets = tuple(
+                        tuple(flat[p * SMOOTHING_PARAMS : (p + 1) * SMOOTHING_PARAMS])
+                        for p in range(SMOOTHING_PROFILES)
+                    )
+                    return SmoothingNumbers(v[0], bool(v[1]), bool(v[2]), v[3], *v[4:9], presets)
+            spins = self._spin(spins)
+
+    def smoothing_request_seq(self, index: int) -> int:
+        """The counter of the GPU's latest smoothing request (0: none yet)."""
+        return int(_U64.unpack_from(self._mm, self._sreq_off + index * _SREQ.size)[0]) & ~1
+
+    def request_smoothing(self, index: int, op: int, profile: int, param: int, value: float) -> int:
+        """Write a smoothing request for the physics' next tick; returns its counter."""
+        if not self.writable:
+            raise PermissionError(f"{self.path}: read-only")
+        off = self._sreq_off + index * _SREQ.size
+        seq = _U64.unpack_from(self._mm, off)[0] & ~1
+        _store_u64(self._mm, off, seq + 1)
+        struct.pack_into("<III4xd", self._mm, off + 8, op, profile, param, value)
         _store_u64(self._mm, off, seq + 2)
         return seq + 2
 
