@@ -79,6 +79,11 @@ class SnmpDevice(DeviceBase):
     outlet_gpus: dict[str, list[str]] = Field(default_factory=dict)
     # Which GPUs the PDU feeds at all (phase overcurrent caps these).
     gpus: list[str] = Field(default_factory=list)
+    # The same wiring by server (node devices' ids, or racks of them); the inventory expands them
+    # to the servers' GPUs (srv-3 -> srv-3-gpu0...). For a pod of node agents, the form to use.
+    servers: list[str] = Field(default_factory=list)
+    racks: list[str] = Field(default_factory=list)
+    outlet_servers: dict[str, list[str]] = Field(default_factory=dict)
     breaker_rating_a: float | None = Field(None, gt=0)
 
     @field_validator("host")
@@ -129,8 +134,11 @@ class ModbusDevice(DeviceBase):
     pod_power: bool = False
     # For a CDU: the flow below which coolant_flow_low trips (None: [interlocks] default).
     min_flow_lpm: float | None = Field(None, ge=0)
-    # Cooling loop this unit serves (for CDUs) and the GPUs on it.
+    # Cooling loop this unit serves (for CDUs) and the GPUs on it; or the servers (node devices'
+    # ids) and racks on it, which the inventory expands to their GPUs.
     gpus: list[str] = Field(default_factory=list)
+    servers: list[str] = Field(default_factory=list)
+    racks: list[str] = Field(default_factory=list)
     breaker_rating_a: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -160,6 +168,19 @@ class NodeDevice(DeviceBase):
     lease_s: float | None = Field(None, gt=0, le=3600)
     # None: f"{id}-gpu" (pod-unique GPU ids, e.g. srv-3-gpu5).
     gpu_prefix: str | None = None
+    # How many GPUs the server has (local indices 0..gpus-1). Known up front, the GPUs of a node
+    # that is down when the controller starts are under the interlocks from the first step
+    # (sensor_stale holds them), and PDU/loop wiring can name the server. None: found at the
+    # first answer (and the wiring cannot name this server).
+    gpus: int | None = Field(None, ge=1, le=256)
+    # The rack the server sits in (a loop's or PDU's `racks` names it).
+    rack: DeviceIdStr | None = None
+
+    def gpu_ids(self) -> list[str]:
+        """The pod-unique ids of this server's GPUs, as the node driver names them ([] if the
+        count is not configured)."""
+        prefix = self.gpu_prefix if self.gpu_prefix is not None else f"{self.id}-gpu"
+        return [f"{prefix}{i}" for i in range(self.gpus or 0)]
 
     @model_validator(mode="after")
     def _lease(self) -> NodeDevice:

@@ -154,10 +154,12 @@ def render_agent_config(
             )
         )
     else:
+        servers = topo.get("servers", {})
         for server, port in sorted(nodes.ports.items()):
             node = {
                 "id": nodes.node_id(server),
                 "kind": "node",
+                "gpus": len(servers.get(str(server), servers.get(server, []))) or None,
                 "host": nodes.host,
                 "port": port,
                 "key_file": nodes.key_file,

@@ -136,7 +136,11 @@ class InterlockService:
         for poller in agent.pollers.values():
             if poller.cfg.kind in ("nvml", "node"):  # type: ignore[attr-defined]
                 limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
-                for g in sorted(poller.sub_devices, key=_natural):
+                # The GPUs found, and those the config says a node has: a node down at start
+                # has its GPUs protected (sensor_stale) from the first step.
+                entry = inventory.devices.get(poller.cfg.id)
+                expected = set(entry.gpus) if entry is not None and entry.driver == "node" else set()
+                for g in sorted(set(poller.sub_devices) | expected, key=_natural):
                     gpus.append(g)
                     stale[g] = limit
             else:
