@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.aio import raise_if_cancelling
-from agent.config import DeviceBase
+from agent.config_base import DeviceBase
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, Driver
 from agent.events import EventBus, Severity
 from agent.histogram import POLL_BUCKETS_S, Histogram

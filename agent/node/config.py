@@ -13,16 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agent.config import (
+from agent.config_base import (
     ConfigError,
     ConfigProblem,
     Logging,
     NvmlDevice,
-    _inline_secrets,
-    _key_path,
-    _message,
+    Strict,
+    inline_secrets,
+    key_path,
+    problem_message,
 )
-from agent.config_base import Strict
 from agent.interlocks.config import (
     CoolantFlowLow,
     CoolantLeak,
@@ -158,7 +158,7 @@ def parse_node_config(data: dict[str, object], path: Path | str = "<config>") ->
         cfg = NodeConfig.model_validate(data)
     except ValidationError as err:
         problems = [
-            ConfigProblem(key=_key_path(tuple(e["loc"]), data), message=_message(dict(e)))
+            ConfigProblem(key=key_path(tuple(e["loc"]), data), message=problem_message(dict(e), NodeConfig))
             for e in err.errors()
         ]
         raise ConfigError(path, problems) from err
@@ -194,7 +194,7 @@ def read_toml(path: Path) -> dict[str, object]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [ConfigProblem(key="(syntax)", message=f"not valid TOML: {err}")]) from err
-    _inline_secrets(data, path.parent)
+    inline_secrets(data, path.parent)
     return data
 
 
