@@ -62,6 +62,11 @@ class NodeNvml(Strict):
     hwsim_server: int | None = Field(None, ge=0)
     xid_events: bool = True
     slow_metrics_every: int = Field(10, ge=1, le=3600)
+    # A controller poll finding the last NVML read older than this reads NVML once more before it
+    # is answered: the controller's rules then see the temperature of its poll, not of this node's
+    # last tick (crossing -> controller cap within one controller poll, not two). A value over
+    # poll_interval_s turns it off (half the NVML reads when both poll at the same rate).
+    fresh_on_poll_s: float = Field(0.25, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _hwsim(self) -> NodeNvml:
