@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config_base import ConfigError
 from agent.node.cli import DEFAULT_NODE_CONFIG
+
+if TYPE_CHECKING:  # agent.config (every controller model) is imported only by what needs it
+    from agent.config import AgentConfig
 
 DEFAULT_CONFIG = Path("/etc/podagent/podagent.toml")
 
 
 def _load(path: Path) -> AgentConfig | None:
     """The config with every profile it names, or None after printing each problem on one line."""
+    from agent.config import load_config
+
     try:
         return load_config(path)
     except ConfigError as err:
@@ -52,6 +56,8 @@ def run(path: Path) -> int:
     if config is None:
         print("podagent: refusing to start with an invalid config", file=sys.stderr)
         return EX_CONFIG
+    import asyncio
+
     from agent.app import Agent
     from agent.logs import configure_logging
 
@@ -122,10 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "node":
+        _lean_node_imports()
         from agent.node.cli import run_node
 
         return run_node(args.config)
     return run(args.config)
+
+
+def _lean_node_imports() -> None:
+    """Keep what a node agent never uses out of its memory (issue 12: <= 40 MB RSS on every GPU
+    server): structlog's rich tracebacks (~4 MB resident; it logs JSON lines to journald, plain
+    tracebacks do) and ssl (~1 MB: the pod protocol is HMAC-signed TCP, no TLS; asyncio runs
+    without it). Both libraries fall back when the import fails."""
+    for name in ("rich", "ssl"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -6,14 +6,24 @@ Secrets may come from files: any ``*_file`` key is read at load time into its si
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from agent.config_base import Strict
+from agent.config_base import (
+    ConfigError,
+    ConfigProblem,
+    DeviceBase,
+    DeviceIdStr,
+    Logging,
+    NvmlDevice,
+    Strict,
+    inline_secrets,
+    key_path,
+    problem_message,
+)
 from agent.control.config import ControlConfig
 from agent.interlocks.config import InterlockConfig
 from agent.power.config import PowerConfig
@@ -21,40 +31,6 @@ from agent.publish.mqtt_config import MqttConfig
 
 # Package data, so a non-editable install (a wheel, the .deb) finds them; config/profiles links here.
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-DeviceIdStr = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-
-
-class DeviceBase(Strict):
-    id: DeviceIdStr
-    poll_interval_s: float = Field(1.0, gt=0, le=3600)
-    timeout_s: float = Field(2.0, gt=0, le=60)
-    retries: int = Field(1, ge=0, le=10)
-    # Readings older than stale_after_polls intervals are STALE (design.md: 3 poll intervals).
-    stale_after_polls: float = Field(3.0, ge=1)
-    # Each cycle starts up to this many seconds (uniformly random) after its deadline, as
-    # Telegraf's collection_jitter; deadlines already sit at a stable per-device phase.
-    poll_jitter_s: float = Field(0.0, ge=0, le=60)
-
-
-class NvmlDevice(DeviceBase):
-    kind: Literal["nvml"]
-    # "pynvml" is NVIDIA's binding (nvidia-ml-py); "hwsim" is the simulator's drop-in fake.
-    library: Literal["pynvml", "hwsim"] = "pynvml"
-    # For library = "hwsim": the shared-memory state file of the running simulated pod.
-    hwsim_state: Path | None = None
-    # Device ids given to the GPUs: f"{gpu_prefix}{index}" -> gpu0, gpu1, ...
-    gpu_prefix: str = "gpu"
-    xid_events: bool = True
-    # Read the metrics that barely change (default limit, limit constraints, temperature
-    # thresholds, ECC counts) every N polls instead of every poll; 1 reads everything every poll.
-    # Their staleness limit stretches to match. Costs NVML calls on big hosts, as DCGM does.
-    slow_metrics_every: int = Field(10, ge=1, le=3600)
-
-    @model_validator(mode="after")
-    def _hwsim_needs_state(self) -> NvmlDevice:
-        if self.library == "hwsim" and self.hwsim_state is None:
-            raise ValueError("library = 'hwsim' needs hwsim_state (path of the pod's NVML state file)")
-        return self
 
 
 class SnmpDevice(DeviceBase):
@@ -83,6 +59,11 @@ class SnmpDevice(DeviceBase):
     outlet_gpus: dict[str, list[str]] = Field(default_factory=dict)
     # Which GPUs the PDU feeds at all (phase overcurrent caps these).
     gpus: list[str] = Field(default_factory=list)
+    # The same wiring by server (node devices' ids, or racks of them); the inventory expands them
+    # to the servers' GPUs (srv-3 -> srv-3-gpu0...). For a pod of node agents, the form to use.
+    servers: list[str] = Field(default_factory=list)
+    racks: list[str] = Field(default_factory=list)
+    outlet_servers: dict[str, list[str]] = Field(default_factory=dict)
     breaker_rating_a: float | None = Field(None, gt=0)
 
     @field_validator("host")
@@ -133,8 +114,11 @@ class ModbusDevice(DeviceBase):
     pod_power: bool = False
     # For a CDU: the flow below which coolant_flow_low trips (None: [interlocks] default).
     min_flow_lpm: float | None = Field(None, ge=0)
-    # Cooling loop this unit serves (for CDUs) and the GPUs on it.
+    # Cooling loop this unit serves (for CDUs) and the GPUs on it; or the servers (node devices'
+    # ids) and racks on it, which the inventory expands to their GPUs.
     gpus: list[str] = Field(default_factory=list)
+    servers: list[str] = Field(default_factory=list)
+    racks: list[str] = Field(default_factory=list)
     breaker_rating_a: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -164,6 +148,19 @@ class NodeDevice(DeviceBase):
     lease_s: float | None = Field(None, gt=0, le=3600)
     # None: f"{id}-gpu" (pod-unique GPU ids, e.g. srv-3-gpu5).
     gpu_prefix: str | None = None
+    # How many GPUs the server has (local indices 0..gpus-1). Known up front, the GPUs of a node
+    # that is down when the controller starts are under the interlocks from the first step
+    # (sensor_stale holds them), and PDU/loop wiring can name the server. None: found at the
+    # first answer (and the wiring cannot name this server).
+    gpus: int | None = Field(None, ge=1, le=256)
+    # The rack the server sits in (a loop's or PDU's `racks` names it).
+    rack: DeviceIdStr | None = None
+
+    def gpu_ids(self) -> list[str]:
+        """The pod-unique ids of this server's GPUs, as the node driver names them ([] if the
+        count is not configured)."""
+        prefix = self.gpu_prefix if self.gpu_prefix is not None else f"{self.id}-gpu"
+        return [f"{prefix}{i}" for i in range(self.gpus or 0)]
 
     @model_validator(mode="after")
     def _lease(self) -> NodeDevice:
@@ -212,12 +209,6 @@ class Audit(Strict):
     safety_keep_days: float = Field(90.0, gt=0, le=3660)
 
 
-class Logging(Strict):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    # "auto": human-friendly on a terminal, JSON lines otherwise (journald).
-    format: Literal["auto", "json", "console"] = "auto"
-
-
 class Prometheus(Strict):
     enabled: bool = True
     listen: str = "127.0.0.1:9400"
@@ -256,50 +247,12 @@ class AgentConfig(Strict):
         return {d.id: d for d in self.device}
 
 
-class ConfigProblem(Strict):
-    key: str
-    message: str
-    # The file the problem is in when it is not the config file itself (a profile).
-    file: str | None = None
+def _message(err: dict[str, object]) -> str:
+    return problem_message(err, AgentConfig, _DEVICE_MODELS)
 
 
-class ConfigError(Exception):
-    """A config that cannot be used: every problem with its key path, and the file."""
-
-    def __init__(self, path: Path | str, problems: list[ConfigProblem]) -> None:
-        self.path = Path(path)
-        self.problems = problems
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
-        lines += [f"{p.file or self.path}: {p.key}: {p.message}" for p in self.problems]
-        return "\n".join(lines)
-
-
-def _key_path(loc: tuple[int | str, ...], data: object) -> str:
-    """pydantic's loc -> a TOML key path a person recognises: device[2].port (device id "pdu-1")."""
-    parts: list[str] = []
-    node = data
-    after_index = False
-    for item in loc:
-        if isinstance(item, int):
-            after_index = True
-            label = f"[{item}]"
-            if isinstance(node, list) and 0 <= item < len(node):
-                node = node[item]
-                if isinstance(node, dict) and "id" in node:
-                    label = f"[{item}](id={node['id']})"
-            parts.append(label)
-            continue
-        if after_index and item in ("nvml", "snmp", "modbus", "host", "node") and parts[-1].startswith("["):
-            after_index = False
-            continue  # the discriminated-union tag pydantic inserts: not a key in the file
-        after_index = False
-        parts.append(("." if parts else "") + str(item))
-        node = node.get(item) if isinstance(node, dict) else None
-    return "".join(parts) or "(top level)"
-
+_key_path = key_path
+_inline_secrets = inline_secrets
 
 _DEVICE_MODELS: dict[str, type[BaseModel]] = {
     "nvml": NvmlDevice,
@@ -307,66 +260,6 @@ _DEVICE_MODELS: dict[str, type[BaseModel]] = {
     "modbus": ModbusDevice,
     "host": HostDevice,
 }
-
-
-def _model_in(annotation: object) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _valid_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys the config model accepts where pydantic found an unknown one."""
-    model: type[BaseModel] | None = AgentConfig
-    for item in loc[:-1]:
-        if model is None:
-            return []
-        if isinstance(item, int):
-            continue
-        if item in _DEVICE_MODELS and model is NvmlDevice:
-            model = _DEVICE_MODELS[item]
-            continue
-        field = model.model_fields.get(item)
-        model = None if field is None else _model_in(field.annotation)
-    return [] if model is None else list(model.model_fields)
-
-
-def _message(err: dict[str, object]) -> str:
-    msg = str(err.get("msg", "invalid"))
-    kind = err.get("type")
-    if kind == "extra_forbidden":
-        loc = err.get("loc")
-        valid = _valid_keys(tuple(loc)) if isinstance(loc, tuple | list) else []
-        bad = str(loc[-1]) if isinstance(loc, tuple | list) and loc else ""
-        close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
-        if close:
-            return f"unknown key (did you mean {close[0]!r}?)"
-        return "unknown key (a typo? see config/example.toml)"
-    if kind == "missing":
-        return "required key is missing"
-    if "input" in err and kind not in ("missing",):
-        shown = repr(err["input"])
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        return f"{msg} (got {shown})"
-    return msg
-
-
-def _inline_secrets(data: object, base: Path) -> None:
-    """Read ``*_file`` secrets relative to the config file so errors point at the right key."""
-    if isinstance(data, dict):
-        for key, value in list(data.items()):
-            if isinstance(value, dict | list):
-                _inline_secrets(value, base)
-            elif key.endswith("_file") and isinstance(value, str) and not Path(value).is_absolute():
-                data[key] = str(base / value)
-    elif isinstance(data, list):
-        for item in data:
-            _inline_secrets(item, base)
 
 
 def parse_config(data: dict[str, object], path: Path | str = "<config>") -> AgentConfig:
@@ -464,8 +357,11 @@ __all__ = [
     "AgentConfig",
     "AnyDevice",
     "ConfigError",
+    "ConfigProblem",
     "DeviceBase",
+    "DeviceIdStr",
     "HostDevice",
+    "Logging",
     "ModbusDevice",
     "NodeDevice",
     "NvmlDevice",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.config import AgentConfig, ConfigError, ConfigProblem, ModbusDevice, SnmpDevice
+from agent.config import AgentConfig, ConfigError, ConfigProblem, ModbusDevice, NodeDevice, SnmpDevice
 from agent.drivers.modbus import ModbusPoint, PointRole
 from agent.profiles import LoadedProfile, check_profile
 
@@ -25,9 +25,11 @@ _ROLE_OF_KIND = {"nvml": "gpu_host", "host": "host"}
 class DeviceEntry:
     id: str
     driver: str  # the config's kind: nvml, snmp, modbus, host
-    role: str  # gpu_host, host, or the profile's [device] kind
+    role: str  # gpu_host, host, node, or the profile's [device] kind
     stale_after_s: float
     profile: LoadedProfile | None = None
+    # A PDU's or CDU's: the GPUs it feeds or cools (server wiring expanded). A node's: the GPUs
+    # its config says the server has (known before the node ever answers).
     gpus: tuple[str, ...] = ()
 
     def point(self, metric: str) -> ModbusPoint | None:
@@ -105,6 +107,35 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(tail) if tail else -1
 
 
+def server_gpus(config: AgentConfig) -> dict[str, tuple[str, ...]]:
+    """Node device id -> its GPUs' pod-unique ids (empty when its `gpus` count is not set)."""
+    return {d.id: tuple(d.gpu_ids()) for d in config.device if isinstance(d, NodeDevice)}
+
+
+def rack_servers(config: AgentConfig) -> dict[str, list[str]]:
+    """Rack -> the node devices in it, in config order."""
+    racks: dict[str, list[str]] = {}
+    for d in config.device:
+        if isinstance(d, NodeDevice) and d.rack is not None:
+            racks.setdefault(d.rack, []).append(d.id)
+    return racks
+
+
+def expand_wiring(
+    gpus: list[str],
+    servers: list[str],
+    racks: list[str],
+    by_server: Mapping[str, tuple[str, ...]],
+    by_rack: Mapping[str, list[str]],
+) -> tuple[str, ...]:
+    """A device's wiring as GPU ids: its gpu-id list, then every GPU of the servers and racks it
+    names, each once, in that order (names nobody has are check-config's to report)."""
+    out = dict.fromkeys(gpus)
+    for server in [*servers, *(s for r in racks for s in by_rack.get(r, ()))]:
+        out.update(dict.fromkeys(by_server.get(server, ())))
+    return tuple(out)
+
+
 def build_inventory(config: AgentConfig) -> Inventory:
     """The inventory of a config (profiles loaded and checked); ``ConfigError`` if a profile is bad."""
     devices: dict[str, DeviceEntry] = {}
@@ -115,6 +146,7 @@ def build_inventory(config: AgentConfig) -> Inventory:
     min_flow: dict[str, float] = {}
     pod_power: list[str] = []
     problems: list[ConfigProblem] = []
+    by_server, by_rack = server_gpus(config), rack_servers(config)
     for i, dev in enumerate(config.device):
         stale = dev.poll_interval_s * dev.stale_after_polls
         profile: LoadedProfile | None = None
@@ -125,7 +157,10 @@ def build_inventory(config: AgentConfig) -> Inventory:
                 problems += [p if p.file else p.model_copy(update={"key": f"{where}.{p.key}"}) for p in found]
                 continue
             role = profile.kind
-            gpus = tuple(dev.gpus)
+            gpus = expand_wiring(dev.gpus, dev.servers, dev.racks, by_server, by_rack)
+        elif isinstance(dev, NodeDevice):
+            role = "node"
+            gpus = by_server[dev.id]
         else:
             role = _ROLE_OF_KIND.get(dev.kind, dev.kind)
             gpus = ()
@@ -135,12 +170,17 @@ def build_inventory(config: AgentConfig) -> Inventory:
             if dev.min_flow_lpm is not None:
                 min_flow[dev.id] = dev.min_flow_lpm
         elif isinstance(dev, SnmpDevice | ModbusDevice) and role == "pdu":
-            if dev.gpus or dev.breaker_rating_a:
+            if gpus or dev.breaker_rating_a:
                 pdus[dev.id] = gpus
             if dev.breaker_rating_a:
                 ratings[dev.id] = dev.breaker_rating_a
-            if isinstance(dev, SnmpDevice) and dev.outlet_gpus:
-                outlets[dev.id] = {int(k): tuple(v) for k, v in dev.outlet_gpus.items()}
+            if isinstance(dev, SnmpDevice) and (dev.outlet_gpus or dev.outlet_servers):
+                outlets[dev.id] = {
+                    int(k): expand_wiring(
+                        dev.outlet_gpus.get(k, []), dev.outlet_servers.get(k, []), [], by_server, by_rack
+                    )
+                    for k in (*dev.outlet_gpus, *dev.outlet_servers)
+                }
             # SNMP PDUs always count; a Modbus PDU (often a branch meter behind a counted PDU)
             # only when its config says so.
             if isinstance(dev, SnmpDevice) or dev.pod_power:
@@ -158,4 +198,4 @@ def build_inventory(config: AgentConfig) -> Inventory:
     )
 
 
-__all__ = ["DeviceEntry", "Inventory", "build_inventory"]
+__all__ = ["DeviceEntry", "Inventory", "build_inventory", "expand_wiring", "rack_servers", "server_gpus"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from agent.aio import raise_if_cancelling
-from agent.config import DeviceBase, ModbusDevice
+from agent.config_base import DeviceBase
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, Driver
 from agent.events import EventBus, Severity
 from agent.histogram import POLL_BUCKETS_S, Histogram
@@ -56,8 +56,11 @@ def phase_offset(device_id: str, interval_s: float) -> float:
 
 def shared_bus(cfg: DeviceBase) -> str | None:
     """The bus several configured devices share (an RTU serial line), or None."""
-    if isinstance(cfg, ModbusDevice) and cfg.transport == "rtu" and cfg.serial is not None:
-        return f"rtu:{cfg.serial}"
+    # Duck-typed on the Modbus config's fields: the node agent runs the poller without loading the
+    # controller's device models (agent.config), which would cost every GPU server memory.
+    serial = getattr(cfg, "serial", None)
+    if getattr(cfg, "transport", None) == "rtu" and serial is not None:
+        return f"rtu:{serial}"
     return None
 
 

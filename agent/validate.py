@@ -6,10 +6,13 @@ a reload refuse the same files for the same reasons.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 
-from agent.config import AgentConfig, ConfigProblem, ModbusDevice, NvmlDevice, SnmpDevice
+from agent.config import AgentConfig, ConfigProblem, ModbusDevice, NodeDevice, NvmlDevice, SnmpDevice
 from agent.drivers.modbus import PointRole, load_profile
+from agent.inventory import expand_wiring, rack_servers, server_gpus
 from agent.profiles import check_profile
 
 
@@ -58,11 +61,18 @@ def check_loaded(config: AgentConfig) -> list[ConfigProblem]:
 
 def _cross_checks(config: AgentConfig, roles: dict[str, str]) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
-    prefixes = [re.escape(d.gpu_prefix) for d in config.device if isinstance(d, NvmlDevice)]
-    # GPU ids are the NVML devices' f"{gpu_prefix}{index}"; with no NVML device here (GPUs that
+    gpu_prefixes = [d.gpu_prefix for d in config.device if isinstance(d, NvmlDevice)]
+    gpu_prefixes += [
+        d.gpu_prefix if d.gpu_prefix is not None else f"{d.id}-gpu"
+        for d in config.device
+        if isinstance(d, NodeDevice)
+    ]
+    prefixes = [re.escape(p) for p in gpu_prefixes]
+    # GPU ids are the NVML and node devices' f"{gpu_prefix}{index}"; with neither here (GPUs that
     # other agents report) there is nothing to check them against.
     gpu_id = re.compile(rf"^(?:{'|'.join(prefixes)})\d+$") if prefixes else None
-    prefix_text = " or ".join(f"{d.gpu_prefix}N" for d in config.device if isinstance(d, NvmlDevice))
+    prefix_text = " or ".join(f"{p}N" for p in gpu_prefixes[:3]) + (" ..." if len(gpu_prefixes) > 3 else "")
+    by_server, by_rack = server_gpus(config), rack_servers(config)
 
     def check_gpus(gpus: list[str], key: str) -> None:
         if gpu_id is None:
@@ -79,16 +89,20 @@ def _cross_checks(config: AgentConfig, roles: dict[str, str]) -> list[ConfigProb
         if not isinstance(dev, SnmpDevice | ModbusDevice):
             continue
         check_gpus(dev.gpus, f"{where}.gpus")
+        problems += _check_servers(dev.servers, f"{where}.servers", by_server)
+        problems += _check_racks(dev.racks, f"{where}.racks", by_rack)
+        wired = expand_wiring(dev.gpus, dev.servers, dev.racks, by_server, by_rack)
         role = roles.get(dev.id)
-        if role is not None and dev.gpus and role not in ("pdu", "cdu"):
+        if role is not None and (dev.gpus or dev.servers or dev.racks) and role not in ("pdu", "cdu"):
+            key = "gpus" if dev.gpus else "servers" if dev.servers else "racks"
             problems.append(
                 ConfigProblem(
-                    key=f"{where}.gpus",
-                    message=f"a {role} neither feeds nor cools GPUs: gpus goes on PDUs and CDUs",
+                    key=f"{where}.{key}",
+                    message=f"a {role} neither feeds nor cools GPUs: {key} goes on PDUs and CDUs",
                 )
             )
         if role == "cdu":
-            for g in dev.gpus:
+            for g in wired:
                 other = cooled_by.setdefault(g, dev.id)
                 if other != dev.id:
                     problems.append(
@@ -107,16 +121,78 @@ def _cross_checks(config: AgentConfig, roles: dict[str, str]) -> list[ConfigProb
                         )
                     )
                 check_gpus(gpus, key)
-                if dev.gpus:
-                    for g in gpus:
-                        if g not in dev.gpus:
+            for outlet, servers in dev.outlet_servers.items():
+                key = f"{where}.outlet_servers.{outlet}"
+                if not outlet.isdigit() or int(outlet) < 1:
+                    problems.append(
+                        ConfigProblem(
+                            key=key, message=f"outlet {outlet!r}: expected an outlet number (1, 2, ...)"
+                        )
+                    )
+                problems += _check_servers(servers, key, by_server)
+            if wired:
+                for outlet in (*dev.outlet_gpus, *dev.outlet_servers):
+                    fed = expand_wiring(
+                        dev.outlet_gpus.get(outlet, []),
+                        dev.outlet_servers.get(outlet, []),
+                        [],
+                        by_server,
+                        by_rack,
+                    )
+                    key = (
+                        f"{where}.{'outlet_gpus' if outlet in dev.outlet_gpus else 'outlet_servers'}.{outlet}"
+                    )
+                    for g in fed:
+                        if g not in wired:
                             problems.append(
                                 ConfigProblem(
                                     key=key,
-                                    message=f"{g} is not in this PDU's gpus (it feeds {len(dev.gpus)} GPUs)",
+                                    message=f"{g} is not among this PDU's GPUs (it feeds {len(wired)})",
                                 )
                             )
     return problems
+
+
+def _nearest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.0)
+    return f" (did you mean {close[0]!r}?)" if close else " (there is none)"
+
+
+def _check_servers(
+    servers: list[str], key: str, by_server: Mapping[str, tuple[str, ...]]
+) -> list[ConfigProblem]:
+    """Each named server is a node device whose GPU count is known (the wiring expands to its GPUs)."""
+    problems: list[ConfigProblem] = []
+    for name in servers:
+        if name not in by_server:
+            problems.append(
+                ConfigProblem(
+                    key=key,
+                    message=f"unknown server {name!r}: no node device has that id"
+                    + _nearest(name, list(by_server)),
+                )
+            )
+        elif not by_server[name]:
+            problems.append(
+                ConfigProblem(
+                    key=key,
+                    message=f"server {name!r} has no gpus count: set `gpus = N` on its node device"
+                    " (the wiring expands to its GPUs)",
+                )
+            )
+    return problems
+
+
+def _check_racks(racks: list[str], key: str, by_rack: Mapping[str, list[str]]) -> list[ConfigProblem]:
+    return [
+        ConfigProblem(
+            key=key,
+            message=f"unknown rack {name!r}: no node device has rack = {name!r}"
+            + _nearest(name, list(by_rack)),
+        )
+        for name in racks
+        if name not in by_rack
+    ]
 
 
 def _power_devices(config: AgentConfig, roles: dict[str, str]) -> list[ConfigProblem]:

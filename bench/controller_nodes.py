@@ -28,15 +28,27 @@ from hwsim.podspec import POD_DIR
 from tests.conftest import ROOT, start_pod, stop_pod
 from tests.node_helpers import NodeProc, free_port, wait_armed
 
+PDU_PAIR_SERVERS = 48  # hwsim's PDUs have at most 64 outlets: an A/B pair per 48 servers
+
 
 def pod_file(tmp: Path, nodes: int) -> Path:
     text = (POD_DIR / "tiny.toml").read_text().replace('name = "tiny"', f'name = "n{nodes}"')
     text = text.replace("count = 1\ngpus_per_server = 8", f"count = {nodes}\ngpus_per_server = 4")
     text = text.replace("outlets_per_feed = 3", "outlets_per_feed = 1")
-    text = text.replace("servers = [0]", f"servers = {list(range(nodes))}")
     text = text.replace("rating_a = 16.0", "rating_a = 200.0")
+    start, end = text.index("[[pdu]]"), text.index("[[cdu]]")
+    pair = text[start:end]
+    pairs = []
+    for k, first in enumerate(range(0, nodes, PDU_PAIR_SERVERS)):
+        chunk = list(range(first, min(nodes, first + PDU_PAIR_SERVERS)))
+        block = pair.replace("servers = [0]", f"servers = {chunk}")
+        block = block.replace("outlets = 24", f"outlets = {max(24, len(chunk))}")  # one per server
+        if k:  # the first pair keeps its ids (the branch meter measures pdu-a and pdu-b)
+            block = block.replace('"pdu-a"', f'"pdu-a{k}"').replace('"pdu-b"', f'"pdu-b{k}"')
+        pairs.append(block)
+    rest = text[end:].replace("servers = [0]", f"servers = {list(range(nodes))}")  # one loop
     path = tmp / f"n{nodes}.toml"
-    path.write_text(text)
+    path.write_text(text[:start] + "".join(pairs) + rest)
     return path
 
 
@@ -50,7 +62,8 @@ def one_round(nodes: int, seconds: float) -> tuple[float, float]:
             key = tmp / "pod.key"
             key.write_text(os.urandom(32).hex())
             layout = NodeLayout(key_file=str(key), ports={s: free_port() for s in range(nodes)})
-            for s in range(nodes):
+
+            def start(s: int) -> NodeProc:
                 cfg = tmp / f"node-{s}.toml"
                 cfg.write_text(
                     render_node_config(
@@ -63,9 +76,22 @@ def one_round(nodes: int, seconds: float) -> tuple[float, float]:
                 )
                 node = NodeProc(server=s, port=layout.ports[s], config=cfg, log=tmp / f"node-{s}.log")
                 node.start()
-                procs.append(node)
-            for node in procs:
-                wait_armed(node, timeout=120)
+                return node
+
+            procs.extend(start(s) for s in range(nodes))
+            for i, node in enumerate(procs):
+                for attempt in range(3):
+                    try:
+                        wait_armed(procs[i], timeout=120)
+                        break
+                    except RuntimeError:
+                        # Its port was taken between choosing and binding (other jobs on this
+                        # machine bind port 0 too): a new port, before the controller's config.
+                        if attempt == 2:
+                            raise
+                        procs[i].kill()
+                        layout.ports[node.server] = free_port()
+                        procs[i] = start(node.server)
             cfg = tmp / "ctl.toml"
             cfg.write_text(
                 render_agent_config(

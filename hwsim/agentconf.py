@@ -72,6 +72,18 @@ def node_gpu_names(manifest: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def by_server(manifest: dict[str, Any], names: list[str]) -> tuple[list[str], list[str]]:
+    """Pod-wide GPU names -> (the servers all of whose GPUs are among them, as node ids; the
+    node-view names of the rest): the server wiring a controller of node agents is given."""
+    servers = manifest.get("topology", {}).get("servers", {})
+    rename = node_gpu_names(manifest)
+    present = set(names)
+    whole = [s for s, gpus in servers.items() if gpus and set(gpus) <= present]
+    covered = {g for s in whole for g in servers[s]}
+    ids = [NodeLayout.node_id(int(s)) for s in sorted(whole, key=int)]
+    return ids, [rename.get(g, g) for g in names if g not in covered]
+
+
 def render_node_config(
     manifest: dict[str, Any],
     server: int,
@@ -154,10 +166,12 @@ def render_agent_config(
             )
         )
     else:
+        servers = topo.get("servers", {})
         for server, port in sorted(nodes.ports.items()):
             node = {
                 "id": nodes.node_id(server),
                 "kind": "node",
+                "gpus": len(servers.get(str(server), servers.get(server, []))) or None,
                 "host": nodes.host,
                 "port": port,
                 "key_file": nodes.key_file,
@@ -184,8 +198,15 @@ def render_agent_config(
             dev["auth_key"] = entry["auth_key"]
             dev["priv_key"] = entry["priv_key"]
         dev["breaker_rating_a"] = info.get("rating_a")
-        dev["gpus"] = gpus(info.get("gpus", []))
-        dev["outlet_gpus"] = {k: gpus(v) for k, v in info.get("outlet_gpus", {}).items()}
+        if nodes is None:
+            dev["gpus"] = gpus(info.get("gpus", []))
+            dev["outlet_gpus"] = {k: gpus(v) for k, v in info.get("outlet_gpus", {}).items()}
+        else:  # wiring by server (the inventory expands it to the servers' GPUs)
+            servers, rest = by_server(manifest, info.get("gpus", []))
+            dev["servers"], dev["gpus"] = servers or None, rest or None
+            outlets = {k: by_server(manifest, v) for k, v in info.get("outlet_gpus", {}).items()}
+            dev["outlet_servers"] = {k: v[0] for k, v in outlets.items() if v[0]} or None
+            dev["outlet_gpus"] = {k: v[1] for k, v in outlets.items() if v[1]} or None
         out.append(_table("device", dev))
     cdus = topo.get("cdus", {})
     for entry in manifest["modbus"]:
@@ -199,8 +220,12 @@ def render_agent_config(
         if entry.get("profile") in FAST_PROFILES:
             # The power controller's inputs (ramp limiting): polled every control period.
             dev["poll_interval_s"] = min(poll_interval_s, FAST_POLL_S)
-        if entry["device"] in cdus:
+        if entry["device"] in cdus and nodes is None:
             dev["gpus"] = gpus(cdus[entry["device"]]["gpus"])
+        elif entry["device"] in cdus:
+            servers, rest = by_server(manifest, cdus[entry["device"]]["gpus"])
+            dev["servers"], dev["gpus"] = servers or None, rest or None
+        if entry["device"] in cdus:
             dev["min_flow_lpm"] = cdus[entry["device"]]["min_flow_lpm"]
         if entry["device"] in pdus:
             dev["breaker_rating_a"] = pdus[entry["device"]].get("rating_a")

@@ -1,12 +1,15 @@
 """``make demo``: the simulated demo pod, the agent against it, and a fault it handles, on screen.
 
-Starts ``hwsim run --pod demo`` and ``podagent run --config config/demo.toml``, waits until the agent is
-ready, shows ``podctl status``, injects a GPU thermal runaway, shows the interlock capping that GPU,
-clears the fault, and leaves both running until Ctrl-C (or ``--duration`` seconds).
+Starts ``hwsim run --pod demo``, a node agent per GPU server (``hwsim nodes``: 8 real ``podagent
+node`` processes) and the controller (``podagent run``) against them (``--no-nodes``: the controller
+alone with config/demo.toml, one NVML device for the whole pod), waits until the agent is ready,
+shows ``podctl status``, injects a GPU thermal runaway, shows the interlock capping that GPU,
+clears the fault, and leaves them running until Ctrl-C (or ``--duration`` seconds).
 
-On the way out it leaves nothing it started: hwsim, the agent and a broker it had to start each run
-in their own session and are stopped with everything in it (hwsim's socat for the RTU line), and
-the pseudo-terminal links socat made are removed. The logs stay in /tmp/podagent-demo.
+On the way out it leaves nothing it started: hwsim, the node agents, the controller and a broker it
+had to start each run in their own session and are stopped with everything in it (hwsim's socat for
+the RTU line), and the pseudo-terminal links socat made are removed. The logs stay in
+/tmp/podagent-demo.
 """
 
 from __future__ import annotations
@@ -124,9 +127,62 @@ def hwsim(*args: str) -> None:
     )
 
 
+# The controller's sections of config/demo.toml that `hwsim agent-config` does not write.
+NODES_EXTRA = """[logging]
+level = "info"
+
+[prometheus]
+enabled = true
+listen = "127.0.0.1:9400"
+
+[mqtt]
+enabled = true
+brokers = ["127.0.0.1:1883"]
+"""
+
+
+def start_node_agents(stack: contextlib.ExitStack, procs: list[subprocess.Popen[bytes]]) -> Path:
+    """``hwsim nodes``: a real ``podagent node`` per simulated server (8 on the demo pod), each
+    seeing only its server's GPUs; returns the controller's config for them (a `node` device per
+    server, PDUs and loops wired by server), written next to the agent's log."""
+    from hwsim.agentconf import NodeLayout, render_agent_config
+
+    nodes_json = MANIFEST.parent / "nodes.json"
+    with contextlib.suppress(FileNotFoundError):
+        nodes_json.unlink()  # a previous run's
+    log = stack.enter_context(Path("/tmp/podagent-demo/nodes.log").open("wb"))  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hwsim.cli", "nodes", "--manifest", str(MANIFEST)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # stopped with its node agents and proxies (stop() kills the group)
+    )
+    procs.append(proc)
+    for _ in range(600):
+        if nodes_json.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    if not nodes_json.exists():
+        raise SystemExit("demo: the node agents did not start; see /tmp/podagent-demo/nodes.log")
+    nodes = json.loads(nodes_json.read_text())
+    layout = NodeLayout(key_file=nodes["key_file"], ports={n["server"]: n["port"] for n in nodes["nodes"]})
+    print(f"   {len(nodes['nodes'])} node agents: {', '.join(n['id'] for n in nodes['nodes'])}")
+    config = Path("/tmp/podagent-demo/controller.toml")
+    manifest = json.loads(MANIFEST.read_text())
+    config.write_text(
+        render_agent_config(
+            manifest, state_dir="/tmp/podagent-demo", pod_id="demo-1", extra=NODES_EXTRA, nodes=layout
+        )
+    )
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hwsim.demo")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument(
+        "--no-nodes", action="store_true", help="one whole-pod NVML device instead of 8 node agents"
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     Path("/tmp/podagent-demo").mkdir(parents=True, exist_ok=True)
@@ -157,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             print(Path("/tmp/podagent-demo/hwsim.log").read_text())
             return 1
         print(f"   endpoints: {MANIFEST}")
-        say("starting podagent with config/demo.toml")
+        config = CONFIG
+        if not args.no_nodes:
+            say("starting a node agent per GPU server (hwsim nodes)")
+            config = start_node_agents(stack, procs)
+        say(f"starting podagent with {config}")
         agent_log = stack.enter_context(Path("/tmp/podagent-demo/agent.log").open("wb"))  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(CONFIG)],
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
                 stdout=agent_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -104,6 +104,9 @@ async def test_node_faults_through_hwsim_nodes(tmp_path: Path) -> None:
             str(tmp_path / "st"),
         )
         assert out.returncode == 0, out.stderr
+        # Wiring by server; each node device says how many GPUs its server has.
+        assert out.stdout.count('servers = ["srv-0", "srv-1"]') >= 2 and "gpus = 4" in out.stdout
+        assert "srv-0-gpu" not in out.stdout
         node_cfg = hwsim("agent-config", "--manifest", str(pod.run_dir / "manifest.json"), "--node", "srv-1")
         assert 'id = "srv-1"' in node_cfg.stdout and "hwsim_server = 1" in node_cfg.stdout
         path = tmp_path / "ctl.toml"

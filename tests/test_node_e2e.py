@@ -87,12 +87,10 @@ async def until_log(
 
 @contextlib.asynccontextmanager
 async def controller(
-    fleet: NodeFleet, tmp_path: Path, name: str = "ctl"
+    fleet: NodeFleet, tmp_path: Path, name: str = "ctl", extra: str = CONTROLLER_EXTRA
 ) -> AsyncIterator[tuple[Agent, InterlockService]]:
     path = tmp_path / f"{name}.toml"
-    path.write_text(
-        fleet.controller_config(tmp_path / f"{name}-state", extra=CONTROLLER_EXTRA, poll_interval_s=POLL_S)
-    )
+    path.write_text(fleet.controller_config(tmp_path / f"{name}-state", extra=extra, poll_interval_s=POLL_S))
     service = InterlockService(load_config(path).interlocks)
     async with running_agent(path, services=[service]) as agent:
         yield agent, service
@@ -356,3 +354,41 @@ async def test_node_restart_keeps_each_gpu_limit_until_the_controller_decides(tm
         # The controller's first decision takes over (here: no caps -> ramped back to the default).
         async with controller(fleet, tmp_path) as (_agent, _service):
             await until_truth(pod, lambda lim: lim == [DEFAULT_W] * 8, within=30, what="released")
+
+
+async def test_node_down_at_controller_start_is_protected_from_the_first_step(tmp_path: Path) -> None:
+    # The GPUs of a node that never answered come from its config's `gpus` count: under the engine
+    # from its first step, stale after the start grace, held at the fail-safe cap when it comes up.
+    extra = CONTROLLER_EXTRA.replace("fresh_hold_s = 2.0", "fresh_hold_s = 10.0")
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+    ):
+        late = fleet.nodes[1]
+        late.kill()
+        async with controller(fleet, tmp_path, extra=extra) as (agent, service):
+            await until_agent(agent, lambda: service.engine is not None, within=10, what="engine built")
+            assert service.engine is not None
+            assert set(gpu_ids(1)) <= set(service.engine.topology.gpus)
+            assert set(gpu_ids(1)) <= set(next(iter(service.engine.topology.loops.values())))
+            assert not any(fresh(agent, g) for g in gpu_ids(1))
+
+            def stale_tripped() -> bool:
+                assert service.engine is not None
+                insts = [service.engine.instances.get(("sensor_stale", g)) for g in gpu_ids(1)]
+                return all(i is not None and i.tripped for i in insts)
+
+            await until_agent(agent, stale_tripped, within=20, what="sensor_stale on the silent node's GPUs")
+            trip = next(
+                e for e in agent.events.recent() if e.kind == "interlock_trip" and e.device in gpu_ids(1)
+            )
+            assert trip.detail["inputs"]["temp_c"] == "never received", trip.detail
+            late.start()
+            await until_truth(
+                pod,
+                lambda lim: lim[4:] == [FAILSAFE_W] * 4 and lim[:4] == [DEFAULT_W] * 4,
+                within=20,
+                what="the late node's GPUs at the controller's fail-safe cap",
+            )
+            assert stale_tripped()
+            assert all(service.caps[g] == FAILSAFE_W for g in gpu_ids(1)), service.caps

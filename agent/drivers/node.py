@@ -126,6 +126,7 @@ class NodeDriver:
         self._info: dict[str, dict[str, str]] = {}
         self._constraints: dict[str, tuple[float, float, float]] = {}
         self.hostname: str | None = None
+        self._gpus_seen: int | None = None
         self.node_boot: str | None = None
         self.mode: str | None = None
 
@@ -186,6 +187,16 @@ class NodeDriver:
         gpus = answer.get("gpus")
         if not isinstance(gpus, list):
             raise DeviceError(self.device_id, "poll answer without gpus")
+        if self.cfg.gpus is not None and len(gpus) != self.cfg.gpus and len(gpus) != self._gpus_seen:
+            # The interlocks' topology and the wiring use the configured count: a GPU beyond it is
+            # read but on no loop or feed (a lost one: sensor_stale holds its cap).
+            log.warning(
+                "node reports a GPU count other than its config's",
+                device=self.device_id,
+                reported=len(gpus),
+                configured=self.cfg.gpus,
+            )
+        self._gpus_seen = len(gpus)
         for gpu in gpus:
             if not isinstance(gpu, dict) or not isinstance(gpu.get("index"), int):
                 continue

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from agent.config import NvmlDevice
+from agent.config_base import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
 from agent.drivers.values import untrusted
 from agent.model import DeviceEvent, Quality, Reading, unit_of

@@ -114,7 +114,7 @@ class InterlockService:
         self.cap_sources: list[CapSource] = []
         # The GPUs and staleness limits from the running pollers (set by run(); a reload's new
         # topology is built from them and the new inventory).
-        self._inputs: Callable[[], tuple[list[str], dict[str, float]]] | None = None
+        self._inputs: Callable[[Inventory], tuple[list[str], dict[str, float]]] | None = None
         self._cdu_setpoints: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._changed: set[str] = set()
@@ -128,8 +128,8 @@ class InterlockService:
         agent.status_providers["interlocks"] = self.status
         agent.metric_sources.append(self.metrics)
         await agent.ready.wait()
-        self._inputs = lambda: inputs_from_pollers(agent)
-        gpus, stale = self._inputs()
+        self._inputs = lambda inventory: inputs_from_pollers(agent, inventory)
+        gpus, stale = self._inputs(agent.inventory)
         await self.serve(
             agent.store,
             agent.events,
@@ -174,7 +174,7 @@ class InterlockService:
         uses them; trips in progress stay (their clear conditions now use the new thresholds)."""
         self.config = config.interlocks
         if self.engine is not None and self._inputs is not None:
-            gpus, stale = self._inputs()
+            gpus, stale = self._inputs(inventory)
             topology = topology_from_config(inventory, gpus, stale)
             # GPUs come from NVML discovery: a reload that restarted the NVML poller keeps the
             # GPUs it had until that poller has polled again.
@@ -640,14 +640,18 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(tail) if tail else -1
 
 
-def inputs_from_pollers(agent: Agent) -> tuple[list[str], dict[str, float]]:
+def inputs_from_pollers(agent: Agent, inventory: Inventory) -> tuple[list[str], dict[str, float]]:
     """The GPUs (in natural order) and every input's staleness limit, from the agent's pollers."""
     gpus: list[str] = []
     stale: dict[str, float] = {}
     for poller in agent.pollers.values():
         limit = poller.cfg.poll_interval_s * poller.cfg.stale_after_polls
         if poller.cfg.kind in ("nvml", "node"):  # type: ignore[attr-defined]
-            for g in sorted(poller.sub_devices, key=_natural):
+            # The GPUs found, and those the config says a node has: a node down at start has its
+            # GPUs protected (sensor_stale) from the first step.
+            entry = inventory.devices.get(poller.cfg.id)
+            expected = set(entry.gpus) if entry is not None and entry.driver == "node" else set()
+            for g in sorted(set(poller.sub_devices) | expected, key=_natural):
                 gpus.append(g)
                 stale[g] = limit
         else:

@@ -76,6 +76,7 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self.notifier = notifier or Notifier()
         self.set_latency_s: deque[float] = deque(maxlen=4096)  # lease received -> NVML set read back
+        self._nvml_read_mono = 0.0  # when the last NVML temperatures arrived
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -113,7 +114,18 @@ class NodeAgent:
 
     def _on_batch(self, batch: Sequence[Reading]) -> None:
         if any(r.metric == "temp_c" for r in batch):
+            self._nvml_read_mono = time.monotonic()
             self._wake.set()
+
+    async def _fresh_readings(self) -> None:
+        """Before answering a controller poll: one NVML read if the last is older than
+        ``fresh_on_poll_s`` (the driver's errors stay in the store, as the schedule's do)."""
+        limit = self.cfg.nvml.fresh_on_poll_s
+        if time.monotonic() - self._nvml_read_mono <= limit:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poller.budget_s):
+                await self.poller.poll_once()
 
     # ------------------------------------------------------------------ safety loop
     def _build_engine(self) -> Engine:
@@ -245,6 +257,8 @@ class NodeAgent:
         caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
         self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
         if req.op != "caps":
+            if self.engine is not None:
+                await self._fresh_readings()
             self._wake.set()
             return dict(self.applied)
         applied = await self.step()

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from agent.config import ConfigError
+from agent.config_base import ConfigError
 from agent.node.config import is_node_config, load_node_config
 from agent.node.protocol import load_key
 

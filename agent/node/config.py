@@ -13,16 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agent.config import (
+from agent.config_base import (
     ConfigError,
     ConfigProblem,
     Logging,
     NvmlDevice,
-    _inline_secrets,
-    _key_path,
-    _message,
+    Strict,
+    inline_secrets,
+    key_path,
+    problem_message,
 )
-from agent.config_base import Strict
 from agent.interlocks.config import (
     CoolantFlowLow,
     CoolantLeak,
@@ -62,6 +62,11 @@ class NodeNvml(Strict):
     hwsim_server: int | None = Field(None, ge=0)
     xid_events: bool = True
     slow_metrics_every: int = Field(10, ge=1, le=3600)
+    # A controller poll finding the last NVML read older than this reads NVML once more before it
+    # is answered: the controller's rules then see the temperature of its poll, not of this node's
+    # last tick (crossing -> controller cap within one controller poll, not two). A value over
+    # poll_interval_s turns it off (half the NVML reads when both poll at the same rate).
+    fresh_on_poll_s: float = Field(0.25, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _hwsim(self) -> NodeNvml:
@@ -158,7 +163,7 @@ def parse_node_config(data: dict[str, object], path: Path | str = "<config>") ->
         cfg = NodeConfig.model_validate(data)
     except ValidationError as err:
         problems = [
-            ConfigProblem(key=_key_path(tuple(e["loc"]), data), message=_message(dict(e)))
+            ConfigProblem(key=key_path(tuple(e["loc"]), data), message=problem_message(dict(e), NodeConfig))
             for e in err.errors()
         ]
         raise ConfigError(path, problems) from err
@@ -194,7 +199,7 @@ def read_toml(path: Path) -> dict[str, object]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [ConfigProblem(key="(syntax)", message=f"not valid TOML: {err}")]) from err
-    _inline_secrets(data, path.parent)
+    inline_secrets(data, path.parent)
     return data
 
 

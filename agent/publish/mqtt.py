@@ -43,6 +43,7 @@ from agent.publish.commands import CommandHandler
 from agent.publish.mqtt_config import Deadband, MqttConfig
 from agent.publish.spool import EVENT, TELEMETRY, Spool
 from agent.publish.topics import Topics
+from agent.state import StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +90,18 @@ def _num(v: float | None) -> float | int | None:
     if v is None or not math.isfinite(v):  # NaN/inf are not JSON
         return None
     return int(v) if float(v).is_integer() and abs(v) < 2**53 else v
+
+
+_IDENTITY_KEYS = ("hostname", "gpu", "uuid", "node")
+
+
+def _gpu_identities(store: StateStore) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for device in store.devices():
+        info = store.info(device)
+        if "uuid" in info:
+            out[device] = {k: info[k] for k in _IDENTITY_KEYS if k in info}
+    return out
 
 
 @dataclass
@@ -654,6 +667,9 @@ class MqttService:
                 {"id": d.id, "kind": d.kind, "poll_interval_s": d.poll_interval_s} for d in self.config.device
             ],
             "metrics": metrics,
+            # Each GPU's identity (docs/mqtt.md): the pod-unique device id of its telemetry topic
+            # -> the server's hostname, the local index and the UUID (dcgm-exporter's labels).
+            "gpus": _gpu_identities(agent.store),
             "interlocks_config_hash": interlocks_hash,
             "telemetry_period_s": self.cfg.telemetry_period_s,
             "full_refresh_s": self.cfg.full_refresh_s,

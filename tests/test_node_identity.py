@@ -1,0 +1,86 @@
+"""GPU identity with node agents, end to end: a controller polling real ``podagent node`` processes
+labels each GPU's Prometheus series as dcgm-exporter on that server would (``Hostname`` = the
+server's name, ``gpu`` = its local index, its ``UUID``), and publishes its MQTT telemetry under the
+pod-unique device id ``{node id}-gpu{local index}``, with the identity in the birth."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.config import load_config
+from agent.interlocks.service import InterlockService
+from agent.publish.mqtt import build_service as mqtt_service
+from hwsim.agentconf import render_agent_config
+from tests.agent_helpers import running_agent
+from tests.conftest_mqtt import Mosquitto, Subscriber
+from tests.node_helpers import node_fleet
+from tests.prom_helpers import free_port, get, parse
+from tests.test_node_e2e import CONTROLLER_EXTRA, NODE_POLL_S, duo, fresh, gpu_ids, until_agent
+
+
+async def test_node_gpus_carry_their_servers_identity_in_prometheus_and_mqtt(tmp_path: Path) -> None:
+    broker = Mosquitto()
+    broker.start()
+    prom_port = free_port()
+    try:
+        with (
+            duo(tmp_path) as pod,
+            node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+        ):
+            extra = (
+                f'[prometheus]\nenabled = true\nlisten = "127.0.0.1:{prom_port}"\n'
+                f'[mqtt]\nenabled = true\nbrokers = ["127.0.0.1:{broker.port}"]\ntelemetry_period_s = 0.5\n'
+                + CONTROLLER_EXTRA
+            )
+            path = tmp_path / "ctl.toml"
+            path.write_text(
+                render_agent_config(
+                    pod.manifest,
+                    state_dir=str(tmp_path / "st"),
+                    extra=extra,
+                    poll_interval_s=0.5,
+                    nodes=fleet.layout,
+                )
+            )
+            sub = await Subscriber(broker.port, filter="podagent/v1/lab/duo/#").start()
+            config = load_config(path)
+            service = InterlockService(config.interlocks)
+            link = mqtt_service(config)
+            assert link is not None
+            try:
+                async with running_agent(path, services=[service, link]) as agent:
+                    everything = [g for s in (0, 1) for g in gpu_ids(s)]
+                    await until_agent(
+                        agent, lambda: all(fresh(agent, g) for g in everything), within=20, what="fresh"
+                    )
+                    # Prometheus: one temperature series per GPU, labelled with its own server.
+                    text = await asyncio.to_thread(get, f"http://127.0.0.1:{prom_port}/metrics")
+                    temps = [s.label_dict for s in parse(text).samples if s.name == "DCGM_FI_DEV_GPU_TEMP"]
+                    ident = sorted((t["Hostname"], t["gpu"]) for t in temps)
+                    assert ident == [(f"duo-srv-{s}", str(i)) for s in (0, 1) for i in range(4)], temps
+                    uuids = [t["UUID"] for t in temps]
+                    assert len(set(uuids)) == 8 and all(u.startswith("GPU-") for u in uuids), uuids
+                    for t in temps:  # the UUID is the one that server's NVML reports for that index
+                        dev = f"srv-{t['Hostname'].rsplit('-', 1)[1]}-gpu{t['gpu']}"
+                        assert agent.store.info(dev)["uuid"] == t["UUID"]
+                        assert t["device"] == f"nvidia{t['gpu']}"
+
+                    # MQTT: telemetry under the pod-unique device id; the birth maps it to the identity.
+                    def telemetry_of(ms: list) -> set[str]:  # type: ignore[type-arg]
+                        return {m.json()["device"] for m in ms if "/telemetry/" in m.topic}
+
+                    await sub.wait_for(lambda ms: set(everything) <= telemetry_of(ms), timeout=20)
+                    for m in sub.messages:
+                        if "/telemetry/srv-" in m.topic:
+                            assert m.topic.rsplit("/", 1)[1] == m.json()["device"]
+                    birth = await sub.wait_for(lambda ms: [m for m in ms if m.topic.endswith("/birth")])
+                    gpus = birth[-1].json()["gpus"]
+                    assert set(everything) <= set(gpus), gpus
+                    assert gpus["srv-1-gpu2"]["hostname"] == "duo-srv-1" and gpus["srv-1-gpu2"]["gpu"] == "2"
+                    assert gpus["srv-1-gpu2"]["node"] == "srv-1"
+                    assert gpus["srv-1-gpu2"]["uuid"] == agent.store.info("srv-1-gpu2")["uuid"]
+            finally:
+                await sub.stop()
+    finally:
+        broker.close()
