@@ -312,3 +312,66 @@ async def test_out_of_file_descriptors_the_accept_loop_backs_off_and_recovers(
         out = capsys.readouterr().out
         assert out.count("control socket cannot accept") == 1, out[-2000:]
         assert control.accept_failures >= 3
+
+
+async def _http_get(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_prometheus_endpoint_out_of_file_descriptors_backs_off_and_recovers(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncio's own server loop logged a traceback per failed accept(); ours says it once."""
+    from agent.publish.prometheus import PrometheusExporter
+    from tests.prom_helpers import free_port
+    from tests.test_podctl_support import host_only_config
+
+    port = free_port()
+    config = host_only_config(sock_dir)
+    config.write_text(config.read_text().replace("enabled = false", f'listen = "127.0.0.1:{port}"'))
+    async with running_agent(config) as agent:
+
+        def exporter() -> PrometheusExporter | None:
+            owners = (getattr(source, "__self__", None) for source in agent.metric_sources)
+            return next((o for o in owners if isinstance(o, PrometheusExporter)), None)
+
+        async with asyncio.timeout(10):
+            while exporter() is None:
+                await asyncio.sleep(0.05)
+        endpoint = exporter()
+        assert endpoint is not None
+        assert b"200 OK" in await _http_get(port, "/metrics")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        clients = []
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    clients.append(await asyncio.open_connection("127.0.0.1", port))
+            async with asyncio.timeout(10):
+                while endpoint.metrics()[2][2] < 3:
+                    await asyncio.sleep(0.05)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for _, w in clients:
+                w.close()
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(OSError, TimeoutError):
+                    body = await _http_get(port, "/metrics")
+                    if b"200 OK" in body:
+                        break
+                await asyncio.sleep(0.1)
+        lines = body.decode().splitlines()
+        failures = [line for line in lines if line.startswith("podagent_prometheus_accept_failures")]
+        assert failures and float(failures[0].split()[-1]) >= 3, failures
+        out = capsys.readouterr().out + capsys.readouterr().err
+        assert out.count("prometheus endpoint cannot accept") == 1, out[-2000:]
+        assert "out of system resource" not in out  # asyncio's per-failure traceback

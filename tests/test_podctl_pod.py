@@ -64,6 +64,9 @@ async def test_status_shows_a_tripped_interlock_and_overrides_expire(
         assert ran.rc == 0, ran
         assert "lab/tiny" in ran.out and "cdu-1" in ran.out and "chiller-1" in ran.out
         assert "none active" in ran.out and "L/min" in ran.out and " kW" in ran.out
+        # The interlock settings in force, as the MQTT birth and the reload event name them.
+        assert agent.interlocks is not None
+        assert f"config {agent.interlocks.status()['config_hash']}" in ran.out
 
         tiny_pod.fault("gpu-runaway", "gpu3")
         await until(agent, lambda: bool(active_on(agent, "gpu3")), timeout=20, what="interlock on gpu3")

@@ -316,9 +316,16 @@ def _interlock_parts(status: Mapping[str, Any] | None) -> list[RenderableType]:
         return [Text.assemble(("Interlocks ", "bold"), ("interlock service not running", "bold red"))]
     out: list[RenderableType] = []
     active = status.get("active", [])
-    if not active:
-        out.append(Text.assemble(("Interlocks ", "bold"), ("none active", "green")))
+    head = Text("Interlocks ", style="bold")
+    if active:
+        head.append(f"{len(active)} active", style="bold red")
     else:
+        head.append("none active", style="green")
+    if status.get("config_hash"):
+        # Which interlock settings are in force: the same hash as the MQTT birth and reload event.
+        head.append(f"  config {status['config_hash']}", style="dim")
+    out.append(head)
+    if active:
         out.append(interlock_table(active))
     caps = {g: c for g, c in status.get("caps", {}).items() if c.get("state") != "default"}
     if caps:

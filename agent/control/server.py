@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import grp
 import os
 import pwd
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.accept import AcceptLoop
 from agent.config import AgentConfig
 from agent.control import protocol as p
 from agent.control.config import ControlConfig
@@ -134,7 +134,7 @@ class ControlServer:
         self._per_uid: dict[int, int] = {}
         self.rejected_connections = 0
         self.dropped_clients = 0
-        self.accept_failures = 0
+        self._accept = AcceptLoop("control socket")
         # Refused requests: a token bucket per uid (rate limit) and a sampled audit event.
         self._refused_tokens: dict[int, tuple[float, float]] = {}  # uid -> (tokens, at)
         self._refused_total: dict[int, int] = {}
@@ -173,7 +173,7 @@ class ControlServer:
             log.info("control socket listening", path=str(self.path))
             self.listening.set()
             async with asyncio.TaskGroup() as tg:
-                await self._accept_loop(listener, tg)
+                await self._accept.run(listener, lambda conn: self._admit(conn, tg))
         finally:
             listener.close()
             with contextlib.suppress(ValueError):
@@ -181,31 +181,6 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(self.path.lstat().st_mode):
                     self.path.unlink()
-
-    async def _accept_loop(self, listener: socket.socket, tg: asyncio.TaskGroup) -> None:
-        """Accept for ever. Out of file descriptors (EMFILE/ENFILE) or memory: one log line, then
-        back off (the pending connections wait in the kernel's backlog) until accepting works."""
-        loop = asyncio.get_running_loop()
-        backoff = 0.05
-        starved = False
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as err:
-                # Out of descriptors or memory (or anything else accept() can say): never fatal.
-                self.accept_failures += 1
-                if not starved:
-                    starved = True
-                    level = log.error if err.errno in (errno.EMFILE, errno.ENFILE) else log.warning
-                    level("control socket cannot accept; backing off", error=str(err))
-                await asyncio.sleep(backoff)
-                backoff = min(1.0, backoff * 2)
-                continue
-            if starved:
-                starved = False
-                log.warning("control socket accepts again", failed_accepts=self.accept_failures)
-            backoff = 0.05
-            self._admit(conn, tg)
 
     def _admit(self, conn: socket.socket, tg: asyncio.TaskGroup) -> None:
         """Caps on connections, overall and per uid, checked before any task or buffer exists."""
@@ -264,6 +239,10 @@ class ControlServer:
                 self._per_uid[peer.uid] = left
             else:
                 self._per_uid.pop(peer.uid, None)
+
+    @property
+    def accept_failures(self) -> int:
+        return self._accept.failures
 
     def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
         out: list[tuple[str, list[tuple[str, str]], float, str]] = [

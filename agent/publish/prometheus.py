@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent import __version__
+from agent.accept import AcceptLoop
 from agent.config import HostDevice, ModbusDevice, NvmlDevice, SnmpDevice
 from agent.histogram import Histogram
 from agent.model import Quality, Reading
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from agent.app import Agent
 
 log = structlog.get_logger(__name__)
+# Open /metrics and /healthz connections at once (a scraper or two and a curl are the use).
+MAX_CONNECTIONS = 32
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Labels = tuple[tuple[str, str], ...]
@@ -341,27 +344,77 @@ def health(agent: Agent) -> tuple[bool, dict[str, Any]]:
     return ok, {"status": "ok" if ok else "degraded", "ready": agent.ready.is_set(), "devices": problems}
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on host:port ("" or "0.0.0.0": every IPv4 address,
+    "::": every address)."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.create_server(addr[:2], family=family, backlog=128)
+    listener.setblocking(False)
+    return listener
+
+
 class PrometheusExporter:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         host, _, port = agent.config.prometheus.listen.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
-        self.server: asyncio.Server | None = None
         self.renderer = MetricsRenderer(agent)
+        self._accept = AcceptLoop("prometheus endpoint")
+        self._conns: set[socket.socket] = set()
+        self.rejected_connections = 0
 
     async def run(self) -> None:
         try:
-            self.server = await asyncio.start_server(self._serve, self.host, self.port)
+            listener = _listen(self.host, self.port)
         except OSError as err:
             # The endpoint is optional: a port clash must not take the safety agent down.
             log.error(
                 "prometheus endpoint not started", listen=self.agent.config.prometheus.listen, error=str(err)
             )
             return
+        self.agent.metric_sources.append(self.metrics)
         log.info("prometheus endpoint listening", listen=self.agent.config.prometheus.listen)
-        async with self.server:
-            await self.server.serve_forever()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await self._accept.run(listener, lambda conn: self._admit(conn, tg))
+        finally:
+            listener.close()
+            with contextlib.suppress(ValueError):
+                self.agent.metric_sources.remove(self.metrics)
+
+    def _admit(self, conn: socket.socket, tg: asyncio.TaskGroup) -> None:
+        # A scraper or two, a curl: a flood past the cap is closed at once, before any buffer.
+        if len(self._conns) >= MAX_CONNECTIONS:
+            self.rejected_connections += 1
+            conn.close()
+            return
+        self._conns.add(conn)
+        tg.create_task(self._connection(conn), name="prometheus-client")
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            self._conns.discard(conn)
+            conn.close()
+            return
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._conns.discard(conn)
+
+    def metrics(self) -> list[tuple[str, list[tuple[str, str]], float, str]]:
+        return [
+            ("podagent_prometheus_connections", [], len(self._conns), "Open /metrics connections."),
+            ("podagent_prometheus_rejected_connections_total", [], self.rejected_connections,
+             f"Connections closed at once: over the cap of {MAX_CONNECTIONS} open ones."),
+            ("podagent_prometheus_accept_failures_total", [], self._accept.failures,
+             "accept() failures for lack of file descriptors or memory."),
+        ]  # fmt: skip
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
