@@ -54,7 +54,7 @@ def write_config(pod: dict[str, Any], tmp: Path, mqtt: str) -> Path:
 @contextlib.asynccontextmanager
 async def running_agent(config_path: Path) -> AsyncIterator[tuple[Agent, MqttService]]:
     config = load_config(config_path)
-    agent = Agent(config)
+    agent = Agent(config, config_path=config_path)
     service = build_service(config)
     assert service is not None
     agent.add_service(service)
@@ -67,6 +67,34 @@ async def running_agent(config_path: Path) -> AsyncIterator[tuple[Agent, MqttSer
         # 3 s): a stop that takes longer than this is a bug, not load.
         async with asyncio.timeout(30):
             await task
+
+
+async def test_a_reload_publishes_a_new_birth_with_the_config_in_force(
+    pod: dict[str, Any], broker: Mosquitto, tmp_path: Path
+) -> None:
+    sub = await Subscriber(broker.port).start()
+    path = write_config(pod, tmp_path, mqtt_toml([broker.port], telemetry_period_s=0.5))
+
+    def intervals(m: Any) -> dict[str, float]:
+        return {d["id"]: d["poll_interval_s"] for d in m.json()["devices"]}
+
+    async with running_agent(path) as (agent, _service):
+        first = await sub.wait_for(lambda ms: sub.on("/birth"))
+        before = intervals(first[0])
+        assert before["cdu-1"] != 2.5
+        text = path.read_text()
+        block = text.index('id = "cdu-1"')
+        at = text.index("poll_interval_s = ", block)
+        end = text.index("\n", at)
+        path.write_text(text[:at] + "poll_interval_s = 2.5" + text[end:])
+        await agent.ready.wait()
+        assert await agent.reload(), agent.last_reload_error
+        births = await sub.wait_for(lambda ms: [m for m in sub.on("/birth") if intervals(m)["cdu-1"] == 2.5])
+        after = intervals(births[-1])
+        assert {d: v for d, v in after.items() if d != "cdu-1"} == {
+            d: v for d, v in before.items() if d != "cdu-1"
+        }
+    await sub.stop()
 
 
 def telemetry_metrics(messages: list[Any], device: str) -> list[list[str]]:

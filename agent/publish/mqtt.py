@@ -208,6 +208,10 @@ class MqttService:
     def _on_event(self, event: Event) -> None:
         self._pending_events.append(self._event_body(event))
         self._event_wake.set()
+        if event.kind == "config_reloaded":
+            # The inventory (devices, their intervals, the interlock hash) may have changed: the
+            # fleet gets a new birth, as after a rebirth command.
+            self._rebirth.set()
 
     @staticmethod
     def _event_body(event: Event) -> bytes:
@@ -664,7 +668,9 @@ class MqttService:
         return {
             "pod": {"site": self.config.pod.site, "id": self.config.pod.id},
             "devices": [
-                {"id": d.id, "kind": d.kind, "poll_interval_s": d.poll_interval_s} for d in self.config.device
+                # The config in force (a reload replaces the agent's; this publisher's is its start's).
+                {"id": d.id, "kind": d.kind, "poll_interval_s": d.poll_interval_s}
+                for d in agent.config.device
             ],
             "metrics": metrics,
             # Each GPU's identity (docs/mqtt.md): the pod-unique device id of its telemetry topic
