@@ -31,8 +31,17 @@ def _table(name: str, items: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-FAST_PROFILES = ("generic-bms", "generic-site-meter")
+# The power controller's inputs (ramp limiting) are polled every control period: devices whose
+# profile says they are a battery or a site meter.
+FAST_KINDS = ("battery", "meter")
 FAST_POLL_S = 0.2
+
+
+def _profile_kind(profile: str) -> str | None:
+    from agent.profiles import check_profile
+
+    loaded, _ = check_profile(profile, "modbus")
+    return None if loaded is None else loaded.kind
 
 
 def _power_section(topo: dict[str, Any], extra: str) -> str:
@@ -217,8 +226,7 @@ def render_agent_config(
             dev.update(transport="tcp", host=entry["host"], port=entry["port"])
         dev["unit"] = entry["unit"]
         dev["poll_interval_s"] = poll_interval_s
-        if entry.get("profile") in FAST_PROFILES:
-            # The power controller's inputs (ramp limiting): polled every control period.
+        if _profile_kind(entry["profile"]) in FAST_KINDS:
             dev["poll_interval_s"] = min(poll_interval_s, FAST_POLL_S)
         if entry["device"] in cdus and nodes is None:
             dev["gpus"] = gpus(cdus[entry["device"]]["gpus"])
