@@ -74,9 +74,15 @@ async def test_node_gpus_carry_their_servers_identity_in_prometheus_and_mqtt(tmp
                     for m in sub.messages:
                         if "/telemetry/srv-" in m.topic:
                             assert m.topic.rsplit("/", 1)[1] == m.json()["device"]
-                    birth = await sub.wait_for(lambda ms: [m for m in ms if m.topic.endswith("/birth")])
+
+                    # A birth goes out again whenever the inventory grows (a node's first poll): await
+                    # the one that has every node's GPUs.
+                    def full_births(ms: list) -> list:  # type: ignore[type-arg]
+                        births = [m for m in ms if m.topic.endswith("/birth")]
+                        return [m for m in births if set(everything) <= set(m.json()["gpus"])]
+
+                    birth = await sub.wait_for(full_births, timeout=20)
                     gpus = birth[-1].json()["gpus"]
-                    assert set(everything) <= set(gpus), gpus
                     assert gpus["srv-1-gpu2"]["hostname"] == "duo-srv-1" and gpus["srv-1-gpu2"]["gpu"] == "2"
                     assert gpus["srv-1-gpu2"]["node"] == "srv-1"
                     assert gpus["srv-1-gpu2"]["uuid"] == agent.store.info("srv-1-gpu2")["uuid"]
