@@ -26,12 +26,7 @@ from agent.sdnotify import Notifier
 from agent.state import DeviceStatus, StateStore
 from tests.agent_helpers import running_agent, until
 from tests.conftest import SimPod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest_mqtt import free_port
 
 
 class NotifyListener:

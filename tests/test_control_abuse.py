@@ -330,7 +330,7 @@ async def test_prometheus_endpoint_out_of_file_descriptors_backs_off_and_recover
 ) -> None:
     """asyncio's own server loop logged a traceback per failed accept(); ours says it once."""
     from agent.publish.prometheus import PrometheusExporter
-    from tests.prom_helpers import free_port
+    from tests.conftest_mqtt import free_port
     from tests.test_podctl_support import host_only_config
 
     port = free_port()

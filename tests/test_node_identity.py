@@ -13,9 +13,9 @@ from agent.interlocks.service import InterlockService
 from agent.publish.mqtt import build_service as mqtt_service
 from hwsim.agentconf import render_agent_config
 from tests.agent_helpers import running_agent
-from tests.conftest_mqtt import Mosquitto, Subscriber
+from tests.conftest_mqtt import Mosquitto, Subscriber, free_port
 from tests.node_helpers import node_fleet
-from tests.prom_helpers import free_port, get, parse
+from tests.prom_helpers import get, parse
 from tests.test_node_e2e import CONTROLLER_EXTRA, NODE_POLL_S, duo, fresh, gpu_ids, until_agent
 
 

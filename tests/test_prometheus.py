@@ -19,7 +19,8 @@ from agent.publish.metrics_catalog import GPU_LABELS, reference_markdown
 from agent.publish.prometheus import _scaled, fmt_value
 from tests.agent_helpers import running_agent, until
 from tests.conftest import ROOT, SimPod
-from tests.prom_helpers import free_port, get, parse
+from tests.conftest_mqtt import free_port
+from tests.prom_helpers import get, parse
 
 PROMTOOL = shutil.which("promtool")
 # What promtool flags in dcgm-exporter's own output, which we reproduce on purpose so NVIDIA's

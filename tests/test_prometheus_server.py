@@ -23,7 +23,8 @@ import pytest
 
 from agent.publish.metrics_catalog import KNOWN, PLANNED
 from tests.conftest import ROOT, SimPod, start_pod, stop_pod
-from tests.prom_helpers import free_port, get, parse
+from tests.conftest_mqtt import free_port
+from tests.prom_helpers import get, parse
 
 DASHBOARDS = ROOT / "dashboards"
 PROMTOOL = shutil.which("promtool")
