@@ -32,8 +32,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# Most of the suite waits (polls, staleness, ramps, outages), so files run in parallel: three
+# workers on this 2-core machine, one file per worker at a time (a file's tests share fixtures and,
+# for the demo pod, fixed ports). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 pytest: install debs
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
