@@ -303,8 +303,12 @@ class Physics:
 
     def smoothing_request(self, gpu_index: int, op: int, profile: int, param: int, value: float) -> None:
         """One NVML smoothing call taken from the fake (already validated there): 1 SetState
-        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam. The active preset's
-        floor / ramps / hysteresis are what the physics applies. ValueError: not supported."""
+        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam; 4 the filler floor (W;
+        not NVML, any GPU). The active preset's floor / ramps / hysteresis are what the physics
+        applies. ValueError: not supported."""
+        if op == 4:  # the filler floor (not NVML; any GPU model): hwsim.nvml.podagentSetFillerFloor
+            self.set_soft_floor(gpu_index, value)
+            return
         sm = self.smoothing[gpu_index]
         if not sm.supported:
             raise ValueError("power smoothing not supported on this GPU")

@@ -16,7 +16,9 @@ import pytest
 
 import hwsim.nvml as nv
 from agent.config import NvmlDevice
+from agent.drivers.base import DriverError
 from agent.drivers.nvml import NvmlDriver
+from agent.drivers.smoothing import SmoothingSettings
 from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.physics import Physics
 from hwsim.podspec import PodSpec, load_pod_spec
@@ -162,13 +164,17 @@ async def test_the_nvml_driver_sets_smoothing_and_its_poll_reads_it_back(sim: Si
     try:
         before = {(r.device, r.metric): r.value for r in await drv.poll()}
         assert before[("gpu0", "power_smoothing_enabled")] == 0.0
-        await drv.set_power_smoothing("gpu0", 20.0, 2000.0, 2000.0, 100.0, preset=1)
+        readback = await drv.set_power_smoothing(
+            "gpu0", SmoothingSettings(20.0, 2000.0, 2000.0, 100.0), preset=1
+        )
+        default_w = sim.phys.state.gpus[0].default_limit_w
+        assert readback.enabled and readback.profile == 1
+        assert readback.floor_w == pytest.approx(0.2 * default_w)
         for _ in range(200):
             got = {(r.device, r.metric): r.value for r in await drv.poll()}
             if got[("gpu0", "power_smoothing_enabled")] == 1.0:
                 break
             await asyncio.sleep(0.01)
-        default_w = sim.phys.state.gpus[0].default_limit_w
         assert got[("gpu0", "power_smoothing_profile")] == 1.0
         assert got[("gpu0", "power_smoothing_floor_w")] == pytest.approx(0.2 * default_w)
         sm = sim.phys.smoothing[0]
@@ -179,13 +185,50 @@ async def test_the_nvml_driver_sets_smoothing_and_its_poll_reads_it_back(sim: Si
             100.0,
         )
         assert got[("gpu1", "power_smoothing_enabled")] == 0.0  # only the GPU asked
-        await drv.set_power_smoothing("gpu0", None)  # released
+        released = await drv.set_power_smoothing("gpu0", None)
+        assert not released.enabled
         for _ in range(200):
             got = {(r.device, r.metric): r.value for r in await drv.poll()}
             if got[("gpu0", "power_smoothing_enabled")] == 0.0:
                 break
             await asyncio.sleep(0.01)
         assert got[("gpu0", "power_smoothing_enabled")] == 0.0
+    finally:
+        await drv.close()
+        stop.set()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("sim", [False], indirect=True)
+@pytest.mark.skipif(os.geteuid() != 0, reason="smoothing calls need root, as on real NVML")
+async def test_h100_refuses_smoothing_but_takes_a_filler_floor_through_the_driver(sim: Sim) -> None:
+    stop = threading.Event()
+
+    def ticking() -> None:
+        while not stop.is_set():
+            sim.tick()
+            time.sleep(0.005)
+
+    cfg = NvmlDevice.model_validate(
+        {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": sim.writer.path}
+    )
+    thread = threading.Thread(target=ticking, daemon=True)
+    thread.start()
+    drv = NvmlDriver(cfg)
+    await drv.open()
+    try:
+        await drv.poll()
+        with pytest.raises(DriverError, match="NVML_ERROR_NOT_SUPPORTED"):
+            await drv.set_power_smoothing("gpu0", SmoothingSettings(80.0, 600.0, 100.0, 2000.0))
+        assert await drv.set_filler_floor("gpu1", 450.0) == 450.0
+        for _ in range(200):
+            if sim.phys.smoothing[1].soft_floor_w == 450.0:
+                break
+            await asyncio.sleep(0.01)
+        assert sim.phys.smoothing[1].soft_floor_w == 450.0
+        assert sim.phys.smoothing[0].soft_floor_w == 0.0
+        with pytest.raises(ValueError):
+            await drv.set_filler_floor("gpu1", float("nan"))
     finally:
         await drv.close()
         stop.set()

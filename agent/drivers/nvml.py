@@ -33,6 +33,7 @@ import structlog
 
 from agent.config_base import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
+from agent.drivers.smoothing import SETTLE_S, SMOOTHING_PRESET, SmoothingReadback, SmoothingSettings
 from agent.drivers.values import untrusted
 from agent.model import DeviceEvent, Quality, Reading, unit_of
 
@@ -332,6 +333,9 @@ class NvmlDriver:
         self._initialised = False
         self._executor: ThreadPoolExecutor | None = None
         self._act_executor: ThreadPoolExecutor | None = None  # power-limit sets (see set_power_limits)
+        # Smoothing and filler sets: their own thread (a smoothing profile is several calls that may
+        # each wait for the firmware/physics tick; a cap must not wait behind them).
+        self._settings_executor: ThreadPoolExecutor | None = None
         self._stuck: asyncio.Future[Any] | None = None  # a call that outlived its timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self.driver_version: str | None = None
@@ -362,6 +366,9 @@ class NvmlDriver:
         if self._act_executor is not None:
             self._act_executor.shutdown(wait=False, cancel_futures=True)
             self._act_executor = None
+        if self._settings_executor is not None:
+            self._settings_executor.shutdown(wait=False, cancel_futures=True)
+            self._settings_executor = None
 
     async def poll(self) -> list[Reading]:
         return await self._run(self._poll_sync)
@@ -749,26 +756,47 @@ class NvmlDriver:
         return _w(now_mw)
 
     async def set_power_smoothing(
-        self,
-        device: str,
-        floor_pct: float | None,
-        ramp_up_w_per_s: float = 0.0,
-        ramp_down_w_per_s: float = 0.0,
-        hysteresis_ms: float = 0.0,
-        *,
-        preset: int = 0,
-    ) -> None:
+        self, device: str, settings: SmoothingSettings | None, *, preset: int = SMOOTHING_PRESET
+    ) -> SmoothingReadback:
         """NVIDIA power smoothing (Blackwell-class, root): write ``preset``'s floor (% of TMP),
-        ramp rates (W/s) and hysteresis (ms), activate it and switch smoothing on; ``floor_pct``
-        None switches it off. The read-back is the poll's ``power_smoothing_*`` readings.
-        DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU without it (H100)."""
+        ramp rates (W/s) and hysteresis (ms), activate it and switch smoothing on; ``None``
+        switches it off. Returns what the GPU reads back (NVML_FI_PWR_SMOOTHING_*), once it agrees
+        with the request or after ``SETTLE_S``. DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU
+        without it (H100)."""
         gpu = self._gpu(device)
-        values = (floor_pct, ramp_up_w_per_s, ramp_down_w_per_s, hysteresis_ms)
-        if floor_pct is not None and not all(v is not None and math.isfinite(v) for v in values):
-            raise ValueError(f"{device}: power smoothing values {values!r}")
-        await self._run(lambda: self._set_smoothing_sync(gpu, values, preset))
+        if settings is not None and not settings.valid():
+            raise ValueError(f"{device}: power smoothing values {settings!r}")
+        return await self._run_settings(lambda: self._set_smoothing_sync(gpu, settings, preset))
 
-    def _set_smoothing_sync(self, gpu: _Gpu, values: tuple[float | None, ...], preset: int) -> None:
+    async def set_filler_floor(self, device: str, watts: float) -> float:
+        """The software fallback's filler floor (W; 0: off): low-priority work that keeps the GPU's
+        draw up while the job communicates. NVML has no such call: it is the library's
+        ``podagentSetFillerFloor`` where one is provided (hwsim's fake); elsewhere DeviceError
+        ``no filler backend`` (a real node needs a burn kernel, not shipped). Returns the floor
+        now in force (the backend's answer: a filler is this host's own process)."""
+        gpu = self._gpu(device)
+        if not math.isfinite(watts) or watts < 0.0:
+            raise ValueError(f"{device}: filler floor {watts!r} W")
+        return await self._run_settings(lambda: self._set_filler_sync(gpu, watts))
+
+    async def _run_settings(self, fn: Callable[[], _T]) -> _T:
+        if self._loop is None or not self._initialised:
+            raise DeviceUnavailable(self.device_id, "not open")
+        if self._settings_executor is None:
+            self._settings_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"nvml-set[{self.device_id}]"
+            )
+        fut = self._loop.run_in_executor(self._settings_executor, fn)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            async with asyncio.timeout(max(self.cfg.timeout_s, 4 * SETTLE_S)):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise DeviceUnavailable(self.device_id, "NVML settings call timed out") from None
+
+    def _set_smoothing_sync(
+        self, gpu: _Gpu, settings: SmoothingSettings | None, preset: int
+    ) -> SmoothingReadback:
         lib = self._lib
         assert lib is not None
         failure = self._ensure_handle(gpu)
@@ -776,27 +804,73 @@ class NvmlDriver:
             raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
         try:
             state = lib.c_nvmlPowerSmoothingState_v1_t()
-            if values[0] is not None:
+            if settings is not None:
                 params = (
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_PERCENT_TMP_FLOOR,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_UP_RATE,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_RATE,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_HYSTERESIS,
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_PERCENT_TMP_FLOOR, settings.floor_pct),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_UP_RATE, settings.ramp_up_w_per_s),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_RATE, settings.ramp_down_w_per_s),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_HYSTERESIS, settings.hysteresis_ms),
                 )
-                for param, value in zip(params, values, strict=True):
+                for param, value in params:
                     profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
-                    profile.profileId, profile.paramId, profile.value = preset, param, float(value or 0.0)
+                    profile.profileId, profile.paramId, profile.value = preset, param, float(value)
                     lib.nvmlDevicePowerSmoothingUpdatePresetProfileParam(gpu.handle, profile)
                 profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
                 profile.profileId = preset
                 lib.nvmlDevicePowerSmoothingActivatePresetProfile(gpu.handle, profile)
-            state.state = 0 if values[0] is None else 1
+            state.state = 0 if settings is None else 1
             lib.nvmlDevicePowerSmoothingSetState(gpu.handle, state)
+            readback = self._smoothing_readback_sync(gpu)
+            deadline = time.monotonic() + SETTLE_S
+            # A set takes effect at the firmware's (hwsim: the physics') next tick.
+            while not readback.agrees(settings, preset) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                readback = self._smoothing_readback_sync(gpu)
         except lib.NVMLError as err:
             name = self._err_name(err)
             cls = DeviceUnavailable if name in (*_LIBRARY_GONE, "NVML_ERROR_GPU_IS_LOST") else DeviceError
             raise cls(gpu.device, f"power smoothing: {name}") from None
-        log.info("gpu power smoothing set", device=gpu.device, values=values, preset=preset)
+        log.info(
+            "gpu power smoothing set", device=gpu.device, settings=settings, preset=preset, readback=readback
+        )
+        return readback
+
+    def _smoothing_readback_sync(self, gpu: _Gpu) -> SmoothingReadback:
+        lib = self._lib
+        assert lib is not None
+        ids = [
+            lib.NVML_FI_PWR_SMOOTHING_ENABLED,
+            lib.NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE,
+            lib.NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR,
+        ]
+        values = lib.nvmlDeviceGetFieldValues(gpu.handle, ids)
+        out: list[float | None] = []
+        for position in range(len(ids)):
+            try:
+                out.append(_field(lib, position)(values))
+            except (_FieldUnsupported, ValueError):
+                out.append(None)
+        enabled, profile, floor_w = out
+        if enabled is None:
+            raise lib.NVMLError(lib.NVML_ERROR_NOT_SUPPORTED)
+        return SmoothingReadback(
+            enabled=bool(enabled), profile=None if profile is None else int(profile), floor_w=floor_w
+        )
+
+    def _set_filler_sync(self, gpu: _Gpu, watts: float) -> float:
+        lib = self._lib
+        assert lib is not None
+        backend = getattr(lib, "podagentSetFillerFloor", None)
+        if backend is None:
+            raise DeviceError(gpu.device, "no filler backend on this host (NVML has no such call)")
+        failure = self._ensure_handle(gpu)
+        if failure is not None:
+            raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
+        try:
+            backend(gpu.handle, float(watts))
+        except lib.NVMLError as err:
+            raise DeviceError(gpu.device, f"filler floor: {self._err_name(err)}") from None
+        return float(watts)
 
     def _gpu(self, device: str) -> _Gpu:
         gpu = self._by_device.get(device)

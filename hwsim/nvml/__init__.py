@@ -111,6 +111,7 @@ from pynvml import (
 
 from hwsim.nvml.shm import (
     SMOOTH_OP_ACTIVATE,
+    SMOOTH_OP_FILLER_FLOOR,
     SMOOTH_OP_SET_STATE,
     SMOOTH_OP_UPDATE_PARAM,
     SMOOTHING_PARAMS,
@@ -680,6 +681,10 @@ def _smoothing_request(handle: Any, op: int, profile: int, param: int, value: fl
     """Queue one call in the GPU's request slot, once the physics took the one before (calls in a
     row must not overwrite each other); NVML_ERROR_TIMEOUT if the pod is not ticking."""
     reader, idx = _smoothing_gpu(handle)
+    _queue(reader, idx, op, profile, param, value)
+
+
+def _queue(reader: NvmlShmReader, idx: int, op: int, profile: int, param: int, value: float) -> None:
     pending = reader.smoothing_request_seq(idx)
     deadline = time.monotonic() + SMOOTHING_TAKE_TIMEOUT_S
     while reader.smoothing(idx).taken < pending:
@@ -768,6 +773,19 @@ def _smoothing_field(reader: NvmlShmReader, idx: int, rec: GpuNumbers, fid: int,
         NVML_FI_PWR_SMOOTHING_PRIMARY_POWER_FLOOR: floor_w if sm.enabled else 0.0,
     }
     return values.get(fid)
+
+
+def podagentSetFillerFloor(handle: Any, watts: float) -> None:
+    """Not NVML: the node's filler backend (agent/drivers/nvml.py ``set_filler_floor``). Keeps the
+    GPU's draw at ``watts`` or more with work that adds no progress (0: off); any GPU model, no
+    root (a filler is an ordinary CUDA process). Applied at the physics' next tick."""
+    reader, idx, _ = _gpu(handle)
+    if not math.isfinite(watts) or watts < 0.0:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    try:
+        _queue(reader, idx, SMOOTH_OP_FILLER_FLOOR, 0, 0, float(watts))
+    except PermissionError:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION) from None
 
 
 def _not_supported(handle: Any) -> None:

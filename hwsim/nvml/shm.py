@@ -118,6 +118,9 @@ _REQ_SPINS = 1000
 SMOOTHING_PROFILES = 5  # NVML_POWER_SMOOTHING_MAX_NUM_PROFILES
 SMOOTHING_PARAMS = 8  # NVML_POWER_SMOOTHING_NUM_PROFILE_PARAMS
 SMOOTH_OP_SET_STATE, SMOOTH_OP_ACTIVATE, SMOOTH_OP_UPDATE_PARAM = 1, 2, 3
+# Not an NVML call: the software fallback's filler floor (value W; any GPU model), which a node
+# runs as low-priority burn work beside the job. The fake's ``podagentSetFillerFloor`` queues it.
+SMOOTH_OP_FILLER_FLOOR = 4
 # After a u64 seqlock: the request counter taken, supported, enabled, profile, then the doubles.
 _SMOOTH = struct.Struct("<QIII4x" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))
 _SMOOTH_SIZE = 8 + _SMOOTH.size
