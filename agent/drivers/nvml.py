@@ -33,7 +33,15 @@ import structlog
 
 from agent.config_base import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
-from agent.drivers.smoothing import SETTLE_S, SMOOTHING_PRESET, SmoothingReadback, SmoothingSettings
+from agent.drivers.smoothing import (
+    NOT_SUPPORTED,
+    SETTLE_S,
+    SMOOTHING_PRESET,
+    GpuSettingsAsk,
+    GpuSettingsOutcome,
+    SmoothingReadback,
+    SmoothingSettings,
+)
 from agent.drivers.values import untrusted
 from agent.model import DeviceEvent, Quality, Reading, unit_of
 
@@ -779,12 +787,39 @@ class NvmlDriver:
             raise ValueError(f"{device}: filler floor {watts!r} W")
         return await self._run_settings(lambda: self._set_filler_sync(gpu, watts))
 
+    async def set_gpu_settings(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        """Each GPU's smoothing and filler floor as asked, GPUs in parallel (each set may wait for
+        the firmware's tick); per GPU what was read back or why not. Never raises for one GPU."""
+
+        async def one(device: str, ask: GpuSettingsAsk) -> GpuSettingsOutcome:
+            smoothing: SmoothingReadback | None = None
+            s_err: str | None = None
+            f_err: str | None = None
+            filler: float | None = None
+            if ask.set_smoothing:
+                try:
+                    smoothing = await self.set_power_smoothing(device, ask.smoothing)
+                except (DriverError, ValueError) as err:
+                    s_err = err.reason if isinstance(err, DriverError) else str(err)
+            if ask.filler_w is not None:
+                try:
+                    filler = await self.set_filler_floor(device, ask.filler_w)
+                except (DriverError, ValueError) as err:
+                    f_err = err.reason if isinstance(err, DriverError) else str(err)
+            unsupported = s_err is not None and NOT_SUPPORTED in s_err
+            return GpuSettingsOutcome(smoothing, s_err, unsupported, filler, f_err)
+
+        devices = list(asks)
+        results = await asyncio.gather(*(one(d, asks[d]) for d in devices))
+        return dict(zip(devices, results, strict=True))
+
     async def _run_settings(self, fn: Callable[[], _T]) -> _T:
         if self._loop is None or not self._initialised:
             raise DeviceUnavailable(self.device_id, "not open")
         if self._settings_executor is None:
             self._settings_executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"nvml-set[{self.device_id}]"
+                max_workers=max(1, min(8, len(self._by_device))),  # GPUs in parallel (own slots)
+                thread_name_prefix=f"nvml-set[{self.device_id}]",
             )
         fut = self._loop.run_in_executor(self._settings_executor, fn)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -46,4 +46,38 @@ class SmoothingReadback:
         return self.enabled and (self.profile is None or self.profile == preset)
 
 
-__all__ = ["SETTLE_S", "SMOOTHING_PRESET", "SmoothingReadback", "SmoothingSettings"]
+@dataclass(frozen=True, slots=True)
+class GpuSettingsAsk:
+    """What to change on one GPU besides its cap (an unasked part changes nothing)."""
+
+    set_smoothing: bool = False  # smoothing asked (then ``smoothing`` None: switch it off)
+    smoothing: SmoothingSettings | None = None
+    filler_w: float | None = None  # the filler floor (W, 0: off); None: not asked
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSettingsOutcome:
+    """What one GPU did with a GpuSettingsAsk: read back, or why not (never raised per GPU)."""
+
+    smoothing: SmoothingReadback | None = None  # read back after a smoothing set
+    smoothing_error: str | None = None
+    unsupported: bool = False  # the GPU has no power smoothing (NOT_SUPPORTED: H100): do not retry
+    filler_w: float | None = None  # the filler floor now in force
+    filler_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.smoothing_error is None and self.filler_error is None
+
+
+NOT_SUPPORTED = "NVML_ERROR_NOT_SUPPORTED"
+
+__all__ = [
+    "NOT_SUPPORTED",
+    "SETTLE_S",
+    "SMOOTHING_PRESET",
+    "GpuSettingsAsk",
+    "GpuSettingsOutcome",
+    "SmoothingReadback",
+    "SmoothingSettings",
+]
