@@ -73,6 +73,10 @@ class PowerConfig(Strict):
     no_battery_fallback: Literal["trough_caps", "soft_floor"] = "trough_caps"
     soft_floor_frac: float = Field(0.85, ge=0, le=1)  # floor = this x the GPU's recent peak draw
     soft_floor_hold_s: float = Field(5.0, ge=0)  # the peak is held this long (a trough is shorter)
+    # NVIDIA power smoothing on the GPUs that have it (Blackwell-class): "auto" sets the profile
+    # control.choose_smoothing picks from the contract and the battery (NOT_SUPPORTED GPUs are
+    # asked once, then left to the soft floor); "off" never touches it.
+    gpu_smoothing: Literal["auto", "off"] = "auto"
     # Ride-through (a grid sag or outage, as the site meter's or the BMS's grid_status says): the
     # GPUs step down to what the battery can carry for this long (its discharge limit, or its
     # energy above soc_min_pct over this time, minus cooling and ride_through_margin_w).

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from agent.drivers.smoothing import SmoothingSettings
 from agent.power.config import PowerConfig
 
 
@@ -221,6 +222,12 @@ class SmoothingProfile:
     ramp_up_w_per_s: float
     ramp_down_w_per_s: float
     hysteresis_ms: float
+
+    @property
+    def settings(self) -> SmoothingSettings:
+        return SmoothingSettings(
+            self.floor_pct, self.ramp_up_w_per_s, self.ramp_down_w_per_s, self.hysteresis_ms
+        )
 
 
 # With a battery carrying the slow swing: a low floor (the checkpoint pauses cost little), fast
