@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -42,6 +44,7 @@ from agent.power.control import (
 from agent.power.curtail import CurtailOrder, CurtailRefused, CurtailRun
 from agent.power.ridethrough import outage_pod_budget_w, stagger
 from agent.state import POD_DEVICE, StateStore
+from agent.statefile import read_json, write_atomic
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -50,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 CAP_REASON = "power_budget"
 FILLER_DEADBAND_W = 10.0  # a filler floor moving less than this is not re-sent (floors move often)
+CURTAIL_FILE = "curtail.json"
 SETTINGS_RETRY_S = 10.0  # a GPU whose smoothing or filler set failed is asked again after this
 
 
@@ -103,6 +107,7 @@ class PowerService:
         self.curtail: CurtailRun | None = None
         self.curtail_last: CurtailRun | None = None
         self._curtail_meter_ts: float | None = None
+        self.curtail_file: Path | None = None  # state_dir/curtail.json: the order survives a restart
         # Ride-through: the grid event the meter/BMS report ("sag", "outage"), since when (mono);
         # re-energisation: when the grid came back (mono), the caps held then, the climbing limit.
         self.grid_event: str | None = None
@@ -149,6 +154,7 @@ class PowerService:
             agent.events,
             agent.actuators.points,
             gpu_settings=agent.actuators.gpu_settings,
+            state_dir=agent.config.paths.state_dir,
             inventory=agent.inventory,
             gpus=gpu_ids,
             fleet_budget=lambda: agent.fleet_budget,
@@ -164,10 +170,14 @@ class PowerService:
         gpus: Callable[[], list[str]],
         fleet_budget: Callable[[], FleetBudget | None],
         gpu_settings: GpuSettings | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         """Run the control period until cancelled."""
         self.store, self.events, self.points = store, events, points
         self.gpu_settings = gpu_settings
+        if state_dir is not None:
+            self.curtail_file = state_dir / CURTAIL_FILE
+            self._resume_curtail(time.time())
         self.inventory = inventory
         self._gpu_ids, self._fleet_budget = gpus, fleet_budget
         period = self.config.control_period_s
@@ -494,6 +504,46 @@ class PowerService:
         self.curtail = CurtailRun(order, accepted_wall=now)
         self._curtail_meter_ts = None
         self._curtail_event("curtail_accepted", self.curtail, f"target {target:.0f} W now")
+        self._keep_curtail()
+
+    def _keep_curtail(self) -> None:
+        """The order in force to state_dir/curtail.json (removed when none): a controller restart
+        resumes it. A disk that refuses is logged; the order still runs."""
+        path = self.curtail_file
+        if path is None:
+            return
+        try:
+            if self.curtail is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, json.dumps(self.curtail.to_json(), allow_nan=False).encode())
+        except (OSError, ValueError) as err:
+            log.warning("curtail order not kept on disk", path=str(path), error=str(err))
+
+    def _resume_curtail(self, now_wall: float) -> None:
+        """At start: an order still in force is resumed; one that ended meanwhile is dropped."""
+        assert self.events is not None
+        path = self.curtail_file
+        if path is None or not path.exists():
+            return
+        run = CurtailRun.from_json(read_json(path))
+        if run is None:
+            log.warning("curtail file is not an order; dropped", path=str(path))
+            self._keep_curtail()
+            return
+        end = run.order.start_wall + run.order.duration_s
+        if end <= now_wall:
+            self.events.emit(
+                "curtail_expired",
+                Severity.INFO,
+                f"curtailment {run.order.id}: ended {now_wall - end:.0f} s ago, while the agent was "
+                "down; dropped",
+                detail=run.status(),
+            )
+            self._keep_curtail()
+            return
+        self.curtail = run
+        self._curtail_event("curtail_resumed", run, f"resumed after a restart, {end - now_wall:.0f} s left")
 
     def _min_import_w(self) -> float | None:
         """The lowest grid import the site can reach now, or None when it is not known."""
@@ -530,6 +580,7 @@ class PowerService:
                 self._curtail_event("curtail_released", run, f"released at {ramp or 0:.0f} W/s")
             elif run.phase == "done":
                 self._curtail_event("curtail_done", run, "ended")
+        what: str | None = None
         reading = (
             self.store.get(cfg.site_meter, "power_w") if self.store is not None and cfg.site_meter else None
         )
@@ -544,6 +595,9 @@ class PowerService:
                 self._curtail_event("curtail_missed", run, f"not reached within {run.order.deadline_s:g} s")
         if run.phase == "done":
             self.curtail_last, self.curtail = run, None
+            self._keep_curtail()
+        elif what == "reached" or (before != run.phase and run.phase == "active"):
+            self._keep_curtail()  # the start's import (a fraction's base) and the reach survive too
         return limit
 
     def _curtail_event(self, kind: str, run: CurtailRun, what: str) -> None:
