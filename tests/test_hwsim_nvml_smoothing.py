@@ -82,7 +82,7 @@ def test_blackwell_class_smoothing_is_set_applied_and_read_back(sim: Sim) -> Non
         P.NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING,
     )
     assert enabled == 0.0 and profiles == 5.0 and lifetime == 100.0
-    # Profile 2: floor 80% TMP, 600 W/s up, 100 W/s down, 2 s hysteresis (control.SMOOTHING_ALONE).
+    # Profile 2: floor 80% TMP, 600 W/s up, 100 W/s down, 2 s hysteresis (a fixed profile).
     for param, value in ((0, 80.0), (1, 600.0), (2, 100.0), (3, 2000.0)):
         nv.nvmlDevicePowerSmoothingUpdatePresetProfileParam(h, _profile(2, param, value))
         sim.tick()  # one request slot per GPU: the physics takes each at its next tick

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from agent.config import load_config
 from agent.drivers.smoothing import GpuSettingsAsk, SmoothingSettings
 from agent.interlocks.service import InterlockService
 from agent.node.protocol import ProtocolError, ReplayGuard, check_request
-from agent.power.control import SMOOTHING_ALONE
+from agent.power.config import PowerConfig
+from agent.power.control import smoothing_alone
 from agent.power.service import PowerService
 from tests.agent_helpers import running_agent, until
 from tests.conftest import SimPod, start_pod, stop_pod
@@ -72,12 +74,17 @@ async def until_sim(
         raise AssertionError(f"timed out after {within} s waiting for {what}; last {last}") from None
 
 
+def load_config_power(extra: str) -> PowerConfig:
+    return PowerConfig.model_validate(tomllib.loads(extra)["power"])
+
+
 def events(agent: Any, kind: str) -> list[Any]:
     return [e for e in agent.events.recent(since_wall=0) if e.kind == kind]
 
 
 async def test_smoothing_is_set_on_node_gpus_read_back_audited_and_released(tmp_path: Path) -> None:
-    want = SMOOTHING_ALONE  # no battery: the profile for smoothing alone
+    # No battery: the profile for smoothing alone, sized for the pod's 8 GPUs (700 W TMP).
+    want = smoothing_alone(load_config_power(POWER), [700.0] * N_GPUS)
     with duo(tmp_path, blackwell=True) as pod, node_fleet(pod, tmp_path) as fleet:
         path = tmp_path / "ctl.toml"
         path.write_text(fleet.controller_config(tmp_path / "ctl-state", extra=POWER))
@@ -149,13 +156,26 @@ async def test_h100_refuses_smoothing_once_and_the_soft_floor_fills_node_gpus(tm
                 lines = [r for r in node.log_lines() if r.get("kind") == "smoothing_refused"]
                 assert len(lines) == DUO_PER_SERVER, lines
                 assert all("NOT_SUPPORTED" in str(r.get("reason")) for r in lines)
-            # The physics holds the floors the controller last sent (within its deadband).
-            sm = smoothing(pod)
-            for server in range(DUO_SERVERS):
-                for i in range(DUO_PER_SERVER):
-                    gpu = f"srv-{server}-gpu{i}"
-                    sent = power.filler_sent.get(gpu, 0.0)
-                    assert sm[server * DUO_PER_SERVER + i]["soft_floor_w"] == pytest.approx(sent, abs=0.2)
+
+            # The physics holds the floors the controller last sent (sampled with no batch in flight).
+            def held_as_sent() -> bool:
+                task = power._settings_task
+                if task is not None and not task.done():
+                    return False
+                sent = dict(power.filler_sent)
+                sm = smoothing(pod)
+                if power._settings_task is not task:
+                    return False  # a batch started while the physics was read
+                return all(
+                    sm[s * DUO_PER_SERVER + i]["soft_floor_w"]
+                    == pytest.approx(sent.get(f"srv-{s}-gpu{i}", 0.0), abs=0.2)
+                    for s in range(DUO_SERVERS)
+                    for i in range(DUO_PER_SERVER)
+                )
+
+            async with asyncio.timeout(15):
+                while not await asyncio.to_thread(held_as_sent):
+                    await asyncio.sleep(0.05)
             assert agent.summary()["power"]["gpu_smoothing"]["filler_gpus"] >= N_GPUS // 2
         await until_sim(
             pod, lambda sm: all(s["soft_floor_w"] == 0.0 for s in sm), within=15, what="fillers off"

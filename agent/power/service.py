@@ -351,7 +351,7 @@ class PowerService:
         # GPUs whose firmware smooths need no filler (the soft floor is for the others).
         self.floors = {g: w for g, w in self.floors.items() if self.smoothing.get(g) is None}
         if self.gpu_settings is not None:
-            self._plan_gpu_settings(list(gpus), battery_ok=not no_battery, now=now)
+            self._plan_gpu_settings(gpus, battery_ok=not no_battery, now=now)
         if grid is not None:
             if self._last_grid is not None and now > self._last_grid[0]:
                 self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
@@ -606,12 +606,14 @@ class PowerService:
         self.events.emit(kind, severity, f"curtailment {run.order.id}: {what}", detail=run.status())
 
     # ------------------------------------------------------------------ GPU settings
-    def _plan_gpu_settings(self, gpus: list[str], *, battery_ok: bool, now: float) -> None:
+    def _plan_gpu_settings(self, gpus: Mapping[str, GpuInput], *, battery_ok: bool, now: float) -> None:
         """What each GPU should have now (smoothing from the contract and the battery; the filler
         floor), sent as one batch when it differs from what it has; one batch in flight."""
         if self._settings_task is not None and not self._settings_task.done():
             return
-        profile = choose_smoothing(self.config, battery_ok) if self.config.gpu_smoothing == "auto" else None
+        tmp_w = [x.default_w for g, x in gpus.items() if g not in self.smoothing_unsupported]
+        auto = self.config.gpu_smoothing == "auto" and bool(tmp_w)
+        profile = choose_smoothing(self.config, battery_ok, tmp_w) if auto else None
         want = None if profile is None else profile.settings
         asks: dict[str, GpuSettingsAsk] = {}
         for g in gpus:
