@@ -37,6 +37,7 @@ from agent.drivers.smoothing import (
     NOT_SUPPORTED,
     SETTLE_S,
     SMOOTHING_PRESET,
+    WORKLOAD_PROFILES,
     GpuSettingsAsk,
     GpuSettingsOutcome,
     SmoothingReadback,
@@ -806,12 +807,71 @@ class NvmlDriver:
                     filler = await self.set_filler_floor(device, ask.filler_w)
                 except (DriverError, ValueError) as err:
                     f_err = err.reason if isinstance(err, DriverError) else str(err)
+            workload: str | None = None
+            w_err: str | None = None
+            if ask.set_workload:
+                try:
+                    workload = await self.set_workload_profile(device, ask.workload_profile)
+                except (DriverError, ValueError) as err:
+                    w_err = err.reason if isinstance(err, DriverError) else str(err)
             unsupported = s_err is not None and NOT_SUPPORTED in s_err
-            return GpuSettingsOutcome(smoothing, s_err, unsupported, filler, f_err)
+            w_unsupported = w_err is not None and NOT_SUPPORTED in w_err
+            return GpuSettingsOutcome(
+                smoothing, s_err, unsupported, filler, f_err, workload, w_err, w_unsupported
+            )
 
         devices = list(asks)
         results = await asyncio.gather(*(one(d, asks[d]) for d in devices))
         return dict(zip(devices, results, strict=True))
+
+    async def set_workload_profile(self, device: str, profile: str | None) -> str:
+        """Request one NVML workload power profile (``WORKLOAD_PROFILES``; Blackwell-class, root)
+        in place of any requested before, or none (None). Returns the profile read back
+        (nvmlDeviceWorkloadPowerProfileGetCurrentProfiles' requested mask; "" for none).
+        DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU without them (H100)."""
+        gpu = self._gpu(device)
+        if profile is not None and profile not in WORKLOAD_PROFILES:
+            raise ValueError(f"{device}: unknown workload power profile {profile!r}")
+        return await self._run_settings(lambda: self._set_workload_sync(gpu, profile))
+
+    def _set_workload_sync(self, gpu: _Gpu, profile: str | None) -> str:
+        lib = self._lib
+        assert lib is not None
+        failure = self._ensure_handle(gpu)
+        if failure is not None:
+            raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
+
+        def request(mask: int) -> Any:
+            req = lib.c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t()
+            req.version = lib.nvmlWorkloadPowerProfileRequestedProfiles_v1
+            for i in range(len(req.requestedProfilesMask.mask)):
+                req.requestedProfilesMask.mask[i] = (mask >> (32 * i)) & 0xFFFFFFFF
+            return req
+
+        want = 0 if profile is None else 1 << WORKLOAD_PROFILES.index(profile)
+        try:
+            lib.nvmlDeviceWorkloadPowerProfileClearRequestedProfiles(
+                gpu.handle, request(((1 << len(WORKLOAD_PROFILES)) - 1) & ~want)
+            )
+            if want:
+                lib.nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(gpu.handle, request(want))
+            deadline = time.monotonic() + SETTLE_S
+            while True:  # a request takes effect at the firmware's (hwsim: the physics') next tick
+                current = lib.c_nvmlWorkloadPowerProfileCurrentProfiles_v1_t()
+                current.version = lib.nvmlWorkloadPowerProfileCurrentProfiles_v1
+                lib.nvmlDeviceWorkloadPowerProfileGetCurrentProfiles(gpu.handle, current)
+                words = current.requestedProfilesMask.mask
+                got = sum(int(w) << (32 * i) for i, w in enumerate(words))
+                if got == want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        except lib.NVMLError as err:
+            name = self._err_name(err)
+            cls = DeviceUnavailable if name in (*_LIBRARY_GONE, "NVML_ERROR_GPU_IS_LOST") else DeviceError
+            raise cls(gpu.device, f"workload power profile: {name}") from None
+        names = [n for i, n in enumerate(WORKLOAD_PROFILES) if got >> i & 1]
+        log.info("gpu workload power profile set", device=gpu.device, profile=profile, readback=names)
+        return ",".join(names)
 
     async def _run_settings(self, fn: Callable[[], _T]) -> _T:
         if self._loop is None or not self._initialised:

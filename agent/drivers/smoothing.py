@@ -46,6 +46,15 @@ class SmoothingReadback:
         return self.enabled and (self.profile is None or self.profile == preset)
 
 
+# NVML's workload power profiles (nvmlPowerProfileType_t: NVML_POWER_PROFILE_<name> = bit).
+WORKLOAD_PROFILES = (
+    "MAX_P", "MAX_Q", "COMPUTE", "MEMORY_BOUND", "NETWORK", "BALANCED", "LLM_INFERENCE",
+    "LLM_TRAINING", "RBM", "DCPCIE", "HMMA_SPARSE", "HMMA_DENSE", "SYNC_BALANCED", "HPC", "MIG",
+    "MAX_Q_1", "NETWORK_BOUND", "HIGH_THROUGHPUT_INFERENCE", "MEDIUM_THROUGHPUT_INFERENCE",
+    "LOW_LATENCY_INFERENCE", "TRAINING", "INFERENCE", "MAX_Q_2", "MAX_Q_3", "LOW_PRIORITY_BACKGROUND",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class GpuSettingsAsk:
     """What to change on one GPU besides its cap (an unasked part changes nothing)."""
@@ -53,6 +62,8 @@ class GpuSettingsAsk:
     set_smoothing: bool = False  # smoothing asked (then ``smoothing`` None: switch it off)
     smoothing: SmoothingSettings | None = None
     filler_w: float | None = None  # the filler floor (W, 0: off); None: not asked
+    set_workload: bool = False  # workload power profile asked (then None: clear the request)
+    workload_profile: str | None = None  # one of WORKLOAD_PROFILES
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +75,13 @@ class GpuSettingsOutcome:
     unsupported: bool = False  # the GPU has no power smoothing (NOT_SUPPORTED: H100): do not retry
     filler_w: float | None = None  # the filler floor now in force
     filler_error: str | None = None
+    workload: str | None = None  # the workload profile requested now, read back ("" : none)
+    workload_error: str | None = None
+    workload_unsupported: bool = False  # no workload power profiles (NOT_SUPPORTED: H100)
 
     @property
     def ok(self) -> bool:
-        return self.smoothing_error is None and self.filler_error is None
+        return self.smoothing_error is None and self.filler_error is None and self.workload_error is None
 
 
 NOT_SUPPORTED = "NVML_ERROR_NOT_SUPPORTED"
@@ -76,6 +90,7 @@ __all__ = [
     "NOT_SUPPORTED",
     "SETTLE_S",
     "SMOOTHING_PRESET",
+    "WORKLOAD_PROFILES",
     "GpuSettingsAsk",
     "GpuSettingsOutcome",
     "SmoothingReadback",
