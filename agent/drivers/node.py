@@ -370,6 +370,8 @@ class NodeDriver:
                 )
             if ask.filler_w is not None:
                 entry["filler_w"] = round(ask.filler_w, 1)
+            if ask.set_workload:
+                entry["workload_profile"] = ask.workload_profile
             if entry:
                 body[str(index)] = entry
                 index_of[device] = index
@@ -388,7 +390,9 @@ class NodeDriver:
             )
         except DriverError as err:
             for device in index_of:
-                out[device] = GpuSettingsOutcome(smoothing_error=err.reason, filler_error=err.reason)
+                out[device] = GpuSettingsOutcome(
+                    smoothing_error=err.reason, filler_error=err.reason, workload_error=err.reason
+                )
             return out
         got = answer.get("settings")
         got = got if isinstance(got, dict) else {}
@@ -434,6 +438,9 @@ def _outcome(raw: Any) -> GpuSettingsOutcome:
         unsupported=raw.get("unsupported") is True,
         filler_w=number(raw.get("filler_w")),
         filler_error=text("filler_error"),
+        workload=text("workload"),
+        workload_error=text("workload_error"),
+        workload_unsupported=raw.get("workload_unsupported") is True,
     )
 
 

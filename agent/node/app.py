@@ -289,7 +289,12 @@ class NodeAgent:
                 continue
             if result.filler_w is not None:
                 self.filler_w[gpu] = result.filler_w
-            for what, reason in (("smoothing", result.smoothing_error), ("filler", result.filler_error)):
+            failures = (
+                ("smoothing", result.smoothing_error),
+                ("filler", result.filler_error),
+                ("workload_profile", result.workload_error),
+            )
+            for what, reason in failures:
                 if reason is not None and (gpu, what, reason) not in self._refusals:
                     self._refusals.add((gpu, what, reason))
                     self._event(f"{what}_refused", f"{gpu}: {what} not set: {reason}", gpu=gpu, reason=reason)
@@ -399,6 +404,9 @@ def settings_json(result: GpuSettingsOutcome) -> dict[str, object]:
         "unsupported": result.unsupported,
         "filler_w": result.filler_w,
         "filler_error": result.filler_error,
+        "workload": result.workload,
+        "workload_error": result.workload_error,
+        "workload_unsupported": result.workload_unsupported,
     }
 
 

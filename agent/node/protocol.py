@@ -12,7 +12,8 @@ controller's lease, {local GPU index: W} (an empty map is a lease with no cap), 
 decision yet (a controller's first poll after its start: the node keeps what it enforces). Every
 request, polls included, renews the lease until ``expires_at``. A ``settings`` request carries
 ``settings``: {local GPU index: {"smoothing": null (off) or {floor_pct, ramp_up_w_per_s,
-ramp_down_w_per_s, hysteresis_ms}, "filler_w": W (0: off)}}, either key optional; it is applied
+ramp_down_w_per_s, hysteresis_ms}, "filler_w": W (0: off), "workload_profile": null (none) or an
+NVML workload power profile name}}, each key optional; it is applied
 before the answer, whose ``settings`` says per GPU what was read back or why it was refused.
 
 Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.drivers.smoothing import GpuSettingsAsk, SmoothingSettings
+from agent.drivers.smoothing import WORKLOAD_PROFILES, GpuSettingsAsk, SmoothingSettings
 
 VERSION = 1
 MAX_FRAME = 1 << 20  # a 144-tray answer is ~10 kB; anything near a MiB is not ours
@@ -196,7 +197,7 @@ def _settings(raw: Any) -> dict[int, GpuSettingsAsk]:
     for k, entry in raw.items():
         if not (isinstance(k, str) and k.isdigit()) or not isinstance(entry, dict) or not entry:
             raise ProtocolError("frame", f"settings {k!r}: {entry!r}")
-        unknown = set(entry) - {"smoothing", "filler_w"}
+        unknown = set(entry) - {"smoothing", "filler_w", "workload_profile"}
         if unknown:
             raise ProtocolError("frame", f"settings {k}: unknown {sorted(unknown)}")
         smoothing: SmoothingSettings | None = None
@@ -219,7 +220,12 @@ def _settings(raw: Any) -> dict[int, GpuSettingsAsk]:
             if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= MAX_FILLER_W:
                 raise ProtocolError("frame", f"settings {k}: filler_w {w!r}")
             filler = float(w)
-        out[int(k)] = GpuSettingsAsk("smoothing" in entry, smoothing, filler)
+        workload = entry.get("workload_profile")
+        if workload is not None and workload not in WORKLOAD_PROFILES:
+            raise ProtocolError("frame", f"settings {k}: workload_profile {workload!r}")
+        out[int(k)] = GpuSettingsAsk(
+            "smoothing" in entry, smoothing, filler, "workload_profile" in entry, workload
+        )
     return out
 
 
