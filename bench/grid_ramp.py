@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per case")
     ap.add_argument("--events", action="store_true", help="only the ride-through and curtailment runs")
     ap.add_argument("--series", type=Path, help="write DIR/<case>.csv (t_s,grid_w at 40 Hz, seed 1)")
+    ap.add_argument("--table", type=Path, help="print the table of a --json run's output FILE")
     ap.add_argument("--step-s", type=float, default=12.0, help="training step length (12 s: 0.083 Hz)")
     ap.add_argument(
         "--quick", action="store_true", help="CI smoke: one short round of 'none', figures meaningless"
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         band_hi_hz=20.0,
         band_share_max=args.band_share_max,
     )
+    if args.table is not None:  # re-render a --json run's rows (same other arguments) as the table
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        print_table(rows, args, None)
+        return 0
     if args.events:
         for row in events(args, contract):
             print(json.dumps(row, sort_keys=True))
@@ -461,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(json.dumps(r, sort_keys=True))
         return 0
+    print_table(rows, args, eval_cpu)
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, eval_cpu: list[float] | None) -> None:
     print(
         f"demo pod, 64 GPUs, synchronized training ({args.step_s:g} s steps, checkpoint 20 s every "
         f"10 steps), "
@@ -492,12 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {_fmt_range(r, 'energy_per_work_ratio', 100, 1, '%')} "
             f"| {soc} |"
         )
-    n = round((args.seconds - WARM_S) / TICK_S)
-    print(
-        f"\ncontract evaluation (all terms, FFT included) of one {n}-sample series: "
-        f"{1000 * statistics.median(eval_cpu):.0f} ms CPU (median of {len(eval_cpu)})"
-    )
-    return 0
+    if eval_cpu:
+        n = round((args.seconds - WARM_S) / TICK_S)
+        print(
+            f"\ncontract evaluation (all terms, FFT included) of one {n}-sample series: "
+            f"{1000 * statistics.median(eval_cpu):.0f} ms CPU (median of {len(eval_cpu)})"
+        )
 
 
 if __name__ == "__main__":

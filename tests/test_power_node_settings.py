@@ -35,7 +35,9 @@ release_interval_s = 1.0
 enabled = true
 control_period_s = 0.2
 ramp_limit_w_per_s = 2000.0
+workload_power_profile = "LLM_TRAINING"
 """
+LLM_TRAINING_BIT = 1 << 7  # NVML_POWER_PROFILE_LLM_TRAINING
 SOFT_FLOOR = POWER + 'no_battery_fallback = "soft_floor"\n'
 
 
@@ -97,6 +99,12 @@ async def test_smoothing_is_set_on_node_gpus_read_back_audited_and_released(tmp_
                 within=30,
                 what="smoothing on every GPU of both nodes",
             )
+            await until_sim(
+                pod,
+                lambda sm: all(s["workload_mask"] == LLM_TRAINING_BIT for s in sm),
+                within=15,
+                what="the LLM_TRAINING workload profile requested on every GPU",
+            )
             sm0 = smoothing(pod)[0]
             assert (sm0["ramp_up_w_per_s"], sm0["ramp_down_w_per_s"], sm0["hysteresis_ms"]) == (
                 want.ramp_up_w_per_s,
@@ -123,8 +131,16 @@ async def test_smoothing_is_set_on_node_gpus_read_back_audited_and_released(tmp_
             await until(agent, lambda: power.steps >= steps + 10, what="ten more control periods")
             assert len(told) == N_GPUS  # set once, not re-sent every period
             assert sum(len(e.detail["gpus"]) for e in events(agent, "gpu_smoothing_set")) == N_GPUS
+            workload = events(agent, "gpu_workload_profile_set")
+            assert sorted(g for e in workload for g in e.detail["gpus"]) == sorted(told)
+            assert {e.detail["profile"] for e in workload} == {"LLM_TRAINING"}
         # The controller stopped: what it set is released.
-        await until_sim(pod, lambda sm: not any(s["enabled"] for s in sm), within=15, what="smoothing off")
+        await until_sim(
+            pod,
+            lambda sm: not any(s["enabled"] or s["workload_mask"] for s in sm),
+            within=15,
+            what="smoothing and the workload profile off",
+        )
 
 
 async def test_h100_refuses_smoothing_once_and_the_soft_floor_fills_node_gpus(tmp_path: Path) -> None:
@@ -151,6 +167,10 @@ async def test_h100_refuses_smoothing_once_and_the_soft_floor_fills_node_gpus(tm
             # One refusal each, told once: no retry loop on the controller or the nodes.
             refused = [g for e in events(agent, "gpu_smoothing_unsupported") for g in e.detail["gpus"]]
             assert sorted(refused) == sorted(power.smoothing_unsupported)
+            no_profiles = [
+                g for e in events(agent, "gpu_workload_profile_unsupported") for g in e.detail["gpus"]
+            ]
+            assert sorted(no_profiles) == sorted(refused)  # asked once each, with the smoothing
             assert not events(agent, "gpu_settings_failed")
             for node in fleet.nodes:
                 lines = [r for r in node.log_lines() if r.get("kind") == "smoothing_refused"]
@@ -202,11 +222,15 @@ def test_a_settings_request_is_checked_whole() -> None:
                 }
             },
             "1": {"filler_w": 350.0},
+            "3": {"workload_profile": "LLM_TRAINING"},
+            "4": {"workload_profile": None},
             "2": {"smoothing": None},
         }
     )
     assert good.settings == {
         0: GpuSettingsAsk(True, SmoothingSettings(80.0, 600.0, 100.0, 2000.0), None),
+        3: GpuSettingsAsk(False, None, None, True, "LLM_TRAINING"),
+        4: GpuSettingsAsk(False, None, None, True, None),
         1: GpuSettingsAsk(False, None, 350.0),
         2: GpuSettingsAsk(True, None, None),
     }
@@ -231,6 +255,8 @@ def test_a_settings_request_is_checked_whole() -> None:
         {"0": {"smoothing": {"floor_pct": 80}}},
         {"0": {"smoothing": "on"}},
         {"0": {"power_limit_w": 100}},
+        {"0": {"workload_profile": "FASTEST"}},
+        {"0": {"workload_profile": 7}},
     ]
     for bad in bad_entries:
         with pytest.raises(ProtocolError) as err:

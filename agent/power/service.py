@@ -94,6 +94,8 @@ class PowerService:
         self.smoothing: dict[str, SmoothingSettings | None] = {}
         self.smoothing_profile: str | None = None
         self.smoothing_unsupported: set[str] = set()
+        self.workload: dict[str, str | None] = {}  # workload power profile requested per GPU
+        self.workload_unsupported: set[str] = set()
         self.filler_sent: dict[str, float] = {}
         self._settings_failing: dict[str, tuple[float, str]] = {}
         self._settings_task: asyncio.Task[None] | None = None
@@ -627,8 +629,16 @@ class PowerService:
             filler = floor if abs(floor - self.filler_sent.get(g, 0.0)) > FILLER_DEADBAND_W else None
             if floor == 0.0 and self.filler_sent.get(g, 0.0) > 0.0:
                 filler = 0.0
-            if set_sm or filler is not None:
-                asks[g] = GpuSettingsAsk(set_sm, want if set_sm else None, filler)
+            # The workload profile goes with smoothing: asked while a profile is in force here.
+            smooths = g not in self.smoothing_unsupported and want is not None
+            workload = self.config.workload_power_profile if smooths else None
+            set_wl = g not in self.workload_unsupported and (
+                self.workload.get(g) != workload if g in self.workload else workload is not None
+            )
+            if set_sm or filler is not None or set_wl:
+                asks[g] = GpuSettingsAsk(
+                    set_sm, want if set_sm else None, filler, set_wl, workload if set_wl else None
+                )
         if asks:
             name = None if profile is None else profile.name
             self._settings_task = asyncio.get_running_loop().create_task(
@@ -650,6 +660,8 @@ class PowerService:
         released: list[str] = []
         unsupported: list[str] = []
         floors_w: list[float] = []
+        wl_set: dict[str | None, list[str]] = {}
+        wl_unsupported: list[str] = []
         for gpu, ask in asks.items():
             out = results.get(gpu, GpuSettingsOutcome(smoothing_error="no result"))
             if ask.set_smoothing:
@@ -663,7 +675,18 @@ class PowerService:
                         floors_w.append(out.smoothing.floor_w)
             if ask.filler_w is not None and out.filler_error is None:
                 self.filler_sent[gpu] = out.filler_w if out.filler_w is not None else ask.filler_w
-            error = (None if out.unsupported else out.smoothing_error) or out.filler_error
+            if ask.set_workload:
+                if out.workload_unsupported:
+                    self.workload_unsupported.add(gpu)
+                    wl_unsupported.append(gpu)
+                elif out.workload_error is None:
+                    self.workload[gpu] = ask.workload_profile
+                    wl_set.setdefault(ask.workload_profile, []).append(gpu)
+            error = (
+                (None if out.unsupported else out.smoothing_error)
+                or out.filler_error
+                or (None if out.workload_unsupported else out.workload_error)
+            )
             if error is not None:
                 before = self._settings_failing.get(gpu)
                 self._settings_failing[gpu] = (now + SETTINGS_RETRY_S, error)
@@ -709,6 +732,20 @@ class PowerService:
                 f"power smoothing off on {len(released)} GPU(s): not needed now",
                 detail={"gpus": sorted(released)},
             )
+        for name, gpus in wl_set.items():
+            self.events.emit(
+                "gpu_workload_profile_set",
+                Severity.INFO,
+                f"workload power profile {name or 'none'} on {len(gpus)} GPU(s)",
+                detail={"profile": name, "gpus": sorted(gpus)},
+            )
+        if wl_unsupported:
+            self.events.emit(
+                "gpu_workload_profile_unsupported",
+                Severity.INFO,
+                f"{len(wl_unsupported)} GPU(s) have no workload power profiles (NOT_SUPPORTED)",
+                detail={"gpus": sorted(wl_unsupported)},
+            )
         if unsupported:
             self.events.emit(
                 "gpu_smoothing_unsupported",
@@ -730,10 +767,11 @@ class PowerService:
             g: GpuSettingsAsk(
                 set_smoothing=self.smoothing.get(g) is not None,
                 filler_w=0.0 if self.filler_sent.get(g, 0.0) > 0.0 else None,
+                set_workload=self.workload.get(g) is not None,
             )
-            for g in set(self.smoothing) | set(self.filler_sent)
+            for g in set(self.smoothing) | set(self.filler_sent) | set(self.workload)
         }
-        asks = {g: a for g, a in asks.items() if a.set_smoothing or a.filler_w is not None}
+        asks = {g: a for g, a in asks.items() if a.set_smoothing or a.filler_w is not None or a.set_workload}
         if not asks:
             return
         with contextlib.suppress(Exception):
@@ -841,6 +879,7 @@ class PowerService:
                 "on_gpus": sum(1 for v in self.smoothing.values() if v is not None),
                 "unsupported_gpus": len(self.smoothing_unsupported),
                 "filler_gpus": sum(1 for w in self.filler_sent.values() if w > 0.0),
+                "workload_profile_gpus": sum(1 for w in self.workload.values() if w is not None),
                 "failing_gpus": len(self._settings_failing),
             },
             "battery": None
