@@ -24,7 +24,7 @@ from agent.power.control import smoothing_alone
 from agent.power.service import PowerService
 from tests.agent_helpers import running_agent, until
 from tests.conftest import SimPod, start_pod, stop_pod
-from tests.node_helpers import DUO_PER_SERVER, DUO_SERVERS, duo_pod_file, node_fleet, request_body
+from tests.node_helpers import DUO_PER_SERVER, DUO_SERVERS, RawClient, duo_pod_file, node_fleet, request_body
 
 N_GPUS = DUO_SERVERS * DUO_PER_SERVER
 POWER = """
@@ -262,3 +262,32 @@ def test_a_settings_request_is_checked_whole() -> None:
         with pytest.raises(ProtocolError) as err:
             check(bad)
         assert err.value.reason == "frame", bad
+
+
+async def test_a_node_switches_its_filler_floors_off_when_the_controller_is_lost(tmp_path: Path) -> None:
+    """A raw, signed settings request (as the controller's) sets a filler floor; then silence: the
+    node's fail-safe switches the floor off (no power burnt for a controller that is gone)."""
+    with duo(tmp_path, blackwell=False) as pod, node_fleet(pod, tmp_path, lost_after_s=3.0) as fleet:
+        node = fleet.nodes[0]
+        client = RawClient(node.port, fleet.key)
+        try:
+            body = request_body("srv-0", "raw", 1, {}, op="settings")
+            body["caps"] = None
+            body["settings"] = {"1": {"filler_w": 400.0}, "9": {"filler_w": 100.0}}
+            answer = client.send_raw(client.frame(**body))
+            assert answer["ok"], answer
+            assert answer["settings"]["1"] == {
+                **answer["settings"]["1"],
+                "filler_w": 400.0,
+                "filler_error": None,
+            }
+            assert answer["settings"]["9"]["smoothing_error"] == "no such GPU on this node"
+            await until_sim(
+                pod, lambda sm: sm[1]["soft_floor_w"] == 400.0, within=10, what="the filler floor"
+            )
+            assert all(s["soft_floor_w"] == 0.0 for i, s in enumerate(smoothing(pod)) if i != 1)
+        finally:
+            client.close()
+        await until_sim(pod, lambda sm: sm[1]["soft_floor_w"] == 0.0, within=20, what="the floor off")
+        kinds = [r.get("kind") for r in node.log_lines()]
+        assert kinds.index("controller_lost") < kinds.index("filler_released")
