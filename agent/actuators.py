@@ -6,6 +6,8 @@
 - ``OutletSwitch``: a PDU outlet off (``shed``), verified by reading the outlet's state back.
 - ``PointWriter``: a writable point of a device (CDU supply setpoint, battery setpoint, grid
   target, mode), with the value read back and compared.
+- ``GpuSettings``: a GPU's power smoothing (Blackwell-class) and the software fallback's filler
+  floor, local NVML or through the node agent, with the smoothing read back and compared.
 
 Every exchange on a device's connection runs under that device's lock (``Poller.exclusive``),
 so an actuation never interleaves with a poll. Failures of the outlet switch and the point writer
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -27,6 +29,7 @@ from agent.drivers.base import DriverError
 from agent.drivers.modbus import ModbusDriver
 from agent.drivers.node import NodeDriver
 from agent.drivers.nvml import NvmlDriver
+from agent.drivers.smoothing import SMOOTHING_PRESET, GpuSettingsAsk, GpuSettingsOutcome
 from agent.drivers.snmp import SnmpDriver
 from agent.events import EventBus, Severity
 from agent.poller import Poller
@@ -86,11 +89,26 @@ class PointWriter(Protocol):
         ...
 
 
+class GpuSettings(Protocol):
+    async def apply(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        """Each GPU's smoothing / filler floor as asked; per GPU what was read back or why not
+        (a smoothing read back other than asked is an error). Never raises for one GPU."""
+        ...
+
+
+class NoGpuSettings:
+    """For a host without GPU settings (tests, tools): every ask is refused, with the reason."""
+
+    async def apply(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        return {g: GpuSettingsOutcome(smoothing_error="no GPU settings actuator") for g in asks}
+
+
 @dataclass(frozen=True, slots=True)
 class Actuators:
     power: PowerLimiter
     outlets: OutletSwitch
     points: PointWriter
+    gpu_settings: GpuSettings = field(default_factory=NoGpuSettings)
 
 
 Pollers = Mapping[str, Poller]  # the agent's live poller table (reloads replace entries)
@@ -203,6 +221,51 @@ def nvml_router(pollers: Pollers, store: StateStore) -> Callable[[str], PowerLim
     return route
 
 
+# ------------------------------------------------------------------------------ GPU settings
+class PodGpuSettings:
+    """GPU smoothing and filler floors of the pod: each GPU goes to the NVML driver or node agent
+    that polls it (looked up live: reloads), all hosts at once."""
+
+    def __init__(self, pollers: Pollers, store: StateStore) -> None:
+        self.pollers = pollers
+        self.store = store
+
+    async def apply(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        out: dict[str, GpuSettingsOutcome] = {}
+        groups: dict[int, tuple[NvmlDriver | NodeDriver, dict[str, GpuSettingsAsk]]] = {}
+        for gpu, ask in asks.items():
+            poller = self.pollers.get(self.store.parent_of(gpu))
+            driver = None if poller is None else poller.driver
+            if not isinstance(driver, NvmlDriver | NodeDriver):
+                out[gpu] = GpuSettingsOutcome(smoothing_error="no NVML driver or node agent has this GPU")
+                continue
+            groups.setdefault(id(driver), (driver, {}))[1][gpu] = ask
+        results = await asyncio.gather(*(d.set_gpu_settings(batch) for d, batch in groups.values()))
+        for result in results:
+            out.update(result)
+        return {gpu: _checked_smoothing(asks[gpu], outcome) for gpu, outcome in out.items()}
+
+
+def _checked_smoothing(ask: GpuSettingsAsk, outcome: GpuSettingsOutcome) -> GpuSettingsOutcome:
+    """A smoothing set that reads back other than asked is an error (as a cap's read-back)."""
+    rb = outcome.smoothing
+    if not ask.set_smoothing or outcome.smoothing_error is not None:
+        return outcome
+    if rb is None:
+        return _with_smoothing_error(outcome, "smoothing not read back")
+    if not rb.agrees(ask.smoothing, SMOOTHING_PRESET):
+        want = "off" if ask.smoothing is None else f"on, profile {SMOOTHING_PRESET}"
+        got = f"{'on' if rb.enabled else 'off'}, profile {rb.profile}"
+        return _with_smoothing_error(outcome, f"read back {got} after asking {want}")
+    return outcome
+
+
+def _with_smoothing_error(outcome: GpuSettingsOutcome, error: str) -> GpuSettingsOutcome:
+    return GpuSettingsOutcome(
+        outcome.smoothing, error, outcome.unsupported, outcome.filler_w, outcome.filler_error
+    )
+
+
 # ------------------------------------------------------------------------------ outlets
 class PduOutletSwitch:
     """Outlets of SNMP PDUs (SET on the profile's control column) and Modbus PDUs (the outlet's
@@ -307,4 +370,5 @@ def pod_actuators(pollers: Pollers, store: StateStore, events: EventBus) -> Actu
         power=PodPowerLimiter(nvml_router(pollers, store)),
         outlets=PduOutletSwitch(pollers, store, events),
         points=ModbusPointWriter(pollers, events),
+        gpu_settings=PodGpuSettings(pollers, store),
     )

@@ -303,11 +303,20 @@ class Physics:
 
     def smoothing_request(self, gpu_index: int, op: int, profile: int, param: int, value: float) -> None:
         """One NVML smoothing call taken from the fake (already validated there): 1 SetState
-        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam. The active preset's
-        floor / ramps / hysteresis are what the physics applies. ValueError: not supported."""
+        (value 0/1), 2 ActivatePresetProfile, 3 UpdatePresetProfileParam; 4 the filler floor (W;
+        not NVML, any GPU); 5/6 workload power profiles set / cleared (value: the mask). The
+        active preset's floor / ramps / hysteresis are what the physics applies. ValueError: not
+        supported."""
+        if op == 4:  # the filler floor (not NVML; any GPU model): hwsim.nvml.podagentSetFillerFloor
+            self.set_soft_floor(gpu_index, value)
+            return
         sm = self.smoothing[gpu_index]
         if not sm.supported:
             raise ValueError("power smoothing not supported on this GPU")
+        if op in (5, 6):  # workload power profiles: set / clear requested bits (no effect modelled)
+            mask = int(value)
+            sm.workload_mask = sm.workload_mask | mask if op == 5 else sm.workload_mask & ~mask
+            return
         if not 0 <= profile < len(sm.presets):
             raise ValueError(f"profile {profile} out of range")
         if op == 1:

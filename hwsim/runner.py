@@ -317,7 +317,9 @@ class PodRunner:
         if cmd == "status":
             return {"ok": True, **self.status()}
         if cmd == "state":
-            return {"ok": True, "state": dataclasses.asdict(self.physics.state)}
+            # Each GPU's power smoothing and filler floor beside the pod's state (tests check them).
+            smoothing = [dataclasses.asdict(sm) for sm in self.physics.smoothing]
+            return {"ok": True, "state": dataclasses.asdict(self.physics.state), "smoothing": smoothing}
         if cmd == "fault":
             name = request.get("name")
             if not isinstance(name, str):

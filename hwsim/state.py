@@ -341,6 +341,9 @@ class GpuSmoothingState:
     # Software fallback (any GPU): the node keeps the GPU busy with filler work so that its draw
     # stays >= this (never above the enforced limit). Filler adds no work.
     soft_floor_w: float = 0.0
+    # Workload power profiles requested (bit i: NVML_POWER_PROFILE id i; Blackwell-class only).
+    # Recorded and served back; the physics gives them no effect (not modelled).
+    workload_mask: int = 0
     # Work: what the phase wants (W) and seconds of full-speed progress (slower while the GPU gets
     # less than its phase wants; floors and filler burn power but add none).
     demand_w: float = 0.0

@@ -16,7 +16,9 @@ import pytest
 
 import hwsim.nvml as nv
 from agent.config import NvmlDevice
+from agent.drivers.base import DriverError
 from agent.drivers.nvml import NvmlDriver
+from agent.drivers.smoothing import WORKLOAD_PROFILES, SmoothingSettings
 from hwsim.nvml.shm import NvmlShmWriter
 from hwsim.physics import Physics
 from hwsim.podspec import PodSpec, load_pod_spec
@@ -80,7 +82,7 @@ def test_blackwell_class_smoothing_is_set_applied_and_read_back(sim: Sim) -> Non
         P.NVML_FI_PWR_SMOOTHING_HW_CIRCUITRY_PERCENT_LIFETIME_REMAINING,
     )
     assert enabled == 0.0 and profiles == 5.0 and lifetime == 100.0
-    # Profile 2: floor 80% TMP, 600 W/s up, 100 W/s down, 2 s hysteresis (control.SMOOTHING_ALONE).
+    # Profile 2: floor 80% TMP, 600 W/s up, 100 W/s down, 2 s hysteresis (a fixed profile).
     for param, value in ((0, 80.0), (1, 600.0), (2, 100.0), (3, 2000.0)):
         nv.nvmlDevicePowerSmoothingUpdatePresetProfileParam(h, _profile(2, param, value))
         sim.tick()  # one request slot per GPU: the physics takes each at its next tick
@@ -162,13 +164,17 @@ async def test_the_nvml_driver_sets_smoothing_and_its_poll_reads_it_back(sim: Si
     try:
         before = {(r.device, r.metric): r.value for r in await drv.poll()}
         assert before[("gpu0", "power_smoothing_enabled")] == 0.0
-        await drv.set_power_smoothing("gpu0", 20.0, 2000.0, 2000.0, 100.0, preset=1)
+        readback = await drv.set_power_smoothing(
+            "gpu0", SmoothingSettings(20.0, 2000.0, 2000.0, 100.0), preset=1
+        )
+        default_w = sim.phys.state.gpus[0].default_limit_w
+        assert readback.enabled and readback.profile == 1
+        assert readback.floor_w == pytest.approx(0.2 * default_w)
         for _ in range(200):
             got = {(r.device, r.metric): r.value for r in await drv.poll()}
             if got[("gpu0", "power_smoothing_enabled")] == 1.0:
                 break
             await asyncio.sleep(0.01)
-        default_w = sim.phys.state.gpus[0].default_limit_w
         assert got[("gpu0", "power_smoothing_profile")] == 1.0
         assert got[("gpu0", "power_smoothing_floor_w")] == pytest.approx(0.2 * default_w)
         sm = sim.phys.smoothing[0]
@@ -179,13 +185,98 @@ async def test_the_nvml_driver_sets_smoothing_and_its_poll_reads_it_back(sim: Si
             100.0,
         )
         assert got[("gpu1", "power_smoothing_enabled")] == 0.0  # only the GPU asked
-        await drv.set_power_smoothing("gpu0", None)  # released
+        released = await drv.set_power_smoothing("gpu0", None)
+        assert not released.enabled
         for _ in range(200):
             got = {(r.device, r.metric): r.value for r in await drv.poll()}
             if got[("gpu0", "power_smoothing_enabled")] == 0.0:
                 break
             await asyncio.sleep(0.01)
         assert got[("gpu0", "power_smoothing_enabled")] == 0.0
+    finally:
+        await drv.close()
+        stop.set()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("sim", [False], indirect=True)
+@pytest.mark.skipif(os.geteuid() != 0, reason="smoothing calls need root, as on real NVML")
+async def test_h100_refuses_smoothing_but_takes_a_filler_floor_through_the_driver(sim: Sim) -> None:
+    stop = threading.Event()
+
+    def ticking() -> None:
+        while not stop.is_set():
+            sim.tick()
+            time.sleep(0.005)
+
+    cfg = NvmlDevice.model_validate(
+        {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": sim.writer.path}
+    )
+    thread = threading.Thread(target=ticking, daemon=True)
+    thread.start()
+    drv = NvmlDriver(cfg)
+    await drv.open()
+    try:
+        await drv.poll()
+        with pytest.raises(DriverError, match="NVML_ERROR_NOT_SUPPORTED"):
+            await drv.set_power_smoothing("gpu0", SmoothingSettings(80.0, 600.0, 100.0, 2000.0))
+        with pytest.raises(DriverError, match="NVML_ERROR_NOT_SUPPORTED"):
+            await drv.set_workload_profile("gpu0", "LLM_TRAINING")
+        assert await drv.set_filler_floor("gpu1", 450.0) == 450.0
+        for _ in range(200):
+            if sim.phys.smoothing[1].soft_floor_w == 450.0:
+                break
+            await asyncio.sleep(0.01)
+        assert sim.phys.smoothing[1].soft_floor_w == 450.0
+        assert sim.phys.smoothing[0].soft_floor_w == 0.0
+        with pytest.raises(ValueError):
+            await drv.set_filler_floor("gpu1", float("nan"))
+    finally:
+        await drv.close()
+        stop.set()
+        thread.join(5)
+
+
+def test_workload_profile_names_are_nvml_ids() -> None:
+    for bit, name in enumerate(WORKLOAD_PROFILES):
+        assert getattr(pynvml, f"NVML_POWER_PROFILE_{name}") == bit, name
+    assert len(WORKLOAD_PROFILES) == pynvml.NVML_POWER_PROFILE_MAX
+
+
+@pytest.mark.parametrize("sim", [True], indirect=True)
+@pytest.mark.skipif(os.geteuid() != 0, reason="workload profile requests need root, as on real NVML")
+async def test_the_driver_requests_a_workload_profile_and_reads_it_back(sim: Sim) -> None:
+    stop = threading.Event()
+
+    def ticking() -> None:
+        while not stop.is_set():
+            sim.tick()
+            time.sleep(0.005)
+
+    cfg = NvmlDevice.model_validate(
+        {"id": "gpus", "kind": "nvml", "library": "hwsim", "hwsim_state": sim.writer.path}
+    )
+    thread = threading.Thread(target=ticking, daemon=True)
+    thread.start()
+    drv = NvmlDriver(cfg)
+    await drv.open()
+    try:
+        await drv.poll()
+        assert await drv.set_workload_profile("gpu0", "MAX_Q") == "MAX_Q"
+        # A new request replaces the old one (the driver clears every other bit first).
+        assert await drv.set_workload_profile("gpu0", "LLM_TRAINING") == "LLM_TRAINING"
+        assert sim.phys.smoothing[0].workload_mask == 1 << pynvml.NVML_POWER_PROFILE_LLM_TRAINING
+        assert sim.phys.smoothing[1].workload_mask == 0
+        assert await drv.set_workload_profile("gpu0", None) == ""
+        assert sim.phys.smoothing[0].workload_mask == 0
+        with pytest.raises(ValueError):
+            await drv.set_workload_profile("gpu0", "FASTEST")
+        h = nv.nvmlDeviceGetHandleByIndex(0)
+        bad = pynvml.c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t()
+        bad.version = pynvml.nvmlWorkloadPowerProfileRequestedProfiles_v1
+        bad.requestedProfilesMask.mask[0] = 1 << 30  # no such profile
+        with pytest.raises(pynvml.NVMLError_InvalidArgument):
+            nv.nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(h, bad)
     finally:
         await drv.close()
         stop.set()

@@ -162,3 +162,67 @@ def test_an_order_is_validated_tracked_and_measured() -> None:
     late.limit(now, 10_000.0, None, None)
     assert late.measure(9000.0, now + 2.5) == "missed"
     assert late.measure(9000.0, now + 3.0) is None and late.status()["reached_before_deadline"] is False
+
+
+async def test_a_curtail_order_survives_a_controller_restart_and_an_expired_one_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """The order in force is kept in state_dir/curtail.json: a new controller resumes it (the same
+    target: a fraction keeps its base import) and the site meter holds it; an order that ended
+    while the controller was down is dropped with an event."""
+    sim = start_pod(tmp_path / "pod", str(_pod_file(tmp_path)))
+    try:
+        path = tmp_path / "podagent.toml"
+        state = tmp_path / "state"
+        path.write_text(sim.agent_config(state, extra=POWER, poll_interval_s=0.2))
+        config = load_config(path)
+        kept = state / "curtail.json"
+        first = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), first]) as agent:
+            await until(
+                agent,
+                lambda: first.decision is not None and first.decision.site_load_w is not None,
+                what="the power service running on the site meter",
+            )
+            order = validate_curtail("c-kept", {"fraction": 0.5, "duration_s": 60.0}, time.time())
+            first.accept_curtail(order)
+            await until(
+                agent,
+                lambda: first.curtail is not None and first.curtail.reached_after_s is not None,
+                timeout=10.0,
+                what="the curtailment reached",
+            )
+            assert first.curtail is not None
+            target = first.curtail.target_w
+            assert target is not None and kept.exists()
+            assert json.loads(kept.read_text())["import_at_start_w"] == first.curtail.import_at_start_w
+
+        second = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), second]) as agent:
+            await until(agent, lambda: second.curtail is not None, what="the order resumed")
+            assert second.curtail is not None and second.curtail.order.id == "c-kept"
+            assert second.curtail.target_w == pytest.approx(target)
+            kinds = [e.kind for e in agent.events.recent(since_wall=0)]
+            assert "curtail_resumed" in kinds
+            steps = second.steps
+            await until(agent, lambda: second.steps >= steps + 10, what="ten control periods")
+            limit = second.curtail.limit_w
+            assert limit is not None and limit == pytest.approx(target)
+            grid = agent.store.value("site-meter", "power_w")
+            assert grid is not None and grid <= target * 1.01 + 100.0, (grid, target)
+
+        # The order ends while no controller runs: the next start drops it, with an event.
+        raw = json.loads(kept.read_text())
+        raw["start_wall"] = time.time() - 120.0
+        kept.write_text(json.dumps(raw))
+        third = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), third]) as agent:
+            await until(
+                agent,
+                lambda: any(e.kind == "curtail_expired" for e in agent.events.recent(since_wall=0)),
+                what="the expired order dropped",
+            )
+            assert third.curtail is None and not kept.exists()
+            assert "curtail_resumed" not in [e.kind for e in agent.events.recent(since_wall=0)]
+    finally:
+        stop_pod(sim)

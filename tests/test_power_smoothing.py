@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 import hwsim.nvml as nv
 from agent.power.config import GridContract, PowerConfig
 from agent.power.control import (
-    SMOOTHING_ALONE,
     SMOOTHING_WITH_BATTERY,
     Inputs,
     RampState,
     SoftFloorState,
     choose_smoothing,
     control_step,
+    smoothing_alone,
     soft_floor_step,
 )
 from hwsim.nvml.shm import NvmlShmWriter
@@ -179,11 +179,30 @@ def test_control_step_soft_floor_fallback_caps_nothing_for_the_ramp() -> None:
 
 
 def test_choose_smoothing_from_the_contract_and_battery() -> None:
-    assert choose_smoothing(PowerConfig(enabled=True), battery_ok=True) is None
+    tmp = [700.0] * 64
+    assert choose_smoothing(PowerConfig(enabled=True), True, tmp) is None
     with_contract = PowerConfig(enabled=True, grid_contract=GridContract(band_share_max=0.2))
-    assert choose_smoothing(with_contract, battery_ok=True) is SMOOTHING_WITH_BATTERY
-    assert choose_smoothing(with_contract, battery_ok=False) is SMOOTHING_ALONE
-    assert SMOOTHING_ALONE.floor_pct > SMOOTHING_WITH_BATTERY.floor_pct
+    assert choose_smoothing(with_contract, True, tmp) is SMOOTHING_WITH_BATTERY
+    contract = GridContract(
+        ramp_up_w_per_s=2000.0, ramp_down_w_per_s=1000.0, dynamic_range_w=20_000.0, band_lo_hz=0.1
+    )
+    alone = choose_smoothing(PowerConfig(enabled=True, grid_contract=contract), False, tmp)
+    assert alone is not None and alone.name == "alone"
+    # The contract's pod ramps shared out: 64 GPUs moving together move the import at its ramp.
+    assert alone.ramp_up_w_per_s * 64 == pytest.approx(2000.0, abs=1.0)
+    assert alone.ramp_down_w_per_s * 64 == pytest.approx(1000.0, abs=1.0)
+    assert alone.hysteresis_ms == 5000.0  # half a period of the band's 0.1 Hz edge
+    assert alone.floor_pct == pytest.approx(100.0 * (1.0 - 20_000.0 / 44_800.0), abs=0.1)
+    assert alone.floor_pct > SMOOTHING_WITH_BATTERY.floor_pct
+    # Half the GPUs smoothing (the rest NOT_SUPPORTED): each takes twice the share.
+    half = choose_smoothing(PowerConfig(enabled=True, grid_contract=contract), False, tmp[:32])
+    assert half is not None and half.ramp_up_w_per_s == pytest.approx(2 * alone.ramp_up_w_per_s, rel=0.01)
+    assert 20.0 <= half.floor_pct <= 90.0  # clamped: 20 kW is more than 32 GPUs' whole TMP
+    # Only a ramp limit: rates from it, a high default floor; every profile is one NVML takes.
+    ramp_only = smoothing_alone(PowerConfig(enabled=True, ramp_limit_w_per_s=640.0), tmp)
+    assert ramp_only.ramp_up_w_per_s == pytest.approx(10.0) and ramp_only.floor_pct == 80.0
+    for p in (alone, half, ramp_only, SMOOTHING_WITH_BATTERY):
+        assert p.settings.valid()
 
 
 def test_nvml_fake_answers_not_supported_for_h100_smoothing_and_profiles(tmp_path: Path) -> None:

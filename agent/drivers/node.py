@@ -26,6 +26,7 @@ import structlog
 
 from agent.config import NodeDevice
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, DriverError, register
+from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome, SmoothingReadback
 from agent.model import Quality, Reading, unit_of
 from agent.node.protocol import MAX_FRAME, REQ, RSP, JsonObj, ProtocolError, decode, encode, load_key, now_ms
 
@@ -47,19 +48,30 @@ class _Link:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
+    async def request(
+        self,
+        op: str,
+        caps: Mapping[int, float] | None,
+        lease_s: float,
+        *,
+        extra: JsonObj | None = None,
+        timeout_s: float | None = None,
+    ) -> JsonObj:
+        timeout = self.cfg.timeout_s if timeout_s is None else timeout_s
         async with self._lock:
             try:
-                async with asyncio.timeout(self.cfg.timeout_s):
-                    return await self._request(op, caps, lease_s)
+                async with asyncio.timeout(timeout):
+                    return await self._request(op, caps, lease_s, extra)
             except TimeoutError:
                 await self.close()
-                raise DeviceUnavailable(self.cfg.id, f"no answer within {self.cfg.timeout_s:g} s") from None
+                raise DeviceUnavailable(self.cfg.id, f"no answer within {timeout:g} s") from None
             except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError) as err:
                 await self.close()
                 raise DeviceUnavailable(self.cfg.id, f"{type(err).__name__}: {err}") from None
 
-    async def _request(self, op: str, caps: Mapping[int, float] | None, lease_s: float) -> JsonObj:
+    async def _request(
+        self, op: str, caps: Mapping[int, float] | None, lease_s: float, extra: JsonObj | None
+    ) -> JsonObj:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(
                 self.cfg.host, self.cfg.port, limit=MAX_FRAME + 2
@@ -75,6 +87,7 @@ class _Link:
             "issued_at": issued,
             "expires_at": issued + int(lease_s * 1000),
             "caps": None if caps is None else {str(i): round(w, 3) for i, w in caps.items()},
+            **(extra or {}),
         }
         self._writer.write(encode(self.key, REQ, body))
         await self._writer.drain()
@@ -119,6 +132,7 @@ class NodeDriver:
         self._key: bytes | None = None
         self._poll: _Link | None = None
         self._act: _Link | None = None
+        self._settings: _Link | None = None  # smoothing and filler sets: slower than a cap
         # local index -> W, renewed with every poll. None until the first answer: the lease then
         # starts as the limits the GPUs have (as the interlock engine reconciles at start), so a
         # controller restart never releases a cap the node enforces.
@@ -139,9 +153,10 @@ class NodeDriver:
                 raise DeviceError(self.device_id, f"pod key: {err}") from None
             self._poll = _Link(self.cfg, self._key, "poll")
             self._act = _Link(self.cfg, self._key, "caps")
+            self._settings = _Link(self.cfg, self._key, "settings")
 
     async def close(self) -> None:
-        for link in (self._poll, self._act):
+        for link in (self._poll, self._act, self._settings):
             if link is not None:
                 await link.close()
 
@@ -328,11 +343,105 @@ class NodeDriver:
             raise result
         return result
 
+    async def set_gpu_settings(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        """GPU smoothing and filler floors through the node (op ``settings``, on its own
+        connection: a smoothing set waits for the GPU's tick, a cap must not); per GPU what the
+        node read back or why not. Never raises for one GPU."""
+        out: dict[str, GpuSettingsOutcome] = {}
+        body: dict[str, JsonObj] = {}
+        index_of: dict[str, int] = {}
+        for device, ask in asks.items():
+            index = self._index(device)
+            if index is None:
+                out[device] = GpuSettingsOutcome(smoothing_error=f"not a GPU of {self.device_id}")
+                continue
+            entry: JsonObj = {}
+            if ask.set_smoothing:
+                sm = ask.smoothing
+                entry["smoothing"] = (
+                    None
+                    if sm is None
+                    else {
+                        "floor_pct": sm.floor_pct,
+                        "ramp_up_w_per_s": sm.ramp_up_w_per_s,
+                        "ramp_down_w_per_s": sm.ramp_down_w_per_s,
+                        "hysteresis_ms": sm.hysteresis_ms,
+                    }
+                )
+            if ask.filler_w is not None:
+                entry["filler_w"] = round(ask.filler_w, 1)
+            if ask.set_workload:
+                entry["workload_profile"] = ask.workload_profile
+            if entry:
+                body[str(index)] = entry
+                index_of[device] = index
+        if not body:
+            return out
+        if self._settings is None:
+            await self.open()
+        assert self._settings is not None
+        try:
+            answer = await self._settings.request(
+                "settings",
+                None,
+                self.lease_s,
+                extra={"settings": body},
+                timeout_s=max(self.cfg.timeout_s, SETTINGS_TIMEOUT_S),
+            )
+        except DriverError as err:
+            for device in index_of:
+                out[device] = GpuSettingsOutcome(
+                    smoothing_error=err.reason, filler_error=err.reason, workload_error=err.reason
+                )
+            return out
+        got = answer.get("settings")
+        got = got if isinstance(got, dict) else {}
+        for device, index in index_of.items():
+            out[device] = _outcome(got.get(str(index)))
+        return out
+
     def submit_power_limits(
         self, limits: Mapping[str, float]
     ) -> asyncio.Future[dict[str, float | DriverError]]:
         """Start the lease now (a task), for callers that collect the answer later."""
         return asyncio.ensure_future(self.set_power_limits(dict(limits)))
+
+
+SETTINGS_TIMEOUT_S = 5.0  # a smoothing profile is several NVML calls, each up to a GPU tick
+
+
+def _outcome(raw: Any) -> GpuSettingsOutcome:
+    """One GPU's entry of a ``settings`` answer (agent/node/app.py ``settings_json``)."""
+    if not isinstance(raw, dict):
+        return GpuSettingsOutcome(smoothing_error="node did not report this GPU")
+
+    def text(key: str) -> str | None:
+        v = raw.get(key)
+        return None if v is None else str(v)
+
+    def number(v: Any) -> float | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    sm = raw.get("smoothing")
+    readback = None
+    if isinstance(sm, dict) and isinstance(sm.get("enabled"), bool):
+        profile = sm.get("profile")
+        readback = SmoothingReadback(
+            enabled=sm["enabled"],
+            profile=profile if isinstance(profile, int) and not isinstance(profile, bool) else None,
+            floor_w=number(sm.get("floor_w")),
+        )
+    return GpuSettingsOutcome(
+        smoothing=readback,
+        smoothing_error=text("smoothing_error"),
+        unsupported=raw.get("unsupported") is True,
+        filler_w=number(raw.get("filler_w")),
+        filler_error=text("filler_error"),
+        workload=text("workload"),
+        workload_error=text("workload_error"),
+        workload_unsupported=raw.get("workload_unsupported") is True,
+    )
 
 
 __all__ = ["NodeDriver"]

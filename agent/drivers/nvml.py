@@ -33,6 +33,16 @@ import structlog
 
 from agent.config_base import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
+from agent.drivers.smoothing import (
+    NOT_SUPPORTED,
+    SETTLE_S,
+    SMOOTHING_PRESET,
+    WORKLOAD_PROFILES,
+    GpuSettingsAsk,
+    GpuSettingsOutcome,
+    SmoothingReadback,
+    SmoothingSettings,
+)
 from agent.drivers.values import untrusted
 from agent.model import DeviceEvent, Quality, Reading, unit_of
 
@@ -332,6 +342,9 @@ class NvmlDriver:
         self._initialised = False
         self._executor: ThreadPoolExecutor | None = None
         self._act_executor: ThreadPoolExecutor | None = None  # power-limit sets (see set_power_limits)
+        # Smoothing and filler sets: their own thread (a smoothing profile is several calls that may
+        # each wait for the firmware/physics tick; a cap must not wait behind them).
+        self._settings_executor: ThreadPoolExecutor | None = None
         self._stuck: asyncio.Future[Any] | None = None  # a call that outlived its timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self.driver_version: str | None = None
@@ -362,6 +375,9 @@ class NvmlDriver:
         if self._act_executor is not None:
             self._act_executor.shutdown(wait=False, cancel_futures=True)
             self._act_executor = None
+        if self._settings_executor is not None:
+            self._settings_executor.shutdown(wait=False, cancel_futures=True)
+            self._settings_executor = None
 
     async def poll(self) -> list[Reading]:
         return await self._run(self._poll_sync)
@@ -749,26 +765,133 @@ class NvmlDriver:
         return _w(now_mw)
 
     async def set_power_smoothing(
-        self,
-        device: str,
-        floor_pct: float | None,
-        ramp_up_w_per_s: float = 0.0,
-        ramp_down_w_per_s: float = 0.0,
-        hysteresis_ms: float = 0.0,
-        *,
-        preset: int = 0,
-    ) -> None:
+        self, device: str, settings: SmoothingSettings | None, *, preset: int = SMOOTHING_PRESET
+    ) -> SmoothingReadback:
         """NVIDIA power smoothing (Blackwell-class, root): write ``preset``'s floor (% of TMP),
-        ramp rates (W/s) and hysteresis (ms), activate it and switch smoothing on; ``floor_pct``
-        None switches it off. The read-back is the poll's ``power_smoothing_*`` readings.
-        DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU without it (H100)."""
+        ramp rates (W/s) and hysteresis (ms), activate it and switch smoothing on; ``None``
+        switches it off. Returns what the GPU reads back (NVML_FI_PWR_SMOOTHING_*), once it agrees
+        with the request or after ``SETTLE_S``. DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU
+        without it (H100)."""
         gpu = self._gpu(device)
-        values = (floor_pct, ramp_up_w_per_s, ramp_down_w_per_s, hysteresis_ms)
-        if floor_pct is not None and not all(v is not None and math.isfinite(v) for v in values):
-            raise ValueError(f"{device}: power smoothing values {values!r}")
-        await self._run(lambda: self._set_smoothing_sync(gpu, values, preset))
+        if settings is not None and not settings.valid():
+            raise ValueError(f"{device}: power smoothing values {settings!r}")
+        return await self._run_settings(lambda: self._set_smoothing_sync(gpu, settings, preset))
 
-    def _set_smoothing_sync(self, gpu: _Gpu, values: tuple[float | None, ...], preset: int) -> None:
+    async def set_filler_floor(self, device: str, watts: float) -> float:
+        """The software fallback's filler floor (W; 0: off): low-priority work that keeps the GPU's
+        draw up while the job communicates. NVML has no such call: it is the library's
+        ``podagentSetFillerFloor`` where one is provided (hwsim's fake); elsewhere DeviceError
+        ``no filler backend`` (a real node needs a burn kernel, not shipped). Returns the floor
+        now in force (the backend's answer: a filler is this host's own process)."""
+        gpu = self._gpu(device)
+        if not math.isfinite(watts) or watts < 0.0:
+            raise ValueError(f"{device}: filler floor {watts!r} W")
+        return await self._run_settings(lambda: self._set_filler_sync(gpu, watts))
+
+    async def set_gpu_settings(self, asks: Mapping[str, GpuSettingsAsk]) -> dict[str, GpuSettingsOutcome]:
+        """Each GPU's smoothing and filler floor as asked, GPUs in parallel (each set may wait for
+        the firmware's tick); per GPU what was read back or why not. Never raises for one GPU."""
+
+        async def one(device: str, ask: GpuSettingsAsk) -> GpuSettingsOutcome:
+            smoothing: SmoothingReadback | None = None
+            s_err: str | None = None
+            f_err: str | None = None
+            filler: float | None = None
+            if ask.set_smoothing:
+                try:
+                    smoothing = await self.set_power_smoothing(device, ask.smoothing)
+                except (DriverError, ValueError) as err:
+                    s_err = err.reason if isinstance(err, DriverError) else str(err)
+            if ask.filler_w is not None:
+                try:
+                    filler = await self.set_filler_floor(device, ask.filler_w)
+                except (DriverError, ValueError) as err:
+                    f_err = err.reason if isinstance(err, DriverError) else str(err)
+            workload: str | None = None
+            w_err: str | None = None
+            if ask.set_workload:
+                try:
+                    workload = await self.set_workload_profile(device, ask.workload_profile)
+                except (DriverError, ValueError) as err:
+                    w_err = err.reason if isinstance(err, DriverError) else str(err)
+            unsupported = s_err is not None and NOT_SUPPORTED in s_err
+            w_unsupported = w_err is not None and NOT_SUPPORTED in w_err
+            return GpuSettingsOutcome(
+                smoothing, s_err, unsupported, filler, f_err, workload, w_err, w_unsupported
+            )
+
+        devices = list(asks)
+        results = await asyncio.gather(*(one(d, asks[d]) for d in devices))
+        return dict(zip(devices, results, strict=True))
+
+    async def set_workload_profile(self, device: str, profile: str | None) -> str:
+        """Request one NVML workload power profile (``WORKLOAD_PROFILES``; Blackwell-class, root)
+        in place of any requested before, or none (None). Returns the profile read back
+        (nvmlDeviceWorkloadPowerProfileGetCurrentProfiles' requested mask; "" for none).
+        DeviceError ``NVML_ERROR_NOT_SUPPORTED`` on a GPU without them (H100)."""
+        gpu = self._gpu(device)
+        if profile is not None and profile not in WORKLOAD_PROFILES:
+            raise ValueError(f"{device}: unknown workload power profile {profile!r}")
+        return await self._run_settings(lambda: self._set_workload_sync(gpu, profile))
+
+    def _set_workload_sync(self, gpu: _Gpu, profile: str | None) -> str:
+        lib = self._lib
+        assert lib is not None
+        failure = self._ensure_handle(gpu)
+        if failure is not None:
+            raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
+
+        def request(mask: int) -> Any:
+            req = lib.c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t()
+            req.version = lib.nvmlWorkloadPowerProfileRequestedProfiles_v1
+            for i in range(len(req.requestedProfilesMask.mask)):
+                req.requestedProfilesMask.mask[i] = (mask >> (32 * i)) & 0xFFFFFFFF
+            return req
+
+        want = 0 if profile is None else 1 << WORKLOAD_PROFILES.index(profile)
+        try:
+            lib.nvmlDeviceWorkloadPowerProfileClearRequestedProfiles(
+                gpu.handle, request(((1 << len(WORKLOAD_PROFILES)) - 1) & ~want)
+            )
+            if want:
+                lib.nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(gpu.handle, request(want))
+            deadline = time.monotonic() + SETTLE_S
+            while True:  # a request takes effect at the firmware's (hwsim: the physics') next tick
+                current = lib.c_nvmlWorkloadPowerProfileCurrentProfiles_v1_t()
+                current.version = lib.nvmlWorkloadPowerProfileCurrentProfiles_v1
+                lib.nvmlDeviceWorkloadPowerProfileGetCurrentProfiles(gpu.handle, current)
+                words = current.requestedProfilesMask.mask
+                got = sum(int(w) << (32 * i) for i, w in enumerate(words))
+                if got == want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        except lib.NVMLError as err:
+            name = self._err_name(err)
+            cls = DeviceUnavailable if name in (*_LIBRARY_GONE, "NVML_ERROR_GPU_IS_LOST") else DeviceError
+            raise cls(gpu.device, f"workload power profile: {name}") from None
+        names = [n for i, n in enumerate(WORKLOAD_PROFILES) if got >> i & 1]
+        log.info("gpu workload power profile set", device=gpu.device, profile=profile, readback=names)
+        return ",".join(names)
+
+    async def _run_settings(self, fn: Callable[[], _T]) -> _T:
+        if self._loop is None or not self._initialised:
+            raise DeviceUnavailable(self.device_id, "not open")
+        if self._settings_executor is None:
+            self._settings_executor = ThreadPoolExecutor(
+                max_workers=max(1, min(8, len(self._by_device))),  # GPUs in parallel (own slots)
+                thread_name_prefix=f"nvml-set[{self.device_id}]",
+            )
+        fut = self._loop.run_in_executor(self._settings_executor, fn)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            async with asyncio.timeout(max(self.cfg.timeout_s, 4 * SETTLE_S)):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise DeviceUnavailable(self.device_id, "NVML settings call timed out") from None
+
+    def _set_smoothing_sync(
+        self, gpu: _Gpu, settings: SmoothingSettings | None, preset: int
+    ) -> SmoothingReadback:
         lib = self._lib
         assert lib is not None
         failure = self._ensure_handle(gpu)
@@ -776,27 +899,73 @@ class NvmlDriver:
             raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
         try:
             state = lib.c_nvmlPowerSmoothingState_v1_t()
-            if values[0] is not None:
+            if settings is not None:
                 params = (
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_PERCENT_TMP_FLOOR,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_UP_RATE,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_RATE,
-                    lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_HYSTERESIS,
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_PERCENT_TMP_FLOOR, settings.floor_pct),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_UP_RATE, settings.ramp_up_w_per_s),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_RATE, settings.ramp_down_w_per_s),
+                    (lib.NVML_POWER_SMOOTHING_PROFILE_PARAM_RAMP_DOWN_HYSTERESIS, settings.hysteresis_ms),
                 )
-                for param, value in zip(params, values, strict=True):
+                for param, value in params:
                     profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
-                    profile.profileId, profile.paramId, profile.value = preset, param, float(value or 0.0)
+                    profile.profileId, profile.paramId, profile.value = preset, param, float(value)
                     lib.nvmlDevicePowerSmoothingUpdatePresetProfileParam(gpu.handle, profile)
                 profile = lib.c_nvmlPowerSmoothingProfile_v1_t()
                 profile.profileId = preset
                 lib.nvmlDevicePowerSmoothingActivatePresetProfile(gpu.handle, profile)
-            state.state = 0 if values[0] is None else 1
+            state.state = 0 if settings is None else 1
             lib.nvmlDevicePowerSmoothingSetState(gpu.handle, state)
+            readback = self._smoothing_readback_sync(gpu)
+            deadline = time.monotonic() + SETTLE_S
+            # A set takes effect at the firmware's (hwsim: the physics') next tick.
+            while not readback.agrees(settings, preset) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                readback = self._smoothing_readback_sync(gpu)
         except lib.NVMLError as err:
             name = self._err_name(err)
             cls = DeviceUnavailable if name in (*_LIBRARY_GONE, "NVML_ERROR_GPU_IS_LOST") else DeviceError
             raise cls(gpu.device, f"power smoothing: {name}") from None
-        log.info("gpu power smoothing set", device=gpu.device, values=values, preset=preset)
+        log.info(
+            "gpu power smoothing set", device=gpu.device, settings=settings, preset=preset, readback=readback
+        )
+        return readback
+
+    def _smoothing_readback_sync(self, gpu: _Gpu) -> SmoothingReadback:
+        lib = self._lib
+        assert lib is not None
+        ids = [
+            lib.NVML_FI_PWR_SMOOTHING_ENABLED,
+            lib.NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE,
+            lib.NVML_FI_PWR_SMOOTHING_APPLIED_TMP_FLOOR,
+        ]
+        values = lib.nvmlDeviceGetFieldValues(gpu.handle, ids)
+        out: list[float | None] = []
+        for position in range(len(ids)):
+            try:
+                out.append(_field(lib, position)(values))
+            except (_FieldUnsupported, ValueError):
+                out.append(None)
+        enabled, profile, floor_w = out
+        if enabled is None:
+            raise lib.NVMLError(lib.NVML_ERROR_NOT_SUPPORTED)
+        return SmoothingReadback(
+            enabled=bool(enabled), profile=None if profile is None else int(profile), floor_w=floor_w
+        )
+
+    def _set_filler_sync(self, gpu: _Gpu, watts: float) -> float:
+        lib = self._lib
+        assert lib is not None
+        backend = getattr(lib, "podagentSetFillerFloor", None)
+        if backend is None:
+            raise DeviceError(gpu.device, "no filler backend on this host (NVML has no such call)")
+        failure = self._ensure_handle(gpu)
+        if failure is not None:
+            raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
+        try:
+            backend(gpu.handle, float(watts))
+        except lib.NVMLError as err:
+            raise DeviceError(gpu.device, f"filler floor: {self._err_name(err)}") from None
+        return float(watts)
 
     def _gpu(self, device: str) -> _Gpu:
         gpu = self._by_device.get(device)

@@ -25,6 +25,7 @@ import structlog
 from agent import __version__
 from agent.drivers.base import DriverError
 from agent.drivers.nvml import NvmlDriver
+from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome
 from agent.events import Event
 from agent.interlocks.engine import Engine, Topology
 from agent.model import Reading
@@ -77,6 +78,11 @@ class NodeAgent:
         self.notifier = notifier or Notifier()
         self.set_latency_s: deque[float] = deque(maxlen=4096)  # lease received -> NVML set read back
         self._nvml_read_mono = 0.0  # when the last NVML temperatures arrived
+        # GPU settings the controller asked (op "settings"): the filler floors in force (W), and
+        # the refusals already told (GPU, what, reason): a refusal is an event once, not a loop.
+        self.filler_w: dict[str, float] = {}
+        self._refusals: set[tuple[str, str, str]] = set()
+        self._filler_release: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -256,6 +262,8 @@ class NodeAgent:
         gpus = self.lease_gpus()
         caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
         self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
+        if req.op == "settings":
+            return dict(self.applied)
         if req.op != "caps":
             if self.engine is not None:
                 await self._fresh_readings()
@@ -264,6 +272,46 @@ class NodeAgent:
         applied = await self.step()
         self.set_latency_s.append(time.monotonic() - t0)
         return applied
+
+    async def on_settings(self, asks: Mapping[int, GpuSettingsAsk]) -> dict[str, dict[str, object]]:
+        """The controller's GPU settings (smoothing, filler floor), applied and read back; per
+        local index what the GPU did (the answer's ``settings``). A refusal (NOT_SUPPORTED on an
+        H100) is answered every time it is asked and told as an event once."""
+        gpus = self.lease_gpus()
+        by_device = {f"gpu{i}": a for i, a in asks.items() if f"gpu{i}" in gpus}
+        results = await self.driver.set_gpu_settings(by_device) if by_device else {}
+        out: dict[str, dict[str, object]] = {}
+        for index in asks:
+            gpu = f"gpu{index}"
+            result = results.get(gpu)
+            if result is None:
+                out[str(index)] = {"smoothing_error": "no such GPU on this node"}
+                continue
+            if result.filler_w is not None:
+                self.filler_w[gpu] = result.filler_w
+            failures = (
+                ("smoothing", result.smoothing_error),
+                ("filler", result.filler_error),
+                ("workload_profile", result.workload_error),
+            )
+            for what, reason in failures:
+                if reason is not None and (gpu, what, reason) not in self._refusals:
+                    self._refusals.add((gpu, what, reason))
+                    self._event(f"{what}_refused", f"{gpu}: {what} not set: {reason}", gpu=gpu, reason=reason)
+            out[str(index)] = settings_json(result)
+        return out
+
+    async def _release_fillers(self) -> None:
+        """The controller is gone: no filler floor burns power on its behalf (the GPUs' smoothing
+        is the firmware's and stays; the fail-safe caps bound the draw anyway)."""
+        on = {g: GpuSettingsAsk(filler_w=0.0) for g, w in self.filler_w.items() if w > 0.0}
+        if not on:
+            return
+        results = await self.driver.set_gpu_settings(on)
+        for gpu, result in results.items():
+            if result.filler_w is not None:
+                self.filler_w[gpu] = result.filler_w
+        self._event("filler_released", f"filler floors off on {len(on)} GPU(s): controller lost")
 
     def lease_gpus(self) -> set[str]:
         return set(self.gpus) if self.gpus else set(self.poller.sub_devices)
@@ -283,6 +331,10 @@ class NodeAgent:
                 f"fail-safe cap {self.cfg.failsafe_cap_pct:g}% on {len(self.gpus)} GPU(s)",
                 silent_for_s=round(t.silent_for_s, 1),
             )
+            if any(w > 0.0 for w in self.filler_w.values()):
+                self._filler_release = asyncio.get_running_loop().create_task(
+                    self._release_fillers(), name="node.filler_release"
+                )
         elif t.previous == "failsafe":
             self._event("controller_back", "the controller is back: its leases take over (ramped)")
         elif t.mode == "controller":
@@ -335,9 +387,27 @@ class NodeAgent:
                     "applied_w": applied,
                     "cap_w": cap,
                     "by": self.cap_reasons.get(g),
+                    "filler_w": self.filler_w.get(g),
                 }
             )
         return out
+
+
+def settings_json(result: GpuSettingsOutcome) -> dict[str, object]:
+    """One GPU's settings outcome as the answer carries it (agent/drivers/node.py reads it)."""
+    rb = result.smoothing
+    return {
+        "smoothing": None
+        if rb is None
+        else {"enabled": rb.enabled, "profile": rb.profile, "floor_w": rb.floor_w},
+        "smoothing_error": result.smoothing_error,
+        "unsupported": result.unsupported,
+        "filler_w": result.filler_w,
+        "filler_error": result.filler_error,
+        "workload": result.workload,
+        "workload_error": result.workload_error,
+        "workload_unsupported": result.workload_unsupported,
+    }
 
 
 class _Shutdown(Exception):

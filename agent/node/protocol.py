@@ -7,10 +7,14 @@ tag stops a node's answer from being reflected back to it as a request.
 
 Request (controller -> node): ``node`` (the node's id: a request for another node is refused),
 ``boot`` (the controller's boot id), ``seq`` (per boot, strictly increasing), ``issued_at`` and
-``expires_at`` (ms since the epoch, UTC), ``op`` (``poll`` or ``caps``) and ``caps``: the
+``expires_at`` (ms since the epoch, UTC), ``op`` (``poll``, ``caps`` or ``settings``) and ``caps``: the
 controller's lease, {local GPU index: W} (an empty map is a lease with no cap), or null: no
 decision yet (a controller's first poll after its start: the node keeps what it enforces). Every
-request, polls included, renews the lease until ``expires_at``.
+request, polls included, renews the lease until ``expires_at``. A ``settings`` request carries
+``settings``: {local GPU index: {"smoothing": null (off) or {floor_pct, ramp_up_w_per_s,
+ramp_down_w_per_s, hysteresis_ms}, "filler_w": W (0: off), "workload_profile": null (none) or an
+NVML workload power profile name}}, each key optional; it is applied
+before the answer, whose ``settings`` says per GPU what was read back or why it was refused.
 
 Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
 request is refused), ``ok``, and for polls the readings (see ``agent/node/server.py``).
@@ -32,6 +36,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.drivers.smoothing import WORKLOAD_PROFILES, GpuSettingsAsk, SmoothingSettings
 
 VERSION = 1
 MAX_FRAME = 1 << 20  # a 144-tray answer is ~10 kB; anything near a MiB is not ours
@@ -97,6 +103,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+MAX_FILLER_W = 5000.0  # above any GPU's TMP: a bigger floor is not a GPU's
+
+
 @dataclass(frozen=True)
 class CapRequest:
     """A checked request."""
@@ -107,6 +116,7 @@ class CapRequest:
     issued_at_ms: int
     expires_at_ms: int
     caps: dict[int, float] | None  # local GPU index -> W; None: no decision yet (keep the lease)
+    settings: dict[int, GpuSettingsAsk] | None = None  # op "settings" only
 
 
 class ReplayGuard:
@@ -150,7 +160,7 @@ def check_request(
         and isinstance(expires, int)
         and (raw_caps is None or isinstance(raw_caps, dict))
         and isinstance(target, str)
-        and op in ("poll", "caps")
+        and op in ("poll", "caps", "settings")
     ):
         raise ProtocolError("frame", "bad field types")
     if target != node:
@@ -168,15 +178,62 @@ def check_request(
         if index < 0 or not math.isfinite(watts) or watts <= 0:
             raise ProtocolError("frame", f"bad cap {k!r}: {v!r}")
         parsed[index] = watts
+    settings = _settings(body.get("settings")) if op == "settings" else None
     guard.check(boot, seq, now)
     caps = None if raw_caps is None else parsed
-    return CapRequest(boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps)
+    return CapRequest(
+        boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps, settings=settings
+    )
+
+
+_SMOOTHING_KEYS = ("floor_pct", "ramp_up_w_per_s", "ramp_down_w_per_s", "hysteresis_ms")
+
+
+def _settings(raw: Any) -> dict[int, GpuSettingsAsk]:
+    """A ``settings`` map, checked whole: one bad entry refuses the request (nothing applied)."""
+    if not isinstance(raw, dict) or not raw:
+        raise ProtocolError("frame", "settings: a non-empty map of GPU index to settings")
+    out: dict[int, GpuSettingsAsk] = {}
+    for k, entry in raw.items():
+        if not (isinstance(k, str) and k.isdigit()) or not isinstance(entry, dict) or not entry:
+            raise ProtocolError("frame", f"settings {k!r}: {entry!r}")
+        unknown = set(entry) - {"smoothing", "filler_w", "workload_profile"}
+        if unknown:
+            raise ProtocolError("frame", f"settings {k}: unknown {sorted(unknown)}")
+        smoothing: SmoothingSettings | None = None
+        if "smoothing" in entry:
+            sm = entry["smoothing"]
+            if sm is None:
+                pass
+            elif isinstance(sm, dict) and set(sm) == set(_SMOOTHING_KEYS):
+                values = [sm[key] for key in _SMOOTHING_KEYS]
+                if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                    raise ProtocolError("frame", f"settings {k}: smoothing {sm!r}")
+                smoothing = SmoothingSettings(*(float(v) for v in values))
+                if not smoothing.valid():
+                    raise ProtocolError("frame", f"settings {k}: smoothing out of range {sm!r}")
+            else:
+                raise ProtocolError("frame", f"settings {k}: smoothing {sm!r}")
+        filler: float | None = None
+        if "filler_w" in entry:
+            w = entry["filler_w"]
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w <= MAX_FILLER_W:
+                raise ProtocolError("frame", f"settings {k}: filler_w {w!r}")
+            filler = float(w)
+        workload = entry.get("workload_profile")
+        if workload is not None and workload not in WORKLOAD_PROFILES:
+            raise ProtocolError("frame", f"settings {k}: workload_profile {workload!r}")
+        out[int(k)] = GpuSettingsAsk(
+            "smoothing" in entry, smoothing, filler, "workload_profile" in entry, workload
+        )
+    return out
 
 
 __all__ = [
     "REQ",
     "RSP",
     "CapRequest",
+    "GpuSettingsAsk",
     "ProtocolError",
     "ReplayGuard",
     "canonical",

@@ -123,6 +123,8 @@ class NodeServer:
             "mode": node.lease.mode,
             "applied_w": {k.removeprefix("gpu"): round(v, 3) for k, v in applied.items()},
         }
+        if req.op == "settings" and req.settings is not None:
+            answer["settings"] = await node.on_settings(req.settings)
         if req.op == "poll":
             answer["gpus"] = node.gpu_report()
             answer["status"] = node.status_readings()

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from agent.config_base import Strict
+from agent.drivers.smoothing import WORKLOAD_PROFILES
 
 
 class GridContract(Strict):
@@ -73,6 +74,14 @@ class PowerConfig(Strict):
     no_battery_fallback: Literal["trough_caps", "soft_floor"] = "trough_caps"
     soft_floor_frac: float = Field(0.85, ge=0, le=1)  # floor = this x the GPU's recent peak draw
     soft_floor_hold_s: float = Field(5.0, ge=0)  # the peak is held this long (a trough is shorter)
+    # NVIDIA power smoothing on the GPUs that have it (Blackwell-class): "auto" sets the profile
+    # control.choose_smoothing picks from the contract and the battery (NOT_SUPPORTED GPUs are
+    # asked once, then left to the soft floor); "off" never touches it.
+    gpu_smoothing: Literal["auto", "off"] = "auto"
+    # An NVML workload power profile (e.g. "LLM_TRAINING"; agent/drivers/smoothing.py names them)
+    # requested on the smoothing GPUs while a smoothing profile is in force, cleared with it.
+    # None: never touched. NOT_SUPPORTED GPUs (H100) are asked once.
+    workload_power_profile: str | None = None
     # Ride-through (a grid sag or outage, as the site meter's or the BMS's grid_status says): the
     # GPUs step down to what the battery can carry for this long (its discharge limit, or its
     # energy above soc_min_pct over this time, minus cooling and ride_through_margin_w).
@@ -83,6 +92,15 @@ class PowerConfig(Strict):
     # caps are released one server (the device that polls its GPUs) every restore_stagger_s.
     restore_ramp_w_per_s: float | None = Field(None, gt=0)
     restore_stagger_s: float = Field(2.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _workload(self) -> PowerConfig:
+        profile = self.workload_power_profile
+        if profile is not None and profile not in WORKLOAD_PROFILES:
+            raise ValueError(
+                f"workload_power_profile: {profile!r} is not one of {', '.join(WORKLOAD_PROFILES)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _soc(self) -> PowerConfig:

@@ -16,9 +16,10 @@ at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.drivers.smoothing import SmoothingSettings
 from agent.power.config import PowerConfig
 
 
@@ -222,19 +223,63 @@ class SmoothingProfile:
     ramp_down_w_per_s: float
     hysteresis_ms: float
 
+    @property
+    def settings(self) -> SmoothingSettings:
+        return SmoothingSettings(
+            self.floor_pct, self.ramp_up_w_per_s, self.ramp_down_w_per_s, self.hysteresis_ms
+        )
+
 
 # With a battery carrying the slow swing: a low floor (the checkpoint pauses cost little), fast
 # rates (the rise costs ~0.1 s of a step) and a short hysteresis (every held fall is burnt energy:
 # 500 ms cost 11% on 4 s steps); the GPUs only take the edges off.
 SMOOTHING_WITH_BATTERY = SmoothingProfile("with_battery", 20.0, 2000.0, 2000.0, 100.0)
-# Alone: the floor fills the troughs (the step left is 100 - floor % of TMP at most) and the rates
-# hold the pod's ramp >= 10x under the unsmoothed one, at the cost of energy in the troughs.
-SMOOTHING_ALONE = SmoothingProfile("alone", 80.0, 600.0, 100.0, 2000.0)
+# Alone, without a contract to size it from (only [power] ramp_limit_w_per_s): a high floor.
+ALONE_FLOOR_PCT = 80.0
+ALONE_HYSTERESIS_MS = 2000.0
+FLOOR_PCT_RANGE = (20.0, 90.0)
+MAX_HYSTERESIS_MS = 60_000.0  # NVML's RAMP_DOWN_HYSTERESIS range
+MIN_RATE_W_PER_S = 1.0  # NVML's RAMP_UP/DOWN_RATE range starts here
 
 
-def choose_smoothing(cfg: PowerConfig, battery_ok: bool) -> SmoothingProfile | None:
-    """The profile for the GPUs that have smoothing, from the contract and the battery's state;
-    None: release it (no ramp to keep, nothing to smooth for)."""
+def smoothing_alone(cfg: PowerConfig, tmp_w: Sequence[float]) -> SmoothingProfile:
+    """Smoothing without a battery, sized from the contract for the GPUs that smooth (``tmp_w``:
+    each one's TMP, its default power limit):
+
+    - ramp rates: the contract's pod ramp (``ramp_up_w_per_s`` / ``ramp_down_w_per_s``, else
+      ``ramp_limit_w_per_s``) shared out over the GPUs: together they move the import no faster
+      than the contract allows, even when every GPU moves at once (synchronized training);
+    - hysteresis: half the period of the band's lowest frequency (0.1 Hz: 5 s): a fall shorter
+      than that (a communication phase) is held, so the swing the band would see never starts;
+    - floor: what the contract's dynamic range leaves, ``1 - dynamic_range_w / sum(TMP)``
+      (clamped to 20-90%): a checkpoint pause or the job's end falls at most that far.
+    What it costs is energy (held falls and the floor burn power without work), not work: only a
+    rise is slowed, and it starts from the held level. The import limit is not the GPUs' to keep:
+    without a battery, a pod whose peak is over it loses work to caps whatever the smoothing."""
+    gc = cfg.grid_contract
+    total = sum(w for w in tmp_w if w > 0) or 1.0
+    n = max(1, len(tmp_w))
+
+    def rate(contract: float | None) -> float:
+        pod = contract if contract is not None else cfg.ramp_limit_w_per_s
+        return max(MIN_RATE_W_PER_S, (pod or 0.0) / n)
+
+    up = rate(gc.ramp_up_w_per_s if gc is not None else None)
+    down = rate(gc.ramp_down_w_per_s if gc is not None else None)
+    hysteresis = ALONE_HYSTERESIS_MS
+    floor = ALONE_FLOOR_PCT
+    if gc is not None:
+        if gc.band_lo_hz > 0:
+            hysteresis = min(MAX_HYSTERESIS_MS, 1000.0 / (2.0 * gc.band_lo_hz))
+        if gc.dynamic_range_w is not None:
+            lo, hi = FLOOR_PCT_RANGE
+            floor = min(hi, max(lo, 100.0 * (1.0 - gc.dynamic_range_w / total)))
+    return SmoothingProfile("alone", round(floor, 1), round(up, 2), round(down, 2), round(hysteresis))
+
+
+def choose_smoothing(cfg: PowerConfig, battery_ok: bool, tmp_w: Sequence[float]) -> SmoothingProfile | None:
+    """The profile for the GPUs that have smoothing (``tmp_w``: each one's TMP), from the
+    contract and the battery's state; None: release it (no ramp to keep, nothing to smooth for)."""
     if cfg.ramp_limit_w_per_s is None and cfg.grid_contract is None:
         return None
-    return SMOOTHING_WITH_BATTERY if battery_ok else SMOOTHING_ALONE
+    return SMOOTHING_WITH_BATTERY if battery_ok else smoothing_alone(cfg, tmp_w)

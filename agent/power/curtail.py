@@ -175,6 +175,55 @@ class CurtailRun:
     def mean_after_reached_w(self) -> float | None:
         return self._sum_w / self._n if self._n else None
 
+    # -- kept across a restart (state_dir/curtail.json) -----------------------------------
+    def to_json(self) -> dict[str, object]:
+        o = self.order
+        return {
+            "id": o.id,
+            "target_w": o.target_w,
+            "fraction": o.fraction,
+            "start_wall": o.start_wall,
+            "duration_s": o.duration_s,
+            "deadline_s": o.deadline_s,
+            "accepted_wall": self.accepted_wall,
+            "import_at_start_w": self.import_at_start_w,
+            "reached_after_s": self.reached_after_s,
+            "missed": self.missed,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> CurtailRun | None:
+        """The order kept by ``to_json``, or None when the file is not one (it is then dropped)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
+            return None
+
+        def num(key: str, *, required: bool = False) -> float | None:
+            v = raw.get(key)
+            if v is None and not required:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(key)
+            return float(v)
+
+        try:
+            order = CurtailOrder(
+                raw["id"],
+                num("target_w"),
+                num("fraction"),
+                num("start_wall", required=True) or 0.0,
+                num("duration_s", required=True) or 0.0,
+                num("deadline_s", required=True) or 0.0,
+            )
+            run = cls(order, accepted_wall=num("accepted_wall", required=True) or 0.0)
+            run.import_at_start_w = num("import_at_start_w")
+            run.reached_after_s = num("reached_after_s")
+        except ValueError:
+            return None
+        if (order.target_w is None) == (order.fraction is None) or order.duration_s <= 0:
+            return None
+        run.missed = raw.get("missed") is True
+        return run
+
     def status(self) -> dict[str, object]:
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 1)

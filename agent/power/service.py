@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.actuators import ActuationError, PointWriter
+from agent.actuators import ActuationError, GpuSettings, PointWriter
 from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
 from agent.drivers.modbus import PointRole
+from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome, SmoothingSettings
 from agent.events import EventBus, Severity
 from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
@@ -34,12 +37,14 @@ from agent.power.control import (
     Inputs,
     RampState,
     SoftFloorState,
+    choose_smoothing,
     control_step,
     soft_floor_step,
 )
 from agent.power.curtail import CurtailOrder, CurtailRefused, CurtailRun
 from agent.power.ridethrough import outage_pod_budget_w, stagger
 from agent.state import POD_DEVICE, StateStore
+from agent.statefile import read_json, write_atomic
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -47,6 +52,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CAP_REASON = "power_budget"
+FILLER_DEADBAND_W = 10.0  # a filler floor moving less than this is not re-sent (floors move often)
+CURTAIL_FILE = "curtail.json"
+SETTINGS_RETRY_S = 10.0  # a GPU whose smoothing or filler set failed is asked again after this
 
 
 class PowerService:
@@ -79,6 +87,18 @@ class PowerService:
         # nodes (issue 12 applies them; floor_source is their hook).
         self.floors: dict[str, float] = {}
         self._floor_state = SoftFloorState()
+        # GPU settings (actuators.GpuSettings): smoothing in force per GPU as read back (None: off,
+        # set by us; absent: never touched), GPUs without smoothing (asked once), the filler floors
+        # sent, failures being retried (GPU -> (retry at, reason)), the one batch in flight.
+        self.gpu_settings: GpuSettings | None = None
+        self.smoothing: dict[str, SmoothingSettings | None] = {}
+        self.smoothing_profile: str | None = None
+        self.smoothing_unsupported: set[str] = set()
+        self.workload: dict[str, str | None] = {}  # workload power profile requested per GPU
+        self.workload_unsupported: set[str] = set()
+        self.filler_sent: dict[str, float] = {}
+        self._settings_failing: dict[str, tuple[float, str]] = {}
+        self._settings_task: asyncio.Task[None] | None = None
         # The grid contract, measured live on the site meter (agent/power/contract.py).
         self.contract = (
             ContractMeter(config.grid_contract, 1.0 / config.control_period_s, config.grid_import_limit_w)
@@ -89,6 +109,7 @@ class PowerService:
         self.curtail: CurtailRun | None = None
         self.curtail_last: CurtailRun | None = None
         self._curtail_meter_ts: float | None = None
+        self.curtail_file: Path | None = None  # state_dir/curtail.json: the order survives a restart
         # Ride-through: the grid event the meter/BMS report ("sag", "outage"), since when (mono);
         # re-energisation: when the grid came back (mono), the caps held then, the climbing limit.
         self.grid_event: str | None = None
@@ -134,6 +155,8 @@ class PowerService:
             agent.store,
             agent.events,
             agent.actuators.points,
+            gpu_settings=agent.actuators.gpu_settings,
+            state_dir=agent.config.paths.state_dir,
             inventory=agent.inventory,
             gpus=gpu_ids,
             fleet_budget=lambda: agent.fleet_budget,
@@ -148,9 +171,15 @@ class PowerService:
         inventory: Inventory,
         gpus: Callable[[], list[str]],
         fleet_budget: Callable[[], FleetBudget | None],
+        gpu_settings: GpuSettings | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         """Run the control period until cancelled."""
         self.store, self.events, self.points = store, events, points
+        self.gpu_settings = gpu_settings
+        if state_dir is not None:
+            self.curtail_file = state_dir / CURTAIL_FILE
+            self._resume_curtail(time.time())
         self.inventory = inventory
         self._gpu_ids, self._fleet_budget = gpus, fleet_budget
         period = self.config.control_period_s
@@ -166,6 +195,7 @@ class PowerService:
                 await asyncio.sleep(max(delay, 0.0))
         finally:
             await self._release_battery()
+            await self._release_gpu_settings()
 
     def cap_source(self) -> Mapping[str, tuple[float, str]]:
         return {g: (w, CAP_REASON) for g, w in self.caps.items()}
@@ -320,6 +350,10 @@ class PowerService:
             )
         else:
             self.floors = {}
+        # GPUs whose firmware smooths need no filler (the soft floor is for the others).
+        self.floors = {g: w for g, w in self.floors.items() if self.smoothing.get(g) is None}
+        if self.gpu_settings is not None:
+            self._plan_gpu_settings(gpus, battery_ok=not no_battery, now=now)
         if grid is not None:
             if self._last_grid is not None and now > self._last_grid[0]:
                 self.grid_ramp_w_per_s = (grid - self._last_grid[1]) / (now - self._last_grid[0])
@@ -472,6 +506,46 @@ class PowerService:
         self.curtail = CurtailRun(order, accepted_wall=now)
         self._curtail_meter_ts = None
         self._curtail_event("curtail_accepted", self.curtail, f"target {target:.0f} W now")
+        self._keep_curtail()
+
+    def _keep_curtail(self) -> None:
+        """The order in force to state_dir/curtail.json (removed when none): a controller restart
+        resumes it. A disk that refuses is logged; the order still runs."""
+        path = self.curtail_file
+        if path is None:
+            return
+        try:
+            if self.curtail is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, json.dumps(self.curtail.to_json(), allow_nan=False).encode())
+        except (OSError, ValueError) as err:
+            log.warning("curtail order not kept on disk", path=str(path), error=str(err))
+
+    def _resume_curtail(self, now_wall: float) -> None:
+        """At start: an order still in force is resumed; one that ended meanwhile is dropped."""
+        assert self.events is not None
+        path = self.curtail_file
+        if path is None or not path.exists():
+            return
+        run = CurtailRun.from_json(read_json(path))
+        if run is None:
+            log.warning("curtail file is not an order; dropped", path=str(path))
+            self._keep_curtail()
+            return
+        end = run.order.start_wall + run.order.duration_s
+        if end <= now_wall:
+            self.events.emit(
+                "curtail_expired",
+                Severity.INFO,
+                f"curtailment {run.order.id}: ended {now_wall - end:.0f} s ago, while the agent was "
+                "down; dropped",
+                detail=run.status(),
+            )
+            self._keep_curtail()
+            return
+        self.curtail = run
+        self._curtail_event("curtail_resumed", run, f"resumed after a restart, {end - now_wall:.0f} s left")
 
     def _min_import_w(self) -> float | None:
         """The lowest grid import the site can reach now, or None when it is not known."""
@@ -508,6 +582,7 @@ class PowerService:
                 self._curtail_event("curtail_released", run, f"released at {ramp or 0:.0f} W/s")
             elif run.phase == "done":
                 self._curtail_event("curtail_done", run, "ended")
+        what: str | None = None
         reading = (
             self.store.get(cfg.site_meter, "power_w") if self.store is not None and cfg.site_meter else None
         )
@@ -522,12 +597,187 @@ class PowerService:
                 self._curtail_event("curtail_missed", run, f"not reached within {run.order.deadline_s:g} s")
         if run.phase == "done":
             self.curtail_last, self.curtail = run, None
+            self._keep_curtail()
+        elif what == "reached" or (before != run.phase and run.phase == "active"):
+            self._keep_curtail()  # the start's import (a fraction's base) and the reach survive too
         return limit
 
     def _curtail_event(self, kind: str, run: CurtailRun, what: str) -> None:
         assert self.store is not None and self.events is not None
         severity = Severity.WARNING if kind in ("curtail_missed", "curtail_replaced") else Severity.INFO
         self.events.emit(kind, severity, f"curtailment {run.order.id}: {what}", detail=run.status())
+
+    # ------------------------------------------------------------------ GPU settings
+    def _plan_gpu_settings(self, gpus: Mapping[str, GpuInput], *, battery_ok: bool, now: float) -> None:
+        """What each GPU should have now (smoothing from the contract and the battery; the filler
+        floor), sent as one batch when it differs from what it has; one batch in flight."""
+        if self._settings_task is not None and not self._settings_task.done():
+            return
+        tmp_w = [x.default_w for g, x in gpus.items() if g not in self.smoothing_unsupported]
+        auto = self.config.gpu_smoothing == "auto" and bool(tmp_w)
+        profile = choose_smoothing(self.config, battery_ok, tmp_w) if auto else None
+        want = None if profile is None else profile.settings
+        asks: dict[str, GpuSettingsAsk] = {}
+        for g in gpus:
+            failing = self._settings_failing.get(g)
+            if failing is not None and now < failing[0]:
+                continue
+            set_sm = g not in self.smoothing_unsupported and (
+                self.smoothing.get(g) != want if g in self.smoothing else want is not None
+            )
+            floor = self.floors.get(g, 0.0)
+            filler = floor if abs(floor - self.filler_sent.get(g, 0.0)) > FILLER_DEADBAND_W else None
+            if floor == 0.0 and self.filler_sent.get(g, 0.0) > 0.0:
+                filler = 0.0
+            # The workload profile goes with smoothing: asked while a profile is in force here.
+            smooths = g not in self.smoothing_unsupported and want is not None
+            workload = self.config.workload_power_profile if smooths else None
+            set_wl = g not in self.workload_unsupported and (
+                self.workload.get(g) != workload if g in self.workload else workload is not None
+            )
+            if set_sm or filler is not None or set_wl:
+                asks[g] = GpuSettingsAsk(
+                    set_sm, want if set_sm else None, filler, set_wl, workload if set_wl else None
+                )
+        if asks:
+            name = None if profile is None else profile.name
+            self._settings_task = asyncio.get_running_loop().create_task(
+                self._send_gpu_settings(asks, name), name="power.gpu_settings"
+            )
+
+    async def _send_gpu_settings(self, asks: dict[str, GpuSettingsAsk], profile: str | None) -> None:
+        """The batch through the actuator; what came back kept and told: one event per batch
+        for smoothing set or released, one per GPU for a refusal (NOT_SUPPORTED: never asked
+        again) and per failure streak."""
+        assert self.gpu_settings is not None and self.events is not None
+        try:
+            results = await self.gpu_settings.apply(asks)
+        except Exception as err:  # an actuator bug must not end the control loop's settings
+            log.exception("gpu settings failed")
+            results = {g: GpuSettingsOutcome(smoothing_error=repr(err)) for g in asks}
+        now = time.monotonic()
+        set_ok: list[str] = []
+        released: list[str] = []
+        unsupported: list[str] = []
+        floors_w: list[float] = []
+        wl_set: dict[str | None, list[str]] = {}
+        wl_unsupported: list[str] = []
+        for gpu, ask in asks.items():
+            out = results.get(gpu, GpuSettingsOutcome(smoothing_error="no result"))
+            if ask.set_smoothing:
+                if out.unsupported:
+                    self.smoothing_unsupported.add(gpu)
+                    unsupported.append(gpu)
+                elif out.smoothing_error is None:
+                    self.smoothing[gpu] = ask.smoothing
+                    (set_ok if ask.smoothing is not None else released).append(gpu)
+                    if out.smoothing is not None and out.smoothing.floor_w is not None:
+                        floors_w.append(out.smoothing.floor_w)
+            if ask.filler_w is not None and out.filler_error is None:
+                self.filler_sent[gpu] = out.filler_w if out.filler_w is not None else ask.filler_w
+            if ask.set_workload:
+                if out.workload_unsupported:
+                    self.workload_unsupported.add(gpu)
+                    wl_unsupported.append(gpu)
+                elif out.workload_error is None:
+                    self.workload[gpu] = ask.workload_profile
+                    wl_set.setdefault(ask.workload_profile, []).append(gpu)
+            error = (
+                (None if out.unsupported else out.smoothing_error)
+                or out.filler_error
+                or (None if out.workload_unsupported else out.workload_error)
+            )
+            if error is not None:
+                before = self._settings_failing.get(gpu)
+                self._settings_failing[gpu] = (now + SETTINGS_RETRY_S, error)
+                if before is None or before[1] != error:
+                    self.events.emit(
+                        "gpu_settings_failed",
+                        Severity.WARNING,
+                        f"{gpu}: GPU settings not applied: {error}",
+                        device=gpu,
+                        detail={
+                            "smoothing": profile if ask.set_smoothing else None,
+                            "filler_w": ask.filler_w,
+                            "error": error,
+                        },
+                    )
+            else:
+                self._settings_failing.pop(gpu, None)
+        if set_ok:
+            self.smoothing_profile = profile
+            floor = f", floor read back {min(floors_w):.0f}-{max(floors_w):.0f} W" if floors_w else ""
+            sm = asks[set_ok[0]].smoothing
+            self.events.emit(
+                "gpu_smoothing_set",
+                Severity.INFO,
+                f"power smoothing {profile} on {len(set_ok)} GPU(s){floor}",
+                detail={
+                    "profile": profile,
+                    "gpus": sorted(set_ok),
+                    "settings": None
+                    if sm is None
+                    else {
+                        "floor_pct": sm.floor_pct,
+                        "ramp_up_w_per_s": sm.ramp_up_w_per_s,
+                        "ramp_down_w_per_s": sm.ramp_down_w_per_s,
+                        "hysteresis_ms": sm.hysteresis_ms,
+                    },
+                },
+            )
+        if released:
+            self.events.emit(
+                "gpu_smoothing_released",
+                Severity.INFO,
+                f"power smoothing off on {len(released)} GPU(s): not needed now",
+                detail={"gpus": sorted(released)},
+            )
+        for name, gpus in wl_set.items():
+            self.events.emit(
+                "gpu_workload_profile_set",
+                Severity.INFO,
+                f"workload power profile {name or 'none'} on {len(gpus)} GPU(s)",
+                detail={"profile": name, "gpus": sorted(gpus)},
+            )
+        if wl_unsupported:
+            self.events.emit(
+                "gpu_workload_profile_unsupported",
+                Severity.INFO,
+                f"{len(wl_unsupported)} GPU(s) have no workload power profiles (NOT_SUPPORTED)",
+                detail={"gpus": sorted(wl_unsupported)},
+            )
+        if unsupported:
+            self.events.emit(
+                "gpu_smoothing_unsupported",
+                Severity.INFO,
+                f"{len(unsupported)} GPU(s) have no power smoothing (NOT_SUPPORTED); not asked again",
+                detail={"gpus": sorted(unsupported)},
+            )
+
+    async def _release_gpu_settings(self) -> None:
+        """On stop: smoothing off and filler floors to 0 where we set them (an agent that is not
+        running must not leave a floor burning power or a profile nobody chose)."""
+        if self.gpu_settings is None:
+            return
+        if self._settings_task is not None:
+            self._settings_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._settings_task
+        asks = {
+            g: GpuSettingsAsk(
+                set_smoothing=self.smoothing.get(g) is not None,
+                filler_w=0.0 if self.filler_sent.get(g, 0.0) > 0.0 else None,
+                set_workload=self.workload.get(g) is not None,
+            )
+            for g in set(self.smoothing) | set(self.filler_sent) | set(self.workload)
+        }
+        asks = {g: a for g, a in asks.items() if a.set_smoothing or a.filler_w is not None or a.set_workload}
+        if not asks:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await self.gpu_settings.apply(asks)
+        log.info("gpu settings released on stop", gpus=len(asks))
 
     # ------------------------------------------------------------------ battery
     def _point(self, role: PointRole) -> str:
@@ -620,6 +870,17 @@ class PowerService:
                 "applied_by_interlocks": self.interlocks_attached,
                 "soft_floor_gpus": len(self.floors),
                 "soft_floor_max_w": r(max(self.floors.values())) if self.floors else None,
+            },
+            "gpu_smoothing": {
+                "mode": self.config.gpu_smoothing,
+                "profile": self.smoothing_profile
+                if any(v is not None for v in self.smoothing.values())
+                else None,
+                "on_gpus": sum(1 for v in self.smoothing.values() if v is not None),
+                "unsupported_gpus": len(self.smoothing_unsupported),
+                "filler_gpus": sum(1 for w in self.filler_sent.values() if w > 0.0),
+                "workload_profile_gpus": sum(1 for w in self.workload.values() if w is not None),
+                "failing_gpus": len(self._settings_failing),
             },
             "battery": None
             if bat is None

@@ -111,8 +111,11 @@ from pynvml import (
 
 from hwsim.nvml.shm import (
     SMOOTH_OP_ACTIVATE,
+    SMOOTH_OP_FILLER_FLOOR,
     SMOOTH_OP_SET_STATE,
     SMOOTH_OP_UPDATE_PARAM,
+    SMOOTH_OP_WORKLOAD_CLEAR,
+    SMOOTH_OP_WORKLOAD_SET,
     SMOOTHING_PARAMS,
     SMOOTHING_PROFILES,
     GpuNumbers,
@@ -131,6 +134,8 @@ _REEXPORT = (
     "nvmlEventMig",
     "c_nvml",
     "nvmlPciInfo",
+    "nvmlPowerSmoothing",  # struct version constants (..._v1)
+    "nvmlWorkloadPowerProfile",
 )
 globals().update({_k: _v for _k, _v in vars(_pynvml).items() if _k.startswith(_REEXPORT)})
 
@@ -663,7 +668,7 @@ def nvmlEventSetFree(eventSet: Any) -> None:
 # H100-class answers NOT_SUPPORTED after the usual checks (initialised, a present GPU). A call is
 # validated here (INVALID_ARGUMENT as NVML) and queued in the GPU's request slot; the physics
 # applies it at its next tick (hwsim.physics.Physics.smoothing_request), and the field values
-# (NVML_FI_PWR_SMOOTHING_*) read back what it applied. Workload power profiles: not simulated.
+# (NVML_FI_PWR_SMOOTHING_*) read back what it applied. Workload power profiles: see below.
 def _smoothing_gpu(handle: Any) -> tuple[NvmlShmReader, int]:
     reader, idx, _ = _gpu(handle)
     if not reader.smoothing(idx).supported:
@@ -680,6 +685,10 @@ def _smoothing_request(handle: Any, op: int, profile: int, param: int, value: fl
     """Queue one call in the GPU's request slot, once the physics took the one before (calls in a
     row must not overwrite each other); NVML_ERROR_TIMEOUT if the pod is not ticking."""
     reader, idx = _smoothing_gpu(handle)
+    _queue(reader, idx, op, profile, param, value)
+
+
+def _queue(reader: NvmlShmReader, idx: int, op: int, profile: int, param: int, value: float) -> None:
     pending = reader.smoothing_request_seq(idx)
     deadline = time.monotonic() + SMOOTHING_TAKE_TIMEOUT_S
     while reader.smoothing(idx).taken < pending:
@@ -770,9 +779,39 @@ def _smoothing_field(reader: NvmlShmReader, idx: int, rec: GpuNumbers, fid: int,
     return values.get(fid)
 
 
+def podagentSetFillerFloor(handle: Any, watts: float) -> None:
+    """Not NVML: the node's filler backend (agent/drivers/nvml.py ``set_filler_floor``). Keeps the
+    GPU's draw at ``watts`` or more with work that adds no progress (0: off); any GPU model, no
+    root (a filler is an ordinary CUDA process). Applied at the physics' next tick."""
+    reader, idx, _ = _gpu(handle)
+    if not math.isfinite(watts) or watts < 0.0:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    try:
+        _queue(reader, idx, SMOOTH_OP_FILLER_FLOOR, 0, 0, float(watts))
+    except PermissionError:
+        raise NVMLError(NVML_ERROR_NO_PERMISSION) from None
+
+
 def _not_supported(handle: Any) -> None:
     _gpu(handle)
     raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+
+
+# Workload power profiles: Blackwell-class GPUs (as power smoothing), root for the sets. A request
+# mask (c_nvmlMask255_t) naming a profile outside 0..24 is INVALID_ARGUMENT. GetCurrentProfiles
+# reads back what the physics took (requested = enforced; perf = every profile the fake knows).
+# GetProfilesInfo and UpdateProfiles are not simulated (NOT_SUPPORTED).
+_WORKLOAD_PROFILES = 25  # NVML_POWER_PROFILE_MAX
+
+
+def _mask_of(requested: Any) -> int:
+    if int(getattr(requested, "version", 0)) != _pynvml.nvmlWorkloadPowerProfileRequestedProfiles_v1:
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    words = [int(w) for w in requested.requestedProfilesMask.mask]
+    mask = sum(w << (32 * i) for i, w in enumerate(words))
+    if mask >> _WORKLOAD_PROFILES:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return mask
 
 
 def nvmlDeviceWorkloadPowerProfileGetProfilesInfo(device: Any, profilesInfo: Any) -> None:
@@ -780,15 +819,32 @@ def nvmlDeviceWorkloadPowerProfileGetProfilesInfo(device: Any, profilesInfo: Any
 
 
 def nvmlDeviceWorkloadPowerProfileGetCurrentProfiles(device: Any, currentProfiles: Any) -> None:
-    _not_supported(device)
+    reader, idx, _ = _gpu(device)
+    sm = reader.smoothing(idx)
+    if not sm.supported:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    if int(getattr(currentProfiles, "version", 0)) != _pynvml.nvmlWorkloadPowerProfileCurrentProfiles_v1:
+        raise NVMLError(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    for field_name, mask in (
+        ("perfProfilesMask", (1 << _WORKLOAD_PROFILES) - 1),
+        ("requestedProfilesMask", sm.workload_mask),
+        ("enforcedProfilesMask", sm.workload_mask),
+    ):
+        target = getattr(currentProfiles, field_name).mask
+        for i in range(len(target)):
+            target[i] = (mask >> (32 * i)) & 0xFFFFFFFF
 
 
 def nvmlDeviceWorkloadPowerProfileSetRequestedProfiles(device: Any, requestedProfiles: Any) -> None:
-    _not_supported(device)
+    _smoothing_gpu(device)  # NOT_SUPPORTED (H100) and NO_PERMISSION before the argument checks
+    mask = _mask_of(requestedProfiles)
+    _smoothing_request(device, SMOOTH_OP_WORKLOAD_SET, 0, 0, float(mask))
 
 
 def nvmlDeviceWorkloadPowerProfileClearRequestedProfiles(device: Any, requestedProfiles: Any) -> None:
-    _not_supported(device)
+    _smoothing_gpu(device)  # NOT_SUPPORTED (H100) and NO_PERMISSION before the argument checks
+    mask = _mask_of(requestedProfiles)
+    _smoothing_request(device, SMOOTH_OP_WORKLOAD_CLEAR, 0, 0, float(mask))
 
 
 def nvmlDeviceWorkloadPowerProfileUpdateProfiles_v1(device: Any, updateProfiles: Any) -> None:

@@ -118,8 +118,15 @@ _REQ_SPINS = 1000
 SMOOTHING_PROFILES = 5  # NVML_POWER_SMOOTHING_MAX_NUM_PROFILES
 SMOOTHING_PARAMS = 8  # NVML_POWER_SMOOTHING_NUM_PROFILE_PARAMS
 SMOOTH_OP_SET_STATE, SMOOTH_OP_ACTIVATE, SMOOTH_OP_UPDATE_PARAM = 1, 2, 3
-# After a u64 seqlock: the request counter taken, supported, enabled, profile, then the doubles.
-_SMOOTH = struct.Struct("<QIII4x" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))
+# Not an NVML call: the software fallback's filler floor (value W; any GPU model), which a node
+# runs as low-priority burn work beside the job. The fake's ``podagentSetFillerFloor`` queues it.
+SMOOTH_OP_FILLER_FLOOR = 4
+# Workload power profiles (nvmlDeviceWorkloadPowerProfileSet/ClearRequestedProfiles): value = the
+# profile bit mask (profiles 0..24 fit in the u32 the state block carries where it had padding).
+SMOOTH_OP_WORKLOAD_SET, SMOOTH_OP_WORKLOAD_CLEAR = 5, 6
+# After a u64 seqlock: the request counter taken, supported, enabled, profile, the requested
+# workload power profiles' mask (was padding: same size, older readers see 0), then the doubles.
+_SMOOTH = struct.Struct("<QIIII" + "d" * (5 + SMOOTHING_PROFILES * SMOOTHING_PARAMS))
 _SMOOTH_SIZE = 8 + _SMOOTH.size
 _SREQ = struct.Struct("<QIII4xd")
 
@@ -135,6 +142,7 @@ class SmoothingNumbers(NamedTuple):
     ramp_down_w_per_s: float
     hysteresis_ms: float
     presets: tuple[tuple[float, ...], ...]  # [profile][param]
+    workload_mask: int = 0  # requested workload power profiles (bit i: NVML_POWER_PROFILE id i)
 
 
 class SmoothingSource(Protocol):
@@ -149,6 +157,7 @@ class SmoothingSource(Protocol):
     ramp_down_w_per_s: float
     hysteresis_ms: float
     presets: list[list[float]]
+    workload_mask: int
 
 
 def _finite(x: float) -> float:
@@ -218,7 +227,7 @@ class NvmlShmWriter:
                 flat += [0.0] * (SMOOTHING_PROFILES * SMOOTHING_PARAMS - len(flat))
                 _SMOOTH.pack_into(
                     mm, off + 8, self._smooth_taken[i], int(sm.supported), int(sm.enabled), sm.profile,
-                    sm.lifetime_pct,
+                    sm.workload_mask & 0xFFFFFFFF, sm.lifetime_pct,
                     _finite(sm.floor_pct), _finite(sm.ramp_up_w_per_s), _finite(sm.ramp_down_w_per_s),
                     sm.hysteresis_ms, *flat,
                 )  # fmt: skip
@@ -453,12 +462,12 @@ class NvmlShmReader:
             if not seq & 1:
                 v = _SMOOTH.unpack_from(mm, off + 8)
                 if _U64.unpack_from(mm, off)[0] == seq:
-                    flat = v[9:]
+                    flat = v[10:]
                     presets = tuple(
                         tuple(flat[p * SMOOTHING_PARAMS : (p + 1) * SMOOTHING_PARAMS])
                         for p in range(SMOOTHING_PROFILES)
                     )
-                    return SmoothingNumbers(v[0], bool(v[1]), bool(v[2]), v[3], *v[4:9], presets)
+                    return SmoothingNumbers(v[0], bool(v[1]), bool(v[2]), v[3], *v[5:10], presets, v[4])
             spins = self._spin(spins)
 
     def smoothing_request_seq(self, index: int) -> int:
