@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.app import Agent
 from agent.config import load_config
 from agent.interlocks.service import InterlockService
@@ -206,13 +204,6 @@ async def test_forged_replayed_and_expired_caps_change_nothing(tmp_path: Path) -
         assert sorted(r["reason"] for r in logged) == ["expired", "mac", "node", "replay", "skew"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open: after the controller returns, one node of two sometimes stays at its "
-    "fail-safe cap (the controller believes its leases were honoured: a limit under the cap counts "
-    "as honoured; the node never logs a controller-driven set). Safe direction (capped lower), "
-    "but the release must be fixed",
-)
 async def test_controller_lost_means_failsafe_and_its_return_releases_ramped(tmp_path: Path) -> None:
     with (
         duo(tmp_path) as pod,

@@ -224,6 +224,7 @@ class NodeAgent:
             reason = getattr(err, "reason", None) or "timed out"
             results = {g: DriverError(g, reason) for g in todo}
         now = time.monotonic()
+        set_now: list[Reading] = []
         for g, cap in todo.items():
             outcome = results.get(g, DriverError(g, "no result"))
             if isinstance(outcome, DriverError):
@@ -239,6 +240,9 @@ class NodeAgent:
             previous = self.applied.get(g)
             self.applied[g] = outcome
             self.counters["cap_sets"] += 1
+            # The limit read back is the GPU's limit now: report it (the controller reconciles its
+            # engine on it after a restart), not the last scheduled NVML read's value.
+            set_now.append(Reading(g, "power_limit_w", outcome, "W"))
             log.info(
                 "node cap applied",
                 gpu=g,
@@ -248,6 +252,8 @@ class NodeAgent:
                 by=self.cap_reasons.get(g, "interlock"),
                 mode=self.lease.mode,
             )
+        if set_now:
+            self.store.update(set_now)
 
     # ------------------------------------------------------------------ leases (server side)
     async def on_request(self, req: CapRequest) -> dict[str, float]:
@@ -255,7 +261,7 @@ class NodeAgent:
         t0 = time.monotonic()
         gpus = self.lease_gpus()
         caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
-        self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
+        self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0, lease_id=req.lease_id)
         if req.op != "caps":
             if self.engine is not None:
                 await self._fresh_readings()
@@ -310,6 +316,7 @@ class NodeAgent:
             "rejected_total": float(sum(self.rejected.values())),
             "interlock_trips_total": float(self.counters["interlock_trips"]),
             "cap_failures_total": float(self.counters["cap_failures"]),
+            "stale_leases_total": float(self.lease.stale_leases),
             "uptime_s": time.monotonic() - self.started,
         }
         for reason, n in self.rejected.items():

@@ -10,10 +10,14 @@ Request (controller -> node): ``node`` (the node's id: a request for another nod
 ``expires_at`` (ms since the epoch, UTC), ``op`` (``poll`` or ``caps``) and ``caps``: the
 controller's lease, {local GPU index: W} (an empty map is a lease with no cap), or null: no
 decision yet (a controller's first poll after its start: the node keeps what it enforces). Every
-request, polls included, renews the lease until ``expires_at``.
+request, polls included, renews the lease until ``expires_at``. Optional ``ctl`` (the controller's
+instance id) and ``lease_v`` (its lease version, raised on every change): polls and caps travel on
+two connections, so an older lease can arrive after a newer one; the node keeps the newer one's
+caps (the older request still renews). A new ``ctl`` starts a new version sequence.
 
 Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
-request is refused), ``ok``, and for polls the readings (see ``agent/node/server.py``).
+request is refused), ``ok``, ``lease_v`` (the version of the lease the node holds), and for polls
+the readings (see ``agent/node/server.py``).
 
 Checked by the node, in order, each failure with its own reason (and counter): frame (not JSON, too
 long, wrong shape), mac, node, expired (``expires_at`` <= now), skew (``issued_at`` more than
@@ -39,6 +43,9 @@ REQ = b"req\n"
 RSP = b"rsp\n"
 MIN_KEY_BYTES = 16
 JsonObj = dict[str, Any]
+# The request ops. An op is "poll" (readings back) or a write the node applies at once; a new op
+# is added here and answered in NodeServer._answer (agent/node/server.py).
+OPS: frozenset[str] = frozenset({"poll", "caps"})
 
 
 class ProtocolError(Exception):
@@ -107,6 +114,7 @@ class CapRequest:
     issued_at_ms: int
     expires_at_ms: int
     caps: dict[int, float] | None  # local GPU index -> W; None: no decision yet (keep the lease)
+    lease_id: tuple[str, int] | None = None  # (controller instance, lease version), if sent
 
 
 class ReplayGuard:
@@ -150,7 +158,7 @@ def check_request(
         and isinstance(expires, int)
         and (raw_caps is None or isinstance(raw_caps, dict))
         and isinstance(target, str)
-        and op in ("poll", "caps")
+        and op in OPS
     ):
         raise ProtocolError("frame", "bad field types")
     if target != node:
@@ -168,12 +176,27 @@ def check_request(
         if index < 0 or not math.isfinite(watts) or watts <= 0:
             raise ProtocolError("frame", f"bad cap {k!r}: {v!r}")
         parsed[index] = watts
+    ctl, lease_v = body.get("ctl"), body.get("lease_v")
+    lease_id: tuple[str, int] | None = None
+    if ctl is not None or lease_v is not None:
+        if not (isinstance(ctl, str) and isinstance(lease_v, int) and not isinstance(lease_v, bool)):
+            raise ProtocolError("frame", "bad ctl / lease_v")
+        lease_id = (ctl, lease_v)
     guard.check(boot, seq, now)
     caps = None if raw_caps is None else parsed
-    return CapRequest(boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps)
+    return CapRequest(
+        boot=boot,
+        seq=seq,
+        op=op,
+        issued_at_ms=issued,
+        expires_at_ms=expires,
+        caps=caps,
+        lease_id=lease_id,
+    )
 
 
 __all__ = [
+    "OPS",
     "REQ",
     "RSP",
     "CapRequest",

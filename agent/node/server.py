@@ -110,6 +110,7 @@ class NodeServer:
                 None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items()},
                 expires_wall=req.expires_at_ms / 1000,
                 now=time.monotonic(),
+                lease_id=req.lease_id,
             )
             return {"ok": False, "error": "starting", "re": re, "node_boot": node.boot_id}
         applied = await node.on_request(req)
@@ -121,6 +122,7 @@ class NodeServer:
             "hostname": node.hostname,
             "ts": now_ms(),
             "mode": node.lease.mode,
+            "lease_v": None if node.lease.lease_id is None else node.lease.lease_id[1],
             "applied_w": {k.removeprefix("gpu"): round(v, 3) for k, v in applied.items()},
         }
         if req.op == "poll":
