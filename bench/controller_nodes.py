@@ -52,7 +52,7 @@ def pod_file(tmp: Path, nodes: int) -> Path:
     return path
 
 
-def one_round(nodes: int, seconds: float) -> tuple[float, float]:
+def one_round(nodes: int, seconds: float, profile: Path | None = None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="ctlbench") as d:
         tmp = Path(d)
         pod = start_pod(tmp / "pod", str(pod_file(tmp, nodes)))
@@ -102,8 +102,9 @@ def one_round(nodes: int, seconds: float) -> tuple[float, float]:
                 )
             )
             log = (tmp / "ctl.log").open("wb")
+            prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
             ctl = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                [sys.executable, *prof, "-m", "agent.cli", "run", "--config", str(cfg)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,7 +142,11 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--profile", type=Path, help="one round of the first --nodes under cProfile, to FILE")
     args = ap.parse_args()
+    if args.profile is not None:
+        print(one_round(args.nodes[0], args.seconds, args.profile.resolve()))
+        return
     med_cpu, med_rss = [], []
     for n in args.nodes:
         runs = [one_round(n, args.seconds) for _ in range(args.rounds)]

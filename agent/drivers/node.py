@@ -31,7 +31,19 @@ import structlog
 from agent.config import NodeDevice
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, DriverError, register
 from agent.model import Quality, Reading, unit_of
-from agent.node.protocol import MAX_FRAME, REQ, RSP, JsonObj, ProtocolError, decode, encode, load_key, now_ms
+from agent.node.protocol import (
+    ALWAYS_SENT,
+    FULL_EVERY,
+    MAX_FRAME,
+    REQ,
+    RSP,
+    JsonObj,
+    ProtocolError,
+    decode,
+    encode,
+    load_key,
+    now_ms,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -225,9 +237,10 @@ class NodeDriver:
                 if reading is not None:
                     out.append(reading)
             raw_info = gpu.get("info")
-            info = {str(k): str(v) for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
-            info.update(hostname=hostname, gpu=str(index), node=self.device_id)
-            self._info[dev] = info
+            if isinstance(raw_info, dict) or dev not in self._info:  # sparse answers carry none
+                info = {str(k): str(v) for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
+                info.update(hostname=hostname, gpu=str(index), node=self.device_id)
+                self._info[dev] = info
             lim = [
                 readings.get(m) for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
             ]
@@ -270,6 +283,12 @@ class NodeDriver:
             q,
             None if error is None else str(error),
         )
+
+    @staticmethod
+    def metric_every(metric: str) -> int:
+        """Poll answers are sparse (agent/node/protocol.py): a GPU reading that did not change is
+        re-sent only every FULL_EVERY answers, so it is stale only after that many x."""
+        return 1 if metric in ALWAYS_SENT or metric.startswith("node_") else FULL_EVERY
 
     # -- what the interlocks and budgets use ----------------------------------------------------
     def device_info(self) -> dict[str, dict[str, str]]:

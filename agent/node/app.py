@@ -30,7 +30,7 @@ from agent.interlocks.engine import Engine, Topology
 from agent.model import Reading
 from agent.node.config import NodeConfig
 from agent.node.lease import LeaseState, Transition
-from agent.node.protocol import CapRequest
+from agent.node.protocol import ALWAYS_SENT, CapRequest
 from agent.poller import Poller
 from agent.sdnotify import Notifier
 from agent.state import StateStore
@@ -323,27 +323,37 @@ class NodeAgent:
             out[f"rejected_{reason}_total"] = float(n)
         return out
 
-    def gpu_report(self) -> list[dict[str, object]]:
+    def gpu_report(
+        self,
+        since: Mapping[tuple[str, str], tuple[object, ...]] | None = None,
+        record: dict[tuple[str, str], tuple[object, ...]] | None = None,
+    ) -> list[dict[str, object]]:
+        """Every GPU's readings as [value, quality, error, age]. With ``since`` (what was sent
+        last on this connection), only the readings that changed and those in ALWAYS_SENT, and no
+        info; ``record`` gets what is sent."""
         now = time.monotonic()
-        info = self.driver.device_info()
+        info = self.driver.device_info() if since is None else {}
         out: list[dict[str, object]] = []
         for g in self.gpus or sorted(self.poller.sub_devices):
             readings: dict[str, list[object]] = {}
             for metric, r in self.store.device_readings(g).items():
                 value = r.value if r.value is None or math.isfinite(r.value) else None
+                state = (value, r.quality, r.error)
+                if since is not None and metric not in ALWAYS_SENT and since.get((g, metric)) == state:
+                    continue
+                if record is not None:
+                    record[(g, metric)] = state
                 readings[metric] = [value, str(r.quality), r.error, round(max(0.0, now - r.ts_mono), 4)]
-            applied = self.applied.get(g)
-            cap = self.caps.get(g)
-            out.append(
-                {
-                    "index": int(g.removeprefix("gpu")),
-                    "info": info.get(g, {}),
-                    "readings": readings,
-                    "applied_w": applied,
-                    "cap_w": cap,
-                    "by": self.cap_reasons.get(g),
-                }
-            )
+            gpu: dict[str, object] = {
+                "index": int(g.removeprefix("gpu")),
+                "readings": readings,
+                "applied_w": self.applied.get(g),
+                "cap_w": self.caps.get(g),
+                "by": self.cap_reasons.get(g),
+            }
+            if since is None:
+                gpu["info"] = info.get(g, {})
+            out.append(gpu)
         return out
 
 

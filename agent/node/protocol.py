@@ -46,6 +46,23 @@ JsonObj = dict[str, Any]
 # The request ops. An op is "poll" (readings back) or a write the node applies at once; a new op
 # is added here and answered in NodeServer._answer (agent/node/server.py).
 OPS: frozenset[str] = frozenset({"poll", "caps"})
+# Poll answers on one connection are sparse: a GPU reading is sent when its value, quality or
+# error changed since the last answer on that connection, and every reading (and the GPUs' info)
+# in every FULL_EVERY-th answer, the first included. What the safety rules and the power budget
+# read is in every answer. The controller judges the sparse ones stale after FULL_EVERY x its
+# usual limit (Poller cadence), as the NVML driver's slow metrics.
+FULL_EVERY = 10
+ALWAYS_SENT: frozenset[str] = frozenset(
+    {
+        "temp_c",
+        "power_w",
+        "power_instant_w",
+        "power_limit_w",
+        "enforced_power_limit_w",
+        "util_gpu_pct",
+        "util_mem_pct",
+    }
+)
 
 
 class ProtocolError(Exception):
@@ -196,6 +213,8 @@ def check_request(
 
 
 __all__ = [
+    "ALWAYS_SENT",
+    "FULL_EVERY",
     "OPS",
     "REQ",
     "RSP",
