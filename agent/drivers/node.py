@@ -286,9 +286,9 @@ class NodeDriver:
 
     @staticmethod
     def metric_every(metric: str) -> int:
-        """Poll answers are sparse (agent/node/protocol.py): a GPU reading that did not change is
-        re-sent only every FULL_EVERY answers, so it is stale only after that many x."""
-        return 1 if metric in ALWAYS_SENT or metric.startswith("node_") else FULL_EVERY
+        """Poll answers are sparse (agent/node/protocol.py): a reading that did not change (a GPU's
+        or the node's own) is re-sent only every FULL_EVERY answers: stale only after that many x."""
+        return 1 if metric in ALWAYS_SENT else FULL_EVERY
 
     # -- what the interlocks and budgets use ----------------------------------------------------
     def device_info(self) -> dict[str, dict[str, str]]:

@@ -132,7 +132,11 @@ class NodeServer:
             sent.answers += 1
             answer["full"] = full
             answer["gpus"] = node.gpu_report(None if full else sent.last, sent.last)
-            answer["status"] = node.status_readings()
+            status = node.status_readings()
+            if not full:  # the node's own counters, as its GPUs' readings: what changed
+                status = {k: v for k, v in status.items() if sent.status.get(k) != v and k != "uptime_s"}
+            sent.status.update(status)
+            answer["status"] = status
         return answer
 
 
@@ -142,6 +146,7 @@ class SentReadings:
     def __init__(self) -> None:
         self.answers = 0
         self.last: dict[tuple[str, str], tuple[object, ...]] = {}
+        self.status: dict[str, float] = {}
 
 
 __all__ = ["NodeServer", "SentReadings"]
