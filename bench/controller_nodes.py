@@ -28,6 +28,24 @@ from hwsim.podspec import POD_DIR
 from tests.conftest import ROOT, start_pod, stop_pod
 from tests.node_helpers import NodeProc, free_port, wait_armed
 
+START_S = 8.0
+PROFILE_WINDOW = """
+import asyncio, cProfile, sys
+out, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+sys.argv = ["podagent", *sys.argv[4:]]
+prof, real_run = cProfile.Profile(), asyncio.run
+def stop():
+    prof.disable()
+    prof.dump_stats(out)
+async def profiled(main):
+    loop = asyncio.get_running_loop()
+    loop.call_later(start, prof.enable)
+    loop.call_later(start + seconds, stop)
+    return await main
+asyncio.run = lambda main, **kw: real_run(profiled(main), **kw)
+from agent.cli import main
+sys.exit(main())
+"""
 PDU_PAIR_SERVERS = 48  # hwsim's PDUs have at most 64 outlets: an A/B pair per 48 servers
 
 
@@ -102,15 +120,17 @@ def one_round(nodes: int, seconds: float, profile: Path | None = None) -> tuple[
                 )
             )
             log = (tmp / "ctl.log").open("wb")
-            prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+            run = ["-m", "agent.cli"]
+            if profile is not None:  # the event loop's thread, over the measured window only
+                run = ["-c", PROFILE_WINDOW, str(profile), str(START_S), str(seconds - 3)]
             ctl = subprocess.Popen(
-                [sys.executable, *prof, "-m", "agent.cli", "run", "--config", str(cfg)],
+                [sys.executable, *run, "run", "--config", str(cfg)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
             proc = psutil.Process(ctl.pid)
-            time.sleep(8.0)  # start, first polls, interlocks armed
+            time.sleep(START_S)  # start, first polls, interlocks armed
             assert ctl.poll() is None, (tmp / "ctl.log").read_text()
             c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
             rss = 0

@@ -74,9 +74,17 @@ async def test_node_gpus_carry_their_servers_identity_in_prometheus_and_mqtt(tmp
                     for m in sub.messages:
                         if "/telemetry/srv-" in m.topic:
                             assert m.topic.rsplit("/", 1)[1] == m.json()["device"]
-                    birth = await sub.wait_for(lambda ms: [m for m in ms if m.topic.endswith("/birth")])
+                    # A birth is re-published when the inventory grows (each node's first answer):
+                    # the one after both nodes answered names every GPU.
+                    birth = await sub.wait_for(
+                        lambda ms: [
+                            m
+                            for m in ms
+                            if m.topic.endswith("/birth") and set(everything) <= set(m.json()["gpus"])
+                        ],
+                        timeout=20,
+                    )
                     gpus = birth[-1].json()["gpus"]
-                    assert set(everything) <= set(gpus), gpus
                     assert gpus["srv-1-gpu2"]["hostname"] == "duo-srv-1" and gpus["srv-1-gpu2"]["gpu"] == "2"
                     assert gpus["srv-1-gpu2"]["node"] == "srv-1"
                     assert gpus["srv-1-gpu2"]["uuid"] == agent.store.info("srv-1-gpu2")["uuid"]
