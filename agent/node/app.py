@@ -29,6 +29,7 @@ from agent.events import Event
 from agent.interlocks.engine import Engine, Topology
 from agent.model import Reading
 from agent.node.config import NodeConfig
+from agent.node.lean import release_startup_memory
 from agent.node.lease import LeaseState, Transition
 from agent.node.protocol import ALWAYS_SENT, CapRequest
 from agent.poller import Poller
@@ -164,6 +165,7 @@ class NodeAgent:
             await asyncio.sleep(self.nvml_cfg.poll_interval_s)
         self.engine = self._build_engine()
         log.info("node interlocks armed", gpus=len(self.gpus), mode=self.lease.mode)
+        release_startup_memory()
         self.ready.set()
         self.notifier.send("READY=1")
         while True:
