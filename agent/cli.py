@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+
+if sys.argv[1:2] == ["node"]:  # a GPU server's node agent: keep modules it never uses out
+    from agent.node.lean import trim_imports
+
+    trim_imports()
+
 from agent.config_base import ConfigError
 from agent.node.cli import DEFAULT_NODE_CONFIG
 

@@ -155,6 +155,12 @@ class NodeDevice(DeviceBase):
     gpus: int | None = Field(None, ge=1, le=256)
     # The rack the server sits in (a loop's or PDU's `racks` names it).
     rack: DeviceIdStr | None = None
+    # Devices with the same poll_phase are polled at the same instant of their interval (others
+    # sit at a phase hashed from their id). Every node's answer then lands in the same few
+    # milliseconds, and the interlock engine evaluates the pod's GPUs in one step per poll, as it
+    # does for a local NVML poll, not once per node (docs/node.md: the controller's cost per node).
+    # None: the id's own phase.
+    poll_phase: str | None = "nodes"
 
     def gpu_ids(self) -> list[str]:
         """The pod-unique ids of this server's GPUs, as the node driver names them ([] if the

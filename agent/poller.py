@@ -105,7 +105,8 @@ class Poller:
         self.heartbeat_mono = time.monotonic()
         self.sub_devices: set[str] = set()
         self.bus = shared_bus(cfg)
-        self.phase_s = phase_offset(cfg.id, cfg.poll_interval_s)
+        # A device may share its phase with others (NodeDevice.poll_phase: node answers together).
+        self.phase_s = phase_offset(getattr(cfg, "poll_phase", None) or cfg.id, cfg.poll_interval_s)
         self._lock = asyncio.Lock()
         self._rng = rng or random.Random()
         self._poll_now = asyncio.Event()

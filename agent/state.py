@@ -21,6 +21,10 @@ log = structlog.get_logger(__name__)
 
 Subscriber = Callable[[Sequence[Reading]], None]
 POD_DEVICE = "pod"
+# A loop's GPU heat load sums every GPU on the loop: with node agents, each node's batch would
+# re-sum the whole loop (quadratic in nodes: 144 batches x 576 GPUs a second on the full pod).
+# At most this often per loop (the sum is a display value: Prometheus, podctl; no rule reads it).
+LOOP_SUM_MIN_S = 0.25
 
 
 class DeviceStatus(StrEnum):
@@ -59,6 +63,7 @@ class StateStore:
         # Derived values: which devices' power_w adds up to the pod's, which GPUs each loop cools.
         self._pod_power_devices: set[str] = set()
         self._loop_gpus: dict[str, list[str]] = {}
+        self._loop_sum_at: dict[str, float] = {}
         self._info: dict[str, dict[str, str]] = {}
         self._slow: dict[tuple[str, str], int] = {}
         self._parent: dict[str, str] = {}  # sub-device (gpu3) -> configured device ("gpus")
@@ -132,8 +137,11 @@ class StateStore:
             )
         gpu_devices = {r.device for r in readings if r.metric == "power_w"}
         for loop, gpus in self._loop_gpus.items():
+            if now_m - self._loop_sum_at.get(loop, -LOOP_SUM_MIN_S) < LOOP_SUM_MIN_S:
+                continue
             if gpu_devices.isdisjoint(gpus):
                 continue
+            self._loop_sum_at[loop] = now_m
             total, bad = self._sum_power(gpus)
             out.append(
                 Reading(

@@ -28,6 +28,24 @@ from hwsim.podspec import POD_DIR
 from tests.conftest import ROOT, start_pod, stop_pod
 from tests.node_helpers import NodeProc, free_port, wait_armed
 
+START_S = 8.0
+PROFILE_WINDOW = """
+import asyncio, cProfile, sys
+out, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+sys.argv = ["podagent", *sys.argv[4:]]
+prof, real_run = cProfile.Profile(), asyncio.run
+def stop():
+    prof.disable()
+    prof.dump_stats(out)
+async def profiled(main):
+    loop = asyncio.get_running_loop()
+    loop.call_later(start, prof.enable)
+    loop.call_later(start + seconds, stop)
+    return await main
+asyncio.run = lambda main, **kw: real_run(profiled(main), **kw)
+from agent.cli import main
+sys.exit(main())
+"""
 PDU_PAIR_SERVERS = 48  # hwsim's PDUs have at most 64 outlets: an A/B pair per 48 servers
 
 
@@ -52,7 +70,7 @@ def pod_file(tmp: Path, nodes: int) -> Path:
     return path
 
 
-def one_round(nodes: int, seconds: float) -> tuple[float, float]:
+def one_round(nodes: int, seconds: float, profile: Path | None = None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="ctlbench") as d:
         tmp = Path(d)
         pod = start_pod(tmp / "pod", str(pod_file(tmp, nodes)))
@@ -102,14 +120,17 @@ def one_round(nodes: int, seconds: float) -> tuple[float, float]:
                 )
             )
             log = (tmp / "ctl.log").open("wb")
+            run = ["-m", "agent.cli"]
+            if profile is not None:  # the event loop's thread, over the measured window only
+                run = ["-c", PROFILE_WINDOW, str(profile), str(START_S), str(seconds - 3)]
             ctl = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                [sys.executable, *run, "run", "--config", str(cfg)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
             proc = psutil.Process(ctl.pid)
-            time.sleep(8.0)  # start, first polls, interlocks armed
+            time.sleep(START_S)  # start, first polls, interlocks armed
             assert ctl.poll() is None, (tmp / "ctl.log").read_text()
             c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
             rss = 0
@@ -141,7 +162,11 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--profile", type=Path, help="one round of the first --nodes under cProfile, to FILE")
     args = ap.parse_args()
+    if args.profile is not None:
+        print(one_round(args.nodes[0], args.seconds, args.profile.resolve()))
+        return
     med_cpu, med_rss = [], []
     for n in args.nodes:
         runs = [one_round(n, args.seconds) for _ in range(args.rounds)]

@@ -18,6 +18,7 @@ from agent.model import Quality
 from agent.node.protocol import REQ, RSP, decode, encode
 
 KEY = b"0123456789abcdef0123456789abcdef"
+LIMITS = {"min_power_limit_w": 200.0, "max_power_limit_w": 700.0, "default_power_limit_w": 700.0}
 Answer = Callable[[dict[str, Any]], bytes | None]
 
 
@@ -33,6 +34,7 @@ def good(req: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "node_boot": "nb",
         "hostname": "host-0",
         "mode": "controller",
+        "lease_v": req.get("lease_v"),
         "applied_w": {"0": 400.0},
         "gpus": [gpu({"temp_c": [55.0, "good", None, 0.2]})],
         "status": {"controller_lost": 0.0},
@@ -139,3 +141,50 @@ async def test_bad_values_are_missing_never_numbers(tmp_path: Path) -> None:
 def test_an_infinity_cannot_even_be_signed() -> None:
     with pytest.raises(ValueError):
         encode(KEY, RSP, {"v": float("inf")})
+
+
+async def test_two_sets_in_flight_compose_and_every_request_carries_the_whole_lease(
+    tmp_path: Path,
+) -> None:
+    """Two sets started before either is answered: the later request carries both caps, and the
+    polls after them carry the whole lease at its newest version."""
+    seen: list[dict[str, Any]] = []
+
+    def answer(req: dict[str, Any]) -> bytes:
+        seen.append(req)
+        applied = {k: float(v) for k, v in (req["caps"] or {}).items()}
+        reply = good(req, applied_w=applied or {"0": 700.0, "1": 700.0})
+        reply["gpus"] = [
+            {"index": i, "info": {}, "readings": {m: [w, "good", None, 0.1] for m, w in LIMITS.items()}}
+            for i in (0, 1)
+        ]
+        return encode(KEY, RSP, reply)
+
+    async with fake_node(answer) as port:
+        drv = driver(tmp_path, port)
+        await drv.open()
+        await drv.poll()  # the first poll: no decision yet, the lease starts as the limits applied
+        assert seen[0]["caps"] is None
+        first = drv.submit_power_limits({"srv-0-gpu0": 500.0})
+        second = drv.submit_power_limits({"srv-0-gpu1": 450.0})
+        one, two = await first, await second
+        assert one == {"srv-0-gpu0": 500.0} and two == {"srv-0-gpu1": 450.0}
+        caps_sent = [r for r in seen if r["op"] == "caps"]
+        assert caps_sent[-1]["caps"] == {"0": 500.0, "1": 450.0}
+        await drv.poll()
+        assert seen[-1]["caps"] == {"0": 500.0, "1": 450.0}
+        assert seen[-1]["lease_v"] == caps_sent[-1]["lease_v"] == 2
+        assert len({r["ctl"] for r in seen}) == 1
+        await drv.close()
+
+
+async def test_a_node_holding_an_older_lease_has_not_honoured_the_cap(tmp_path: Path) -> None:
+    def answer(req: dict[str, Any]) -> bytes:
+        return encode(KEY, RSP, good(req, lease_v=0, applied_w={"0": 300.0}))
+
+    async with fake_node(answer) as port:
+        drv = driver(tmp_path, port)
+        await drv.open()
+        result = await drv.set_power_limits({"srv-0-gpu0": 500.0})
+        assert isinstance(result["srv-0-gpu0"], DeviceError)
+        await drv.close()

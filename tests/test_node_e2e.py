@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.app import Agent
 from agent.config import load_config
 from agent.interlocks.service import InterlockService
 from agent.model import Quality
+from agent.node.protocol import ALWAYS_SENT, FULL_EVERY
 from tests.agent_helpers import running_agent
 from tests.conftest import SimPod, start_pod, stop_pod
 from tests.node_helpers import NodeFleet, RawClient, duo_pod_file, node_fleet, request_body, wait_armed
@@ -206,13 +205,6 @@ async def test_forged_replayed_and_expired_caps_change_nothing(tmp_path: Path) -
         assert sorted(r["reason"] for r in logged) == ["expired", "mac", "node", "replay", "skew"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open: after the controller returns, one node of two sometimes stays at its "
-    "fail-safe cap (the controller believes its leases were honoured: a limit under the cap counts "
-    "as honoured; the node never logs a controller-driven set). Safe direction (capped lower), "
-    "but the release must be fixed",
-)
 async def test_controller_lost_means_failsafe_and_its_return_releases_ramped(tmp_path: Path) -> None:
     with (
         duo(tmp_path) as pod,
@@ -392,3 +384,31 @@ async def test_node_down_at_controller_start_is_protected_from_the_first_step(tm
             )
             assert stale_tripped()
             assert all(service.caps[g] == FAILSAFE_W for g in gpu_ids(1)), service.caps
+
+
+async def test_poll_answers_carry_only_changes_between_full_ones(tmp_path: Path) -> None:
+    """On one connection: the first poll answer is full (every reading, the GPUs' info); the next
+    ones carry what changed plus what the safety rules read; every FULL_EVERY-th is full again."""
+    with (
+        duo(tmp_path) as pod,
+        node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet,
+    ):
+        node = fleet.nodes[0]
+        await until_log(node, lambda r: r.get("event") == "node interlocks armed", within=20, what="armed")
+        client = RawClient(node.port, fleet.key)
+        try:
+            boot = os.urandom(4).hex()
+            answers = [
+                client.send_raw(client.frame(**request_body("srv-0", boot, seq, {}, op="poll")))
+                for seq in range(1, FULL_EVERY + 2)
+            ]
+        finally:
+            client.close()
+        assert [a["full"] for a in answers] == [True] + [False] * (FULL_EVERY - 1) + [True]
+        first, second = answers[0]["gpus"][0], answers[1]["gpus"][0]
+        assert first["info"]["uuid"].startswith("GPU-") and "info" not in second
+        assert {"min_power_limit_w", "default_power_limit_w", "temp_c"} <= set(first["readings"])
+        assert ALWAYS_SENT & set(first["readings"]) <= set(second["readings"])
+        assert "default_power_limit_w" not in second["readings"]  # unchanged, not re-sent
+        assert len(second["readings"]) < len(first["readings"])
+        assert set(answers[-1]["gpus"][0]["readings"]) == set(first["readings"])

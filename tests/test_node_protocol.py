@@ -14,6 +14,7 @@ from agent.node.lease import LeaseState
 from agent.node.protocol import (
     REQ,
     RSP,
+    CapRequest,
     ProtocolError,
     ReplayGuard,
     check_request,
@@ -127,6 +128,42 @@ def test_lease_modes() -> None:
     lease.update(22.0)
     assert lease.mode == "controller"
     assert lease.external_caps(failsafe) == {"gpu0": (300.0, "controller"), "gpu1": (420.0, "controller")}
+
+
+def test_a_valid_request_ends_the_failsafe_at_once() -> None:
+    """A lease, then a no-decision poll before the safety loop's next update: the fail-safe ended
+    with the lease, so the poll must not turn the fail-safe caps into the controller's lease."""
+    lease = LeaseState(lost_after_s=10.0, started=0.0, held={"gpu0": 700.0})
+    failsafe = {"gpu0": 420.0}
+    lease.update(10.0)
+    assert lease.external_caps(failsafe) == {"gpu0": (420.0, "failsafe")}
+    lease.accept({"gpu0": 700.0}, expires_wall=NOW + 3, now=11.0, lease_id=("c", 1))
+    assert lease.mode == "controller"
+    lease.accept(None, expires_wall=NOW + 3, now=11.1, lease_id=("c", 1))
+    t = lease.update(11.2)
+    assert t is not None and (t.previous, t.mode) == ("failsafe", "controller")
+    assert lease.update(11.3) is None  # one event for the return
+    assert lease.external_caps(failsafe) == {"gpu0": (700.0, "controller")}
+
+
+def test_an_older_lease_renews_but_never_replaces_a_newer_one() -> None:
+    lease = LeaseState(lost_after_s=10.0, started=0.0)
+    lease.accept({"gpu0": 500.0}, expires_wall=NOW + 3, now=1.0, lease_id=("c", 2))
+    lease.accept({"gpu0": 300.0}, expires_wall=NOW + 3, now=2.0, lease_id=("c", 1))  # overtaken
+    assert lease.caps == {"gpu0": 500.0} and lease.stale_leases == 1
+    assert lease.last_valid == 2.0  # still a sign of life
+    lease.accept({"gpu0": 600.0}, expires_wall=NOW + 3, now=3.0, lease_id=("c", 2))  # a renewal
+    assert lease.caps == {"gpu0": 600.0}
+    lease.accept({"gpu0": 250.0}, expires_wall=NOW + 3, now=4.0, lease_id=("d", 1))  # a new controller
+    assert lease.caps == {"gpu0": 250.0} and lease.lease_id == ("d", 1)
+
+
+def test_lease_version_must_be_well_formed() -> None:
+    assert isinstance(check(body(ctl="c", lease_v=3)), CapRequest)
+    for bad in ({"ctl": "c"}, {"lease_v": 1}, {"ctl": 1, "lease_v": 1}, {"ctl": "c", "lease_v": True}):
+        with pytest.raises(ProtocolError) as err:
+            check(body(**bad))
+        assert err.value.reason == "frame"
 
 
 def test_no_decision_yet_keeps_held_limits() -> None:

@@ -8,6 +8,10 @@ are sub-devices ``{gpu_prefix}{local index}``; their info carries the dcgm-expor
 
 Two connections, each a request/answer stream with its own boot id (so the node's replay guard
 sees two ordered streams): one for polls, one for caps, so a cap never waits behind a poll.
+
+The lease is one map for every GPU the controller governs, changed at once when a cap is asked
+(before anything is awaited, so two sets in flight never undo each other) and carried whole by
+every request with its version: the node keeps the newest version whatever connection it came on.
 """
 
 from __future__ import annotations
@@ -28,7 +32,19 @@ from agent.config import NodeDevice
 from agent.drivers.base import AuthError, DeviceError, DeviceUnavailable, DriverError, register
 from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome, SmoothingReadback
 from agent.model import Quality, Reading, unit_of
-from agent.node.protocol import MAX_FRAME, REQ, RSP, JsonObj, ProtocolError, decode, encode, load_key, now_ms
+from agent.node.protocol import (
+    ALWAYS_SENT,
+    FULL_EVERY,
+    MAX_FRAME,
+    REQ,
+    RSP,
+    JsonObj,
+    ProtocolError,
+    decode,
+    encode,
+    load_key,
+    now_ms,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,10 +55,11 @@ _QUALITIES = {q.value: q for q in Quality}
 class _Link:
     """One connection to the node: signed requests, answers checked against the request."""
 
-    def __init__(self, cfg: NodeDevice, key: bytes, stream: str) -> None:
+    def __init__(self, cfg: NodeDevice, key: bytes, instance: str, stream: str) -> None:
         self.cfg = cfg
         self.key = key
-        self.boot = f"{os.urandom(6).hex()}-{stream}"
+        self.instance = instance
+        self.boot = f"{instance}-{stream}"
         self._seq = itertools.count(1)
         self._lock = asyncio.Lock()
         self._reader: asyncio.StreamReader | None = None
@@ -53,6 +70,7 @@ class _Link:
         op: str,
         caps: Mapping[int, float] | None,
         lease_s: float,
+        lease_v: int,
         *,
         extra: JsonObj | None = None,
         timeout_s: float | None = None,
@@ -61,7 +79,7 @@ class _Link:
         async with self._lock:
             try:
                 async with asyncio.timeout(timeout):
-                    return await self._request(op, caps, lease_s, extra)
+                    return await self._request(op, caps, lease_s, lease_v, extra)
             except TimeoutError:
                 await self.close()
                 raise DeviceUnavailable(self.cfg.id, f"no answer within {timeout:g} s") from None
@@ -70,7 +88,7 @@ class _Link:
                 raise DeviceUnavailable(self.cfg.id, f"{type(err).__name__}: {err}") from None
 
     async def _request(
-        self, op: str, caps: Mapping[int, float] | None, lease_s: float, extra: JsonObj | None
+        self, op: str, caps: Mapping[int, float] | None, lease_s: float, lease_v: int, extra: JsonObj | None
     ) -> JsonObj:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(
@@ -87,6 +105,8 @@ class _Link:
             "issued_at": issued,
             "expires_at": issued + int(lease_s * 1000),
             "caps": None if caps is None else {str(i): round(w, 3) for i, w in caps.items()},
+            "ctl": self.instance,
+            "lease_v": lease_v,
             **(extra or {}),
         }
         self._writer.write(encode(self.key, REQ, body))
@@ -137,12 +157,15 @@ class NodeDriver:
         # starts as the limits the GPUs have (as the interlock engine reconciles at start), so a
         # controller restart never releases a cap the node enforces.
         self._lease: dict[int, float] | None = None
+        self._lease_v = 0  # raised on every change of _lease; the node keeps the newest
+        self._instance = os.urandom(6).hex()
         self._info: dict[str, dict[str, str]] = {}
         self._constraints: dict[str, tuple[float, float, float]] = {}
         self.hostname: str | None = None
         self._gpus_seen: int | None = None
         self.node_boot: str | None = None
         self.mode: str | None = None
+        self.last_ack_mono: float | None = None  # the node's last answer that took our lease
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -151,9 +174,9 @@ class NodeDriver:
                 self._key = load_key(Path(self.cfg.key_file))
             except (OSError, ValueError) as err:
                 raise DeviceError(self.device_id, f"pod key: {err}") from None
-            self._poll = _Link(self.cfg, self._key, "poll")
-            self._act = _Link(self.cfg, self._key, "caps")
-            self._settings = _Link(self.cfg, self._key, "settings")
+            self._poll = _Link(self.cfg, self._key, self._instance, "poll")
+            self._act = _Link(self.cfg, self._key, self._instance, "caps")
+            self._settings = _Link(self.cfg, self._key, self._instance, "settings")
 
     async def close(self) -> None:
         for link in (self._poll, self._act, self._settings):
@@ -165,12 +188,13 @@ class NodeDriver:
             raise DeviceUnavailable(self.device_id, "not open")
         for attempt in range(self.cfg.retries + 1):  # within the poller's budget for this device
             try:
-                answer = await self._poll.request("poll", self._lease, self.lease_s)
+                answer = await self._poll.request("poll", self._lease, self.lease_s, self._lease_v)
                 break
             except DeviceUnavailable:
                 if attempt == self.cfg.retries:
                     raise
         readings = self._readings(answer)
+        self.last_ack_mono = time.monotonic()
         if self._lease is None:
             self._lease = self._applied(answer)
         return readings
@@ -225,9 +249,10 @@ class NodeDriver:
                 if reading is not None:
                     out.append(reading)
             raw_info = gpu.get("info")
-            info = {str(k): str(v) for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
-            info.update(hostname=hostname, gpu=str(index), node=self.device_id)
-            self._info[dev] = info
+            if isinstance(raw_info, dict) or dev not in self._info:  # sparse answers carry none
+                info = {str(k): str(v) for k, v in raw_info.items()} if isinstance(raw_info, dict) else {}
+                info.update(hostname=hostname, gpu=str(index), node=self.device_id)
+                self._info[dev] = info
             lim = [
                 readings.get(m) for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
             ]
@@ -240,6 +265,8 @@ class NodeDriver:
         status = answer.get("status")
         if isinstance(status, dict):
             for metric, value in status.items():
+                if metric == "rejected_total":
+                    continue  # the sum of the per-reason counters (one family, labelled by reason)
                 if isinstance(value, int | float) and math.isfinite(value):
                     out.append(
                         Reading(self.device_id, f"node_{metric}", float(value), unit_of(metric), now_m, now_w)
@@ -269,6 +296,12 @@ class NodeDriver:
             None if error is None else str(error),
         )
 
+    @staticmethod
+    def metric_every(metric: str) -> int:
+        """Poll answers are sparse (agent/node/protocol.py): a reading that did not change (a GPU's
+        or the node's own) is re-sent only every FULL_EVERY answers: stale only after that many x."""
+        return 1 if metric in ALWAYS_SENT else FULL_EVERY
+
     # -- what the interlocks and budgets use ----------------------------------------------------
     def device_info(self) -> dict[str, dict[str, str]]:
         return {d: dict(i) for d, i in self._info.items()}
@@ -297,8 +330,10 @@ class NodeDriver:
         return {g: v for g, v in results.items() if not isinstance(v, DriverError)}
 
     async def set_power_limits(self, limits: Mapping[str, float]) -> dict[str, float | DriverError]:
-        """Send the new lease now; per GPU, the cap the node honours (its limit, when at or under
-        the cap: a lower one, from the node's own rules, honours it too) or the error."""
+        """Send the new lease now; per GPU, the cap the node honours (it holds this lease and its
+        limit is at or under the cap: a lower one, from the node's own rules or its ramp, honours
+        it too) or the error. The lease changes here, before the request: a failed request leaves
+        it to the next poll to deliver (and the caller retries)."""
         out: dict[str, float | DriverError] = {}
         lease = dict(self._lease or {})
         asked: dict[str, tuple[int, float]] = {}
@@ -315,21 +350,27 @@ class NodeDriver:
             asked[device] = (index, watts)
         if not asked:
             return out
+        self._lease = lease
+        self._lease_v += 1
+        version = self._lease_v
         if self._act is None:
             await self.open()
         assert self._act is not None
         try:
-            answer = await self._act.request("caps", lease, self.lease_s)
+            answer = await self._act.request("caps", lease, self.lease_s, version)
         except DriverError as err:
             for device in asked:
                 out[device] = type(err)(device, err.reason)
             return out
-        self._lease = lease
+        self.last_ack_mono = time.monotonic()
+        held = answer.get("lease_v")
         applied = answer.get("applied_w")
         applied = applied if isinstance(applied, dict) else {}
         for device, (index, watts) in asked.items():
             now_w = applied.get(str(index))
-            if not isinstance(now_w, int | float) or not math.isfinite(now_w):
+            if not isinstance(held, int) or held < version:
+                out[device] = DeviceError(device, f"node holds lease {held!r}, not {version}")
+            elif not isinstance(now_w, int | float) or not math.isfinite(now_w):
                 out[device] = DeviceError(device, "node did not report its limit")
             elif now_w <= watts + CAP_TOLERANCE_W:
                 out[device] = watts
@@ -381,10 +422,12 @@ class NodeDriver:
             await self.open()
         assert self._settings is not None
         try:
+            # It carries the lease in force, as a poll does (renews it; the version keeps order).
             answer = await self._settings.request(
                 "settings",
-                None,
+                self._lease,
                 self.lease_s,
+                self._lease_v,
                 extra={"settings": body},
                 timeout_s=max(self.cfg.timeout_s, SETTINGS_TIMEOUT_S),
             )

@@ -30,8 +30,9 @@ from agent.events import Event
 from agent.interlocks.engine import Engine, Topology
 from agent.model import Reading
 from agent.node.config import NodeConfig
+from agent.node.lean import release_startup_memory
 from agent.node.lease import LeaseState, Transition
-from agent.node.protocol import CapRequest
+from agent.node.protocol import ALWAYS_SENT, CapRequest
 from agent.poller import Poller
 from agent.sdnotify import Notifier
 from agent.state import StateStore
@@ -170,6 +171,7 @@ class NodeAgent:
             await asyncio.sleep(self.nvml_cfg.poll_interval_s)
         self.engine = self._build_engine()
         log.info("node interlocks armed", gpus=len(self.gpus), mode=self.lease.mode)
+        release_startup_memory()
         self.ready.set()
         self.notifier.send("READY=1")
         while True:
@@ -230,6 +232,7 @@ class NodeAgent:
             reason = getattr(err, "reason", None) or "timed out"
             results = {g: DriverError(g, reason) for g in todo}
         now = time.monotonic()
+        set_now: list[Reading] = []
         for g, cap in todo.items():
             outcome = results.get(g, DriverError(g, "no result"))
             if isinstance(outcome, DriverError):
@@ -245,6 +248,9 @@ class NodeAgent:
             previous = self.applied.get(g)
             self.applied[g] = outcome
             self.counters["cap_sets"] += 1
+            # The limit read back is the GPU's limit now: report it (the controller reconciles its
+            # engine on it after a restart), not the last scheduled NVML read's value.
+            set_now.append(Reading(g, "power_limit_w", outcome, "W"))
             log.info(
                 "node cap applied",
                 gpu=g,
@@ -254,6 +260,8 @@ class NodeAgent:
                 by=self.cap_reasons.get(g, "interlock"),
                 mode=self.lease.mode,
             )
+        if set_now:
+            self.store.update(set_now)
 
     # ------------------------------------------------------------------ leases (server side)
     async def on_request(self, req: CapRequest) -> dict[str, float]:
@@ -261,7 +269,7 @@ class NodeAgent:
         t0 = time.monotonic()
         gpus = self.lease_gpus()
         caps = None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items() if f"gpu{i}" in gpus}
-        self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0)
+        self.lease.accept(caps, expires_wall=req.expires_at_ms / 1000, now=t0, lease_id=req.lease_id)
         if req.op == "settings":
             return dict(self.applied)
         if req.op != "caps":
@@ -362,34 +370,45 @@ class NodeAgent:
             "rejected_total": float(sum(self.rejected.values())),
             "interlock_trips_total": float(self.counters["interlock_trips"]),
             "cap_failures_total": float(self.counters["cap_failures"]),
+            "stale_leases_total": float(self.lease.stale_leases),
             "uptime_s": time.monotonic() - self.started,
         }
         for reason, n in self.rejected.items():
             out[f"rejected_{reason}_total"] = float(n)
         return out
 
-    def gpu_report(self) -> list[dict[str, object]]:
+    def gpu_report(
+        self,
+        since: Mapping[tuple[str, str], tuple[object, ...]] | None = None,
+        record: dict[tuple[str, str], tuple[object, ...]] | None = None,
+    ) -> list[dict[str, object]]:
+        """Every GPU's readings as [value, quality, error, age]. With ``since`` (what was sent
+        last on this connection), only the readings that changed and those in ALWAYS_SENT, and no
+        info; ``record`` gets what is sent."""
         now = time.monotonic()
-        info = self.driver.device_info()
+        info = self.driver.device_info() if since is None else {}
         out: list[dict[str, object]] = []
         for g in self.gpus or sorted(self.poller.sub_devices):
             readings: dict[str, list[object]] = {}
             for metric, r in self.store.device_readings(g).items():
                 value = r.value if r.value is None or math.isfinite(r.value) else None
+                state = (value, r.quality, r.error)
+                if since is not None and metric not in ALWAYS_SENT and since.get((g, metric)) == state:
+                    continue
+                if record is not None:
+                    record[(g, metric)] = state
                 readings[metric] = [value, str(r.quality), r.error, round(max(0.0, now - r.ts_mono), 4)]
-            applied = self.applied.get(g)
-            cap = self.caps.get(g)
-            out.append(
-                {
-                    "index": int(g.removeprefix("gpu")),
-                    "info": info.get(g, {}),
-                    "readings": readings,
-                    "applied_w": applied,
-                    "cap_w": cap,
-                    "by": self.cap_reasons.get(g),
-                    "filler_w": self.filler_w.get(g),
-                }
-            )
+            gpu: dict[str, object] = {
+                "index": int(g.removeprefix("gpu")),
+                "readings": readings,
+                "applied_w": self.applied.get(g),
+                "cap_w": self.caps.get(g),
+                "by": self.cap_reasons.get(g),
+                "filler_w": self.filler_w.get(g),
+            }
+            if since is None:
+                gpu["info"] = info.get(g, {})
+            out.append(gpu)
         return out
 
 

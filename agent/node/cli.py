@@ -36,9 +36,10 @@ def run_node(path: Path) -> int:
         print(err.render() if isinstance(err, ConfigError) else f"{path}: {err}", file=sys.stderr)
         print("podagent node: refusing to start with an invalid config", file=sys.stderr)
         return 78  # EX_CONFIG: the unit does not restart on it
-    # structlog pulls in `rich` (~3.5 MB RSS) for pretty tracebacks when it is installed; a node's
-    # logs go to journald as JSON lines: keep it out (the RSS goal is 40 MB).
-    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    # Usually done already by agent/cli.py, before pydantic and asyncio are imported.
+    from agent.node.lean import trim_imports
+
+    trim_imports()
     from agent.logs import configure_logging
     from agent.node.app import NodeAgent
 

@@ -1,9 +1,11 @@
 """The pod-network protocol between the controller and a node agent (docs/node.md).
 
-One TCP connection carries newline-terminated JSON frames, request then answer, in order. Every
-frame is ``{"v": 1, "body": {...}, "mac": HEX}`` where ``mac`` is HMAC-SHA256 under the pod key of
-the direction tag (``req`` or ``rsp``) and the body's canonical JSON (sorted keys, no spaces). The
-tag stops a node's answer from being reflected back to it as a request.
+One TCP connection carries newline-terminated frames, request then answer, in order. Every frame
+is ``v2 <MAC> <BODY>\n``: BODY is a JSON object (one line), MAC is the hex HMAC-SHA256 under the
+pod key of the direction tag (``req`` or ``rsp``) followed by BODY's bytes exactly as sent: no
+canonical re-serialization on either side, and nothing is parsed before its MAC checks. The tag
+stops a node's answer from being reflected back to it as a request. (v1 wrapped the body in a JSON
+envelope and signed its canonical form: twice the JSON work per frame.)
 
 Request (controller -> node): ``node`` (the node's id: a request for another node is refused),
 ``boot`` (the controller's boot id), ``seq`` (per boot, strictly increasing), ``issued_at`` and
@@ -13,11 +15,15 @@ decision yet (a controller's first poll after its start: the node keeps what it 
 request, polls included, renews the lease until ``expires_at``. A ``settings`` request carries
 ``settings``: {local GPU index: {"smoothing": null (off) or {floor_pct, ramp_up_w_per_s,
 ramp_down_w_per_s, hysteresis_ms}, "filler_w": W (0: off), "workload_profile": null (none) or an
-NVML workload power profile name}}, each key optional; it is applied
-before the answer, whose ``settings`` says per GPU what was read back or why it was refused.
+NVML workload power profile name}}, each key optional; it is applied before the answer, whose
+``settings`` says per GPU what was read back or why it was refused. Optional ``ctl`` (the
+controller's instance id) and ``lease_v`` (its lease version, raised on every change): polls and
+caps travel on two connections, so an older lease can arrive after a newer one; the node keeps the
+newer one's caps (the older request still renews). A new ``ctl`` starts a new version sequence.
 
 Answer (node -> controller): ``re`` (the request's ``boot`` and ``seq``: an answer to another
-request is refused), ``ok``, and for polls the readings (see ``agent/node/server.py``).
+request is refused), ``ok``, ``lease_v`` (the version of the lease the node holds), and for polls
+the readings (see ``agent/node/server.py``).
 
 Checked by the node, in order, each failure with its own reason (and counter): frame (not JSON, too
 long, wrong shape), mac, node, expired (``expires_at`` <= now), skew (``issued_at`` more than
@@ -39,12 +45,34 @@ from typing import Any
 
 from agent.drivers.smoothing import WORKLOAD_PROFILES, GpuSettingsAsk, SmoothingSettings
 
-VERSION = 1
+VERSION = 2
+_PREFIX = b"v2 "
+_MAC_HEX = 64  # HMAC-SHA256, hex
 MAX_FRAME = 1 << 20  # a 144-tray answer is ~10 kB; anything near a MiB is not ours
 REQ = b"req\n"
 RSP = b"rsp\n"
 MIN_KEY_BYTES = 16
 JsonObj = dict[str, Any]
+# The request ops. An op is "poll" (readings back) or a write the node applies at once; a new op
+# is added here and answered in NodeServer._answer (agent/node/server.py).
+OPS: frozenset[str] = frozenset({"poll", "caps", "settings"})
+# Poll answers on one connection are sparse: a GPU reading is sent when its value, quality or
+# error changed since the last answer on that connection, and every reading (and the GPUs' info)
+# in every FULL_EVERY-th answer, the first included. What the safety rules and the power budget
+# read is in every answer. The controller judges the sparse ones stale after FULL_EVERY x its
+# usual limit (Poller cadence), as the NVML driver's slow metrics.
+FULL_EVERY = 10
+ALWAYS_SENT: frozenset[str] = frozenset(
+    {
+        "temp_c",
+        "power_w",
+        "power_instant_w",
+        "power_limit_w",
+        "enforced_power_limit_w",
+        "util_gpu_pct",
+        "util_mem_pct",
+    }
+)
 
 
 class ProtocolError(Exception):
@@ -64,38 +92,36 @@ def load_key(path: Path) -> bytes:
     return key
 
 
-def canonical(body: JsonObj) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
-def mac(key: bytes, tag: bytes, body: JsonObj) -> str:
-    return hmac.new(key, tag + canonical(body), hashlib.sha256).hexdigest()
+def mac(key: bytes, tag: bytes, data: bytes) -> bytes:
+    return hmac.new(key, tag + data, hashlib.sha256).hexdigest().encode()
 
 
 def encode(key: bytes, tag: bytes, body: JsonObj) -> bytes:
-    frame = {"v": VERSION, "body": body, "mac": mac(key, tag, body)}
-    return json.dumps(frame, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return b"%s%s %s\n" % (_PREFIX, mac(key, tag, data), data)
 
 
 def decode(key: bytes, tag: bytes, line: bytes) -> JsonObj:
-    """The body of an authentic frame; ProtocolError("frame"|"mac") otherwise."""
+    """The body of an authentic frame; ProtocolError("frame"|"mac") otherwise. The MAC is checked
+    over the bytes as received, before any JSON is parsed."""
     if len(line) > MAX_FRAME:
         raise ProtocolError("frame", f"{len(line)} bytes")
+    head = len(_PREFIX) + _MAC_HEX
+    if not line.startswith(_PREFIX) or line[head : head + 1] != b" ":
+        raise ProtocolError("frame", f"not a v{VERSION} frame")
+    sig, data = line[len(_PREFIX) : head], line[head + 1 :]
+    if not hmac.compare_digest(mac(key, tag, data), sig.lower()):
+        raise ProtocolError("mac", "bad signature")
     try:
-        frame = json.loads(line)
+        body = json.loads(data, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError("frame", f"not JSON: {err}") from None
-    if not isinstance(frame, dict) or frame.get("v") != VERSION:
-        raise ProtocolError("frame", "not a v1 frame")
-    body, sig = frame.get("body"), frame.get("mac")
-    if not isinstance(body, dict) or not isinstance(sig, str):
-        raise ProtocolError("frame", "no body or mac")
-    try:
-        expected = mac(key, tag, body)
-    except ValueError:
-        raise ProtocolError("frame", "body not canonical JSON") from None
-    if not hmac.compare_digest(expected, sig.lower()):
-        raise ProtocolError("mac", "bad signature")
+    if not isinstance(body, dict):
+        raise ProtocolError("frame", "body not an object")
     return body
 
 
@@ -117,6 +143,7 @@ class CapRequest:
     expires_at_ms: int
     caps: dict[int, float] | None  # local GPU index -> W; None: no decision yet (keep the lease)
     settings: dict[int, GpuSettingsAsk] | None = None  # op "settings" only
+    lease_id: tuple[str, int] | None = None  # (controller instance, lease version), if sent
 
 
 class ReplayGuard:
@@ -160,7 +187,7 @@ def check_request(
         and isinstance(expires, int)
         and (raw_caps is None or isinstance(raw_caps, dict))
         and isinstance(target, str)
-        and op in ("poll", "caps", "settings")
+        and op in OPS
     ):
         raise ProtocolError("frame", "bad field types")
     if target != node:
@@ -179,10 +206,23 @@ def check_request(
             raise ProtocolError("frame", f"bad cap {k!r}: {v!r}")
         parsed[index] = watts
     settings = _settings(body.get("settings")) if op == "settings" else None
+    ctl, lease_v = body.get("ctl"), body.get("lease_v")
+    lease_id: tuple[str, int] | None = None
+    if ctl is not None or lease_v is not None:
+        if not (isinstance(ctl, str) and isinstance(lease_v, int) and not isinstance(lease_v, bool)):
+            raise ProtocolError("frame", "bad ctl / lease_v")
+        lease_id = (ctl, lease_v)
     guard.check(boot, seq, now)
     caps = None if raw_caps is None else parsed
     return CapRequest(
-        boot=boot, seq=seq, op=op, issued_at_ms=issued, expires_at_ms=expires, caps=caps, settings=settings
+        boot=boot,
+        seq=seq,
+        op=op,
+        issued_at_ms=issued,
+        expires_at_ms=expires,
+        caps=caps,
+        lease_id=lease_id,
+        settings=settings,
     )
 
 
@@ -230,13 +270,15 @@ def _settings(raw: Any) -> dict[int, GpuSettingsAsk]:
 
 
 __all__ = [
+    "ALWAYS_SENT",
+    "FULL_EVERY",
+    "OPS",
     "REQ",
     "RSP",
     "CapRequest",
     "GpuSettingsAsk",
     "ProtocolError",
     "ReplayGuard",
-    "canonical",
     "check_request",
     "decode",
     "encode",

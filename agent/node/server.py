@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.node.protocol import (
+    FULL_EVERY,
     MAX_FRAME,
     REQ,
     RSP,
@@ -66,6 +67,7 @@ class NodeServer:
         if task is not None:
             self._clients.add(task)
         trusted = False
+        sent = SentReadings()
         try:
             while True:
                 try:
@@ -77,7 +79,7 @@ class NodeServer:
                     return
                 if not line:
                     return
-                answer = await self._answer(line, peer)
+                answer = await self._answer(line, peer, sent)
                 trusted = trusted or bool(answer.get("ok"))
                 writer.write(encode(self.node.key, RSP, answer))
                 await writer.drain()
@@ -90,7 +92,7 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, line: bytes, peer: str) -> dict[str, Any]:
+    async def _answer(self, line: bytes, peer: str, sent: SentReadings) -> dict[str, Any]:
         node = self.node
         re: dict[str, Any] | None = None
         try:
@@ -110,6 +112,7 @@ class NodeServer:
                 None if req.caps is None else {f"gpu{i}": w for i, w in req.caps.items()},
                 expires_wall=req.expires_at_ms / 1000,
                 now=time.monotonic(),
+                lease_id=req.lease_id,
             )
             return {"ok": False, "error": "starting", "re": re, "node_boot": node.boot_id}
         applied = await node.on_request(req)
@@ -121,14 +124,31 @@ class NodeServer:
             "hostname": node.hostname,
             "ts": now_ms(),
             "mode": node.lease.mode,
+            "lease_v": None if node.lease.lease_id is None else node.lease.lease_id[1],
             "applied_w": {k.removeprefix("gpu"): round(v, 3) for k, v in applied.items()},
         }
         if req.op == "settings" and req.settings is not None:
             answer["settings"] = await node.on_settings(req.settings)
         if req.op == "poll":
-            answer["gpus"] = node.gpu_report()
-            answer["status"] = node.status_readings()
+            full = sent.answers % FULL_EVERY == 0
+            sent.answers += 1
+            answer["full"] = full
+            answer["gpus"] = node.gpu_report(None if full else sent.last, sent.last)
+            status = node.status_readings()
+            if not full:  # the node's own counters, as its GPUs' readings: what changed
+                status = {k: v for k, v in status.items() if sent.status.get(k) != v and k != "uptime_s"}
+            sent.status.update(status)
+            answer["status"] = status
         return answer
 
 
-__all__ = ["NodeServer"]
+class SentReadings:
+    """One connection's poll answers so far: what each GPU reading was when last sent."""
+
+    def __init__(self) -> None:
+        self.answers = 0
+        self.last: dict[tuple[str, str], tuple[object, ...]] = {}
+        self.status: dict[str, float] = {}
+
+
+__all__ = ["NodeServer", "SentReadings"]

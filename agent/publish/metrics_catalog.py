@@ -185,6 +185,45 @@ GPU_CLOCK_EVENT = Family(
 # -- devices from profiles: (role, quantity) -> (family suffix, kind, help) ---------------------
 # The quantity is the metric name without its channel (phase1_current_a -> phase_current_a).
 _NAMED: dict[tuple[str, str], tuple[str, Kind, str]] = {
+    # A GPU server's node agent, as its last poll answer reported it (agent/node/app.py).
+    ("node", "node_controller_lost"): (
+        "failsafe_active",
+        "gauge",
+        "1 while the node agent applies its fail-safe cap (nothing valid from the controller for "
+        "controller_lost_after_s); its last answer's view.",
+    ),
+    ("node", "node_lease_hold"): (
+        "lease_hold",
+        "gauge",
+        "1 while the node agent holds the limits it started with (no controller decision yet).",
+    ),
+    ("node", "node_failsafe_entered_total"): (
+        "failsafe_entered_total",
+        "counter",
+        "Times the node agent went to its fail-safe cap since it started (a partition shows here).",
+    ),
+    ("node", "node_rejected_total"): (
+        "requests_refused_total",
+        "counter",
+        "Requests the node agent refused since it started, by reason (frame, mac, node, expired, "
+        "skew, replay): forged, replayed or expired caps.",
+    ),
+    ("node", "node_interlock_trips_total"): (
+        "interlock_trips_total",
+        "counter",
+        "Trips of the node agent's own rules (gpu_overtemp, gpu_runaway, sensor_stale).",
+    ),
+    ("node", "node_cap_failures_total"): (
+        "cap_failures_total",
+        "counter",
+        "NVML power-limit sets that failed on the node agent.",
+    ),
+    ("node", "node_stale_leases_total"): (
+        "stale_leases_total",
+        "counter",
+        "Older leases the node agent renewed but did not apply (overtaken by a newer one).",
+    ),
+    ("node", "node_uptime_s"): ("uptime_seconds", "gauge", "Seconds since the node agent started."),
     ("pdu", "power_w"): ("power_watts", "gauge", "Active power of the PDU (all phases)."),
     ("pdu", "apparent_power_va"): ("apparent_power_voltamperes", "gauge", "Apparent power of the PDU."),
     ("pdu", "energy_wh"): (
@@ -330,6 +369,7 @@ UNITS: dict[str, tuple[str, float]] = {
     "bytes": ("bytes", 1.0),
 }
 _CHANNEL = re.compile(r"^(phase|outlet|inlet)(\d+)_(.+)$")
+_NODE_REFUSED = re.compile(r"^node_rejected_([a-z_]+)_total$")
 _DISK = re.compile(r"^disk_(?:(.+)_)?used_pct$")
 _SAFE = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -348,6 +388,9 @@ def device_metric(role: str, metric: str) -> DeviceMetric:
     if m:
         channel = (m.group(1), m.group(2))
         quantity = f"{m.group(1)}_{m.group(3)}"
+    if role == "node" and (r := _NODE_REFUSED.match(metric)):
+        channel = ("reason", r.group(1))
+        quantity = "node_rejected_total"
     if role == "host":
         d = _DISK.match(metric)
         if d:
@@ -615,18 +658,26 @@ SERVICES: tuple[Family, ...] = (
         "power",
     ),
 )
-# Defined for the node agent (issue 12) and the alert rules; exported by the controller once
-# nodes are polled as devices.
-PLANNED: tuple[Family, ...] = (
+# The controller's own view of each GPU server's node agent (a ``kind = "node"`` device).
+NODES: tuple[Family, ...] = (
     Family(
         "podagent_node_up",
         "gauge",
-        "1 while the controller hears from the GPU server's node agent (planned: node agents).",
-        ("node",),
-        "planned",
+        "1 while the controller hears from the GPU server's node agent (its last poll succeeded).",
+        ("node", "Hostname"),
+        "controller",
+    ),
+    Family(
+        "podagent_node_lease_age_seconds",
+        "gauge",
+        "Seconds since the node agent last acknowledged a lease (a poll or a cap); past the node's "
+        "controller_lost_after_s, a live node applies its fail-safe cap.",
+        ("node", "Hostname"),
+        "controller",
     ),
 )
-KNOWN: dict[str, Family] = {f.name: f for f in (*AGENT, *SERVICES)}
+PLANNED: tuple[Family, ...] = ()
+KNOWN: dict[str, Family] = {f.name: f for f in (*AGENT, *SERVICES, *NODES)}
 
 
 # -- the reference --------------------------------------------------------------------------
@@ -669,7 +720,19 @@ def reference_markdown() -> str:
         fam = gpu_metric(metric).family
         rows.setdefault(fam.name, fam)
     rows.setdefault(GPU_CLOCK_EVENT.name, GPU_CLOCK_EVENT)
-    for fam in (*AGENT, *SERVICES, *PLANNED):
+    for metric in (
+        "node_controller_lost",
+        "node_lease_hold",
+        "node_failsafe_entered_total",
+        "node_rejected_mac_total",
+        "node_interlock_trips_total",
+        "node_cap_failures_total",
+        "node_stale_leases_total",
+        "node_uptime_s",
+    ):
+        fam = device_metric("node", metric).family
+        rows.setdefault(fam.name, fam)
+    for fam in (*AGENT, *SERVICES, *NODES, *PLANNED):
         rows.setdefault(fam.name, fam)
     lines = [
         "# podagent metrics reference",
@@ -681,7 +744,8 @@ def reference_markdown() -> str:
         "from /metrics at once (Prometheus marks them stale on the next scrape), while",
         "`podagent_device_up` (0) and `podagent_device_data_age_seconds` stay.",
         "GPU families use dcgm-exporter's names, units and labels; podagent_* ones use base units.",
-        "`podagent_node_up` is planned (node agents, issue 12): the alert rules already use it.",
+        "`podagent_node_*` with a `node` label is the controller's view of each GPU server's node agent;",
+        "with a `device` label, what the node agent reported in its last answer (docs/node.md).",
         "Roles: SNMP PDUs and Modbus PDUs with `pod_power = true` are `pdu`; a Modbus PDU/branch meter",
         "with `pod_power = false` is `branch_meter` (it measures what PDUs already count); Modbus units",
         "take their profile's `kind` (cdu, chiller, battery, meter); the controller itself is `host`.",

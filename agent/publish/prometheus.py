@@ -23,6 +23,7 @@ import structlog
 from agent import __version__
 from agent.accept import AcceptLoop
 from agent.config import HostDevice, ModbusDevice, NvmlDevice, SnmpDevice
+from agent.drivers.node import NodeDriver
 from agent.histogram import Histogram
 from agent.model import Quality, Reading
 from agent.publish.metrics_catalog import (
@@ -35,7 +36,7 @@ from agent.publish.metrics_catalog import (
     device_metric,
     gpu_metric,
 )
-from agent.state import POD_DEVICE, DeviceStatus
+from agent.state import POD_DEVICE, DeviceHealth, DeviceStatus
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -265,7 +266,8 @@ class MetricsRenderer:
                 ("profile", str(getattr(cfg, "profile", "") or "")),
             )
             fams.add(KNOWN["podagent_device_info"], labels, 1)
-        for device, h in store.health().items():
+        health = store.health()
+        for device, h in health.items():
             dl = (("device", device),)
             fams.add(KNOWN["podagent_device_up"], dl, 1 if h.current_status(now) is DeviceStatus.OK else 0)
             if h.last_ok_mono is not None:
@@ -278,7 +280,20 @@ class MetricsRenderer:
             fams.histogram(KNOWN["podagent_poll_duration_seconds"], dl, st.histogram)
             fams.add(KNOWN["podagent_poll_missed_deadlines_total"], dl, st.missed_deadlines)
             fams.add(KNOWN["podagent_driver_restarts_total"], dl, st.driver_restarts)
+            if isinstance(poller.driver, NodeDriver):
+                self._node_families(fams, device, poller.driver, health.get(device), now)
         self._mqtt_families(fams)
+
+    @staticmethod
+    def _node_families(
+        fams: _Families, node: str, driver: NodeDriver, h: DeviceHealth | None, now: float
+    ) -> None:
+        """A GPU server's node agent as the controller sees it (its own counters come as readings)."""
+        up = h is not None and h.current_status(now) is DeviceStatus.OK
+        nl = (("node", node), ("Hostname", driver.hostname or ""))
+        fams.add(KNOWN["podagent_node_up"], nl, 1 if up else 0)
+        if driver.last_ack_mono is not None:
+            fams.add(KNOWN["podagent_node_lease_age_seconds"], nl, round(now - driver.last_ack_mono, 3))
 
     def _mqtt_families(self, fams: _Families) -> None:
         provider = self.agent.status_providers.get("mqtt")
