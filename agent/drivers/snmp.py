@@ -61,6 +61,7 @@ from agent.drivers.snmp_transport import (
     netsnmp_supports_v3,
     resolve,
 )
+from agent.drivers.snmp_v2c import NativeV2cTransport
 from agent.drivers.values import isfinite, untrusted
 from agent.model import Quality, Reading, unit_of
 
@@ -287,9 +288,12 @@ def load_profile(name: str) -> SnmpProfile:
 
 
 def choose_transport(cfg: SnmpDevice) -> str:
-    """``"netsnmp"`` or ``"pysnmp"`` for this device (auto: netsnmp for v2c when importable)."""
-    if cfg.transport == "pysnmp":
-        return "pysnmp"
+    """``"native"``, ``"netsnmp"`` or ``"pysnmp"`` for this device (auto: native for v2c, netsnmp
+    for v3 when importable)."""
+    if cfg.transport in ("pysnmp", "native"):
+        return cfg.transport
+    if cfg.transport == "auto" and cfg.version == "2c":
+        return "native"
     if cfg.version == "3" and not netsnmp_supports_v3(cfg.auth_protocol, cfg.priv_protocol):
         return "pysnmp"  # AES256 (config refuses transport=netsnmp with it)
     if cfg.transport == "netsnmp":
@@ -374,6 +378,12 @@ class SnmpDriver:
                     address = await resolve(cfg.host, cfg.port)
                     transport: Transport = await NetsnmpTransport.create_v3(
                         address, cfg.port, self._usm(), cfg.timeout_s, cfg.retries
+                    )
+                elif self.transport_name == "native":
+                    address = await resolve(cfg.host, cfg.port)
+                    community = read_secret(cfg.community, cfg.community_file) or ""
+                    transport = await NativeV2cTransport.create(
+                        address, cfg.port, community, cfg.timeout_s, cfg.retries
                     )
                 elif self.transport_name == "netsnmp":
                     address = await resolve(cfg.host, cfg.port)
