@@ -76,11 +76,11 @@ def encode_oid(oid: Oid) -> bytes:
         raise ValueError(f"not an encodable OID: {'.'.join(map(str, oid))}")
     out = bytearray()
     for sub in (oid[0] * 40 + oid[1], *oid[2:]):
+        rest = sub >> 7
         chunk = [sub & 0x7F]
-        sub >>= 7
-        while sub:
-            chunk.append(0x80 | (sub & 0x7F))
-            sub >>= 7
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
         out += bytes(reversed(chunk))
     return bytes(out)
 
@@ -159,7 +159,7 @@ def _header(data: bytes, pos: int) -> tuple[int, int, int]:
 def response_id(data: bytes) -> int | None:
     """The request-id of a v2c Response message, None for anything else (noise, other versions)."""
     try:
-        tag, pos, end = _header(data, 0)
+        tag, pos, _ = _header(data, 0)
         if tag != 0x30:
             return None
         tag, start, pos = _header(data, pos)
