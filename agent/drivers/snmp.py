@@ -31,7 +31,9 @@ its MIB modules), not one per poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import math
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -73,6 +75,7 @@ CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
 
 # Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
 TIMEOUT_MARGIN_S = 0.5
+_NO_GUARD = contextlib.nullcontext()
 
 
 class ProfileError(ValueError):
@@ -418,7 +421,10 @@ class SnmpDriver:
     async def _request(self, what: str, send: Callable[[Transport], Awaitable[Response]]) -> Response:
         transport = await self._ensure_transport()
         try:
-            async with asyncio.timeout(self._request_timeout_s):
+            # The native client times out by itself (one timer per request); the libraries' own
+            # timeouts are guarded here against a request that never completes.
+            guard = _NO_GUARD if transport.name == "native" else asyncio.timeout(self._request_timeout_s)
+            async with guard:
                 resp = await send(transport)
         except (TimeoutError, TransportTimeout):
             self._failed()
@@ -608,8 +614,9 @@ class SnmpDriver:
         for m in metrics:
             col = rows.get((m.table, m.column), {})
             names = self._names.setdefault((m.name, m.index), {})
-            plain = m.value_map is None and m.digits is None and m.valid_range is None
-            scale, unit = m.scale, m.unit
+            plain = m.digits is None
+            scale, unit, vmap = m.scale, m.unit, m.value_map
+            low, high = m.valid_range or (-math.inf, math.inf)
             if m.index != (None,):
                 found = [(ch, index, raw) for index, raw in col.items() if (ch := m.match(index)) is not None]
                 # Walk order is channel order: the other index elements are equal in every match.
@@ -625,8 +632,9 @@ class SnmpDriver:
                     continue
                 ch = index[0]
                 if plain and type(raw) is int:
-                    value = raw * scale
-                    if value - value == 0.0:  # finite (NaN and Inf are not)
+                    value = raw * scale if vmap is None else vmap.get(raw)
+                    # finite (NaN and Inf are not) and in range: else _convert and _reading say why
+                    if value is not None and value - value == 0.0 and low <= value <= high:
                         name = names.get(ch)
                         if name is None:
                             name = names[ch] = m.metric_name(ch)
