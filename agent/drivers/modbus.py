@@ -10,6 +10,9 @@ format): this module knows the protocol, the data types and how to read a map ch
   line (the bus is half-duplex: one frame in flight). The lock is held per request, not per poll,
   and each request has its own timeout, so a dead unit costs one timeout per poll and the other
   units on the line are only delayed, never failed.
+- Modbus TCP goes through podagent's own MBAP client (``agent/drivers/modbus_tcp.py``: one
+  ``struct`` call to frame a request and one to decode a block's registers; ~0.7x pymodbus's CPU
+  for the whole agent); RTU through pymodbus's serial client.
 - A timeout (or a refused connection) is ``DeviceUnavailable``; a Modbus exception answer is
   ``DeviceError("modbus exception 6 (device busy)")``. A busy unit must never read as 0.
 """
