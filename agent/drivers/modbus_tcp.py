@@ -47,12 +47,20 @@ class Answer:
 class _Stream(asyncio.Protocol):
     def __init__(self, client: LeanModbusTcpClient) -> None:
         self._client = client
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self._client._data(data)
+        if self._client._transport is self._transport:
+            self._client._data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._lost(exc)
+        # A connection we dropped (close) reports its end later: by then the client may be on a
+        # new one, which this must not touch.
+        if self._client._transport is self._transport:
+            self._client._lost(exc)
 
 
 class LeanModbusTcpClient:
