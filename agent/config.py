@@ -49,9 +49,10 @@ class SnmpDevice(DeviceBase):
     priv_key: str | None = None
     priv_key_file: Path | None = None
     max_repetitions: int = Field(25, ge=1, le=100)
-    # "auto": net-snmp's C library (netsnmp-cffi, ~10x cheaper) when installed, for v2c and for v3
-    # with AES-128 or DES privacy; pysnmp otherwise (AES256: vendors disagree on its key extension).
-    transport: Literal["auto", "pysnmp", "netsnmp"] = "auto"
+    # "auto": v2c by podagent's own client ("native", agent/drivers/snmp_v2c.py, the cheapest); v3
+    # with AES-128 or DES privacy by net-snmp's C library (netsnmp-cffi) when installed; pysnmp
+    # otherwise (AES256: vendors disagree on its key extension).
+    transport: Literal["auto", "native", "pysnmp", "netsnmp"] = "auto"
     # Walk the profile's slow tables (those with `every` > 1: outlets) every N polls instead of the
     # profile's N; 1 walks everything every poll.
     slow_table_every: int | None = Field(None, ge=1, le=3600)
@@ -91,6 +92,8 @@ class SnmpDevice(DeviceBase):
                 "transport 'netsnmp' does not do AES256 privacy (vendors disagree on its key"
                 " extension): use 'pysnmp' or 'auto'"
             )
+        if self.transport == "native" and self.version == "3":
+            raise ValueError("transport 'native' is SNMP v2c only: use 'auto', 'netsnmp' or 'pysnmp' for v3")
         return self
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import operator
 import random
 import time
 import zlib
@@ -43,6 +44,7 @@ from agent.state import StateStore
 log = structlog.get_logger(__name__)
 
 MAX_BACKOFF_S = 30.0
+_device_of = operator.itemgetter(0)  # Reading.device
 # A dead unit on a shared serial line may hold the line at most this share of the time: after a
 # failed cycle that took T seconds, the next probe waits at least T / SHARED_LINE_SHARE (capped).
 SHARED_LINE_SHARE = 0.05
@@ -250,11 +252,11 @@ class Poller:
         self.stats.histogram.observe(duration)
         if error is None:
             new_sub = False
-            for r in readings:
-                if r.device != self.cfg.id and r.device not in self.sub_devices:
-                    self.sub_devices.add(r.device)
-                    self.store.set_parent(r.device, self.cfg.id)
-                    new_sub = True
+            # In C (itemgetter, set): this runs on every reading of every poll.
+            for dev in set(map(_device_of, readings)) - self.sub_devices - {self.cfg.id}:
+                self.sub_devices.add(dev)
+                self.store.set_parent(dev, self.cfg.id)
+                new_sub = True
             every = getattr(self.driver, "metric_every", None)
             if callable(every) and not self._cadence_known:
                 for r in readings:

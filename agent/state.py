@@ -99,7 +99,7 @@ class StateStore:
         latest = self._latest
         by_device = self._by_device
         for r in readings:
-            latest[r.key] = r
+            latest[(r.device, r.metric)] = r  # not r.key: a property call per reading
             dev = by_device.get(r.device)
             if dev is None:
                 dev = by_device[r.device] = {}
@@ -161,14 +161,25 @@ class StateStore:
         total = 0.0
         bad = []
         now = time.monotonic()
+        latest, stale_after, slow = self._latest, self._stale_after, self._slow
         for d in devices:
-            r = self._latest.get((d, "power_w"))
+            key = (d, "power_w")
+            r = latest.get(key)
             # A device gone quiet (older than its staleness limit, not yet failed by its poll
             # timeout) must not keep adding its last value to the pod's.
-            if r is None or r.value is None or self.effective_quality(r, now) is not Quality.GOOD:
+            if r is None or r.value is None:
                 bad.append(d)
+                continue
+            limit = stale_after.get(d)
+            if r.quality is Quality.GOOD and limit is not None:
+                # effective_quality's own test, inline: this runs for every PDU on every PDU poll.
+                good = now - r.ts_mono <= limit * slow.get(key, 1)
             else:
+                good = self.effective_quality(r, now) is Quality.GOOD
+            if good:
                 total += r.value
+            else:
+                bad.append(d)
         return total, bad
 
     def record_poll(

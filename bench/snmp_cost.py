@@ -12,6 +12,8 @@ The agent under test runs in a child process, so the CPU measured here is the dr
 - ``pysnmp/cadence``: pysnmp with the profile's per-table cadence (outlet tables every 5th poll).
 - ``netsnmp/all``, ``netsnmp/cadence``: the same on net-snmp's C library (netsnmp-cffi), v2c and
   v3 (authPriv SHA + AES-128).
+- ``native/all``, ``native/cadence``: podagent's own v2c client (``agent/drivers/snmp_v2c.py``,
+  the default for v2c).
 
 "CPU/poll" is the mean over ``--polls`` polls (a multiple of 5 averages the cadence); "values/poll"
 the mean readings a poll returns; "CPU/value" divides the two. The pod projection is the full pod of
@@ -88,7 +90,9 @@ def load_before() -> ModuleType | None:
     return mod
 
 
-VARIANTS = ("before", "pysnmp/all", "pysnmp/cadence", "netsnmp/all", "netsnmp/cadence")
+VARIANTS = (
+    "before", "pysnmp/all", "pysnmp/cadence", "netsnmp/all", "netsnmp/cadence", "native/all", "native/cadence"
+)  # fmt: skip
 
 
 async def measure(
@@ -151,8 +155,10 @@ async def table(
             port = int((await proc.stdout.readline()).decode())
             try:
                 for variant in variants:
-                    if variant == "before" and before is None:
-                        continue
+                    if (variant == "before" and before is None) or (
+                        variant.startswith("native") and version == "3"
+                    ):
+                        continue  # no baseline here; the native client is v2c only
                     rs = [
                         await measure(
                             vendor=vendor, version=version, variant=variant, port=port, polls=polls,
@@ -188,6 +194,8 @@ def projection(results: dict[tuple[str, str, str], dict[str, float]]) -> None:
     pod("netsnmp/cadence", "pysnmp/cadence")
     pod("netsnmp/all", "netsnmp/all")
     pod("netsnmp/cadence", "netsnmp/cadence")
+    pod("native/all", "netsnmp/all")
+    pod("native/cadence", "netsnmp/cadence")
 
 
 async def idle(agents: int, seconds: float) -> None:
@@ -222,7 +230,7 @@ async def main() -> None:
     vendors = tuple(args.vendors.split(","))
     if args.quick:
         args.polls, args.idle_agents, args.idle_s = 5, 2, 0.5
-        variants, vendors = ("netsnmp/cadence",), ("apc",)
+        variants, vendors = ("native/cadence",), ("apc",)
     projection(await table(args.polls, args.outlets, harness.rounds_of(args), variants, vendors))
     if args.idle_agents:
         await idle(args.idle_agents, args.idle_s)

@@ -1,7 +1,7 @@
 """podagent next to collectd 5.12 (Debian collectd-core): CPU per SNMP value and per Modbus register.
 
     .venv/bin/python bench/vs_collectd.py [--protocol snmp|modbus|both] [--pod full] [--seconds 30]
-                                          [--rounds 3] [--quick]
+                                          [--rounds 3] [--quick] [--baseline CHECKOUT]
 
 One hwsim pod; podagent (``podagent run``, only the devices compared: no NVML, host, interlocks,
 MQTT, Prometheus or control socket) and collectd (``collectd -f``, only the plugin compared and
@@ -19,7 +19,10 @@ values:
 The values each poller gets per second come from collectd's value cache (unixsock ``LISTVAL``: one
 identifier per value), the same OIDs/registers for both. Figures are CPU time per process
 (``bench/harness.py``), median and range of ``--rounds`` windows: on a shared machine they hold
-where wall-clock shares do not.
+where wall-clock shares do not. collectd's own figure moves with the machine's load (34-83 us per
+SNMP value on the same day), so ``--baseline CHECKOUT`` also runs the podagent of another checkout
+(``git worktree add /tmp/base <commit>``) in the same run, on the same devices: "podagent /
+baseline" is then a before/after ratio that the load cannot tilt.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -233,6 +237,19 @@ def compare(
         stdout=subprocess.DEVNULL,
         stderr=ag_log.open("wb"),
     )
+    pids = {"agent": agent.pid, "collectd": collectd.pid, "hwsim": hw_pid}
+    baseline: subprocess.Popen[bytes] | None = None
+    if args.baseline:
+        base_cfg = d / "baseline.toml"
+        base_cfg.write_text(agent_config(manifest, snmp, modbus, d / "state-baseline"))
+        baseline = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(base_cfg)],
+            cwd=args.baseline,
+            env={**os.environ, "PYTHONPATH": str(args.baseline)},
+            stdout=subprocess.DEVNULL,
+            stderr=(d / "baseline.log").open("wb"),
+        )
+        pids["baseline"] = baseline.pid
     rows: list[dict[str, float]] = []
     try:
         wait_for(sock, collectd, "collectd", cd_log)
@@ -242,24 +259,31 @@ def compare(
         cd_rate = values_per_s(sock, entries, protocol)
         ag_rate = cd_rate if protocol == "snmp" else agent_points_per_s(entries)
         for _ in range(harness.rounds_of(args)):
-            w = harness.CpuWindow({"agent": agent.pid, "collectd": collectd.pid, "hwsim": hw_pid}).start()
+            w = harness.CpuWindow(pids).start()
             time.sleep(args.seconds)
             w.stop()
             ag_us = 1e6 * w.cpu_s["agent"] / (ag_rate * w.wall_s) if ag_rate else math.nan
             cd_us = 1e6 * w.cpu_s["collectd"] / (cd_rate * w.wall_s) if cd_rate else math.nan
             unit = "value" if protocol == "snmp" else "register point"
-            rows.append(
-                {
-                    f"podagent CPU us per {unit}": ag_us,
-                    f"collectd CPU us per {unit}": cd_us,
-                    "ratio podagent / collectd": ag_us / cd_us if cd_us else math.nan,
-                    "podagent, % of a core": w.pct("agent"),
-                    "collectd, % of a core": w.pct("collectd"),
-                    "hwsim answering both, % of a core": w.pct("hwsim"),
-                }
-            )
+            answered = ag_rate * (2 if baseline is not None else 1) + cd_rate
+            row = {
+                f"podagent CPU us per {unit}": ag_us,
+                f"collectd CPU us per {unit}": cd_us,
+                "ratio podagent / collectd": ag_us / cd_us if cd_us else math.nan,
+                "podagent, % of a core": w.pct("agent"),
+                "collectd, % of a core": w.pct("collectd"),
+                "hwsim (physics + answering all), % of a core": w.pct("hwsim"),
+                f"hwsim CPU us per {unit} answered (physics included)": (
+                    1e6 * w.cpu_s["hwsim"] / (answered * w.wall_s) if answered else math.nan
+                ),
+            }
+            if baseline is not None:
+                base_us = 1e6 * w.cpu_s["baseline"] / (ag_rate * w.wall_s) if ag_rate else math.nan
+                row[f"baseline podagent CPU us per {unit}"] = base_us
+                row["ratio podagent / baseline"] = ag_us / base_us if base_us else math.nan
+            rows.append(row)
     finally:
-        for p in (agent, collectd):
+        for p in (agent, collectd, *([baseline] if baseline else [])):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
@@ -274,7 +298,7 @@ def compare(
     harness.summary(
         rows,
         title=f"{protocol}, {args.seconds:.0f} s windows (CPU time per process)",
-        digits={"ratio podagent / collectd": 2},
+        digits={"ratio podagent / collectd": 2, "ratio podagent / baseline": 2},
     )
 
 
@@ -283,6 +307,7 @@ def main() -> int:
     ap.add_argument("--protocol", choices=("snmp", "modbus", "both"), default="both")
     ap.add_argument("--pod", default="full")
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--baseline", type=Path, help="a checkout whose podagent runs alongside, same devices")
     harness.add_args(ap)
     args = ap.parse_args()
     if args.quick:

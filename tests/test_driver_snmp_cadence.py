@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import SnmpDevice
 from agent.drivers.base import DeviceUnavailable
 from agent.drivers.snmp import ProfileError, SnmpDriver, load_profile
+from agent.drivers.snmp_transport import Response, Special
 from agent.model import Quality
 from tests.test_driver_snmp import (
     Start,
@@ -109,3 +111,67 @@ def test_profile_every_validated(tmp_path: Path) -> None:
         for m in prof.metrics:
             want = 1 if is_fast(m.name.replace("{n}", "1")) else 5
             assert prof.tables[m.table].every == want, (name, m.name)
+
+
+class _OneTableRefused:
+    """A PDU at the transport seam that answers GETBULK from a table of OIDs, and refuses (genErr)
+    any request that asks for a column under ``refuse``: a firmware that fails one table."""
+
+    name = "fake"
+
+    def __init__(self, values: dict[tuple[int, ...], int]) -> None:
+        self.values = values
+        self.keys = sorted(values)
+        self.refuse: tuple[int, ...] | None = None
+        self.requests: list[list[tuple[int, ...]]] = []
+
+    async def bulk(self, oids: list[tuple[int, ...]], max_repetitions: int) -> Response:
+        self.requests.append(list(oids))
+        if self.refuse is not None and any(o[: len(self.refuse)] == self.refuse for o in oids):
+            return Response([(o, Special.NO_SUCH_OBJECT) for o in oids], error_status=5, error_index=1)
+        out: list[tuple[tuple[int, ...], int | str | Special]] = []
+        cursor = list(oids)
+        for _ in range(max_repetitions):
+            for i, oid in enumerate(cursor):
+                after = next((k for k in self.keys if k > oid), None)
+                if after is None:
+                    out.append((oid, Special.END_OF_MIB_VIEW))
+                else:
+                    out.append((after, self.values[after]))
+                    cursor[i] = after
+        return Response(out)
+
+    async def set_integer(self, oid: tuple[int, ...], value: int) -> Response:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_table_refused_inside_a_combined_walk_fails_alone() -> None:
+    profile = load_profile("apc-rpdu2")
+    values: dict[tuple[int, ...], int] = {}
+    for table in profile.tables.values():
+        rows = [1] if table.name == "device" else [1, 2, 3]
+        for col in table.columns:
+            for row in rows:  # outlet states: 1 = on (the profile's map); anything else a reading
+                values[(*table.entry, col, row)] = 1 if table.name == "outlet_switched" else 10 * col + row
+    pdu = _OneTableRefused(values)
+    cfg = SnmpDevice(kind="snmp", id="pdu-x", profile="apc-rpdu2", host="127.0.0.1", community="public")
+    d = SnmpDriver(cfg)
+    d._transport = pdu  # the transport seam: no socket
+    first = by_metric(await d.poll())
+    assert first and all(r.quality is Quality.GOOD for r in first.values())
+    # Poll 2: the device and phase tables (sizes now known and alike) go out in ONE request...
+    phase = profile.tables["phase"].entry
+    pdu.refuse, pdu.requests = phase, []
+    second = by_metric(await d.poll())
+    assert len(pdu.requests) == 3  # combined (refused), then device alone, then phase alone
+    assert {o[: len(phase)] == phase for o in pdu.requests[0]} == {True, False}
+    # ...and when the PDU refuses it, only the refused table's readings are ERROR.
+    for metric, r in second.items():
+        if metric.startswith("phase"):
+            assert r.quality is Quality.ERROR and r.error and "genErr" in r.error, r
+        else:
+            assert r.quality is Quality.GOOD, r
+    assert {m for m in second if m.startswith("phase")} == {m for m in first if m.startswith("phase")}

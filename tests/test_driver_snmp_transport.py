@@ -37,7 +37,8 @@ from tests.test_driver_snmp import (
 )
 
 pytestmark = pytest.mark.skipif(not netsnmp_available(), reason="netsnmp-cffi not installed")
-TRANSPORTS = ["pysnmp", "netsnmp"]
+TRANSPORTS = ["pysnmp", "netsnmp", "native"]  # v2c
+TRANSPORTS_V3 = ["pysnmp", "netsnmp"]
 
 
 def comparable(readings: list[Reading]) -> dict[str, tuple[float | None, str, Quality, str | None]]:
@@ -59,7 +60,7 @@ async def test_transports_give_identical_readings(
         d = await open_driver(drivers, cfg)
         assert d.transport_name == transport
         got[transport] = comparable(await d.poll())
-    assert got["netsnmp"] == got["pysnmp"]
+    assert got["netsnmp"] == got["pysnmp"] == got["native"]
     assert set(got["netsnmp"]) == set(expected(pdu))
     assert all(q is Quality.GOOD for _, _, q, _ in got["netsnmp"].values())
     # Exact values, not just equal ones: outlet 5 power is 1355 W on both vendors' wire formats.
@@ -79,7 +80,8 @@ def cfg_for(version: str, transport: str = "auto") -> SnmpDevice:
 
 
 def test_transport_choice() -> None:
-    assert choose_transport(cfg_for("2c")) == "netsnmp"
+    assert choose_transport(cfg_for("2c")) == "native"
+    assert choose_transport(cfg_for("2c", "native")) == "native"
     assert choose_transport(cfg_for("2c", "pysnmp")) == "pysnmp"
     assert choose_transport(cfg_for("2c", "netsnmp")) == "netsnmp"
     assert choose_transport(cfg_for("3")) == "netsnmp"
@@ -89,6 +91,8 @@ def test_transport_choice() -> None:
     assert choose_transport(aes256) == "pysnmp"
     with pytest.raises(ValidationError, match="AES256"):
         SnmpDevice.model_validate(cfg_for("3", "netsnmp").model_dump() | {"priv_protocol": "AES256"})
+    with pytest.raises(ValidationError, match="v2c only"):
+        cfg_for("3", "native")
 
 
 def test_password_to_key_matches_rfc3414() -> None:
@@ -146,7 +150,7 @@ async def test_v3_transports_give_identical_readings(
 ) -> None:
     pdu, h = await agent(vendor, "3")
     got = {}
-    for transport in TRANSPORTS:
+    for transport in TRANSPORTS_V3:
         d = await open_driver(drivers, device_cfg(h, vendor, "3", transport=transport))
         assert d.transport_name == transport
         got[transport] = comparable(await d.poll())
@@ -155,7 +159,7 @@ async def test_v3_transports_give_identical_readings(
     assert got["netsnmp"]["phase2_current_a"][0] == pytest.approx(pdu.phases[1].current_a)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", TRANSPORTS_V3)
 @pytest.mark.parametrize("which", ["user", "auth_key", "priv_key"])
 async def test_v3_wrong_credentials_are_an_auth_error(
     agent: Start,  # noqa: F811

@@ -1,4 +1,4 @@
-"""SNMP transports for the SNMP driver: one small interface, two implementations.
+"""SNMP transports for the SNMP driver: one small interface, three implementations.
 
 The driver (``agent/drivers/snmp.py``) owns profiles, table walks, scaling, cadence and the mapping
 of failures to DeviceUnavailable / DeviceError / AuthError. A transport only sends one request and
@@ -11,6 +11,8 @@ below. Library exceptions stop here.
   DES), which netsnmp-cffi itself does not offer yet: we fill the session's USM fields, discover
   the engine asynchronously and route security errors (see ``create_v3``). 5-10x cheaper per value
   (measured in bench/snmp_cost.py).
+- ``NativeV2cTransport`` (``agent/drivers/snmp_v2c.py``): podagent's own v2c client, the default
+  for v2c: none of net-snmp's event-loop glue per request.
 
 Values: INTEGER and its application types (Counter32, Gauge32, TimeTicks, Counter64, Unsigned32)
 become ``int``; noSuchObject / noSuchInstance / endOfMibView become a ``Special``; anything else (an

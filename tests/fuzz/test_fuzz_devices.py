@@ -5,6 +5,7 @@ a short read is a clear error (ValueError / DeviceError), never a wrong number."
 from __future__ import annotations
 
 import math
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -49,7 +50,7 @@ def test_snmp_varbinds_of_any_type(profile: str, data: st.DataObject) -> None:
         for ch in data.draw(st.lists(st.integers(1, 4), max_size=3, unique=True)):
             col[m.index_for(ch)] = data.draw(varbind_values)
     static = {key: {idx: v for idx, v in col.items() if isinstance(v, int)} for key, col in rows.items()}
-    for r in driver._readings(list(prof.metrics), rows, static):
+    for r in driver._readings(list(prof.metrics), rows, static, time.monotonic(), time.time()):
         if r.quality is Quality.GOOD:
             assert r.value is not None and math.isfinite(r.value), r
         else:
