@@ -446,7 +446,7 @@ class InterlockService:
         if self.engine is None:
             return []
         suppressed = {(o.interlock, o.device) for o in self._overrides.values()}
-        return sorted({name for _, name in self.engine.caps_by_gpu(suppressed).get(gpu, [])})
+        return sorted({name for _, name in self.engine.caps_of((gpu,), suppressed).get(gpu, [])})
 
     # ------------------------------------------------------------------ overrides
     def add_override(
