@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -193,6 +193,26 @@ class Engine:
         self._of_device.setdefault(inst.device, []).append(inst)
         for g in {*inst.gpus, *inst.caps}:
             self._covering.setdefault(g, []).append(inst)
+
+    def observe(self, batch: Iterable[Reading]) -> None:
+        """Record the histories the rates are computed from (a GPU's temperature for
+        gpu_runaway, a loop's supply for the ladder) as readings arrive: a reading replaced in
+        the store before an evaluation saw it (coalescing, a busy loop) still counts."""
+        mems, loops = self.gpu_mem, self.topology.loops
+        for r in batch:
+            metric, v = r.metric, r.value
+            if metric == "temp_c":
+                mem = mems.get(r.device)
+                if mem is None or v is None or r.quality is not Quality.GOOD or not math.isfinite(v):
+                    continue
+                if not mem.temps or mem.temps[-1][0] < r.ts_mono:
+                    mem.temps.append((r.ts_mono, v))
+            elif metric == "supply_temp_c" and r.device in loops:
+                if v is None or r.quality is not Quality.GOOD or not math.isfinite(v):
+                    continue
+                hist = self._supply_hist.setdefault(r.device, deque(maxlen=256))
+                if not hist or hist[-1][0] < r.ts_mono:
+                    hist.append((r.ts_mono, v))
 
     def busy(self, device: str) -> bool:
         """True while any interlock on ``device`` is tripped or has a timer running (a sustain,
@@ -424,7 +444,7 @@ class Engine:
             r = snap.get((gpu, "temp_c"))
             temp = self._fresh(snap, gpu, "temp_c", now)
             mem = self.gpu_mem[gpu]
-            if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] != r.ts_mono):
+            if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] < r.ts_mono):
                 mem.temps.append((r.ts_mono, temp))
             if ot.enabled:
                 inst = self._instance("gpu_overtemp", gpu, (gpu,))
@@ -573,7 +593,7 @@ class Engine:
             r = snap.get((cdu, "supply_temp_c"))
             supply = self._fresh(snap, cdu, "supply_temp_c", now)
             hist = self._supply_hist.setdefault(cdu, deque(maxlen=256))
-            if supply is not None and r is not None and (not hist or hist[-1][0] != r.ts_mono):
+            if supply is not None and r is not None and (not hist or hist[-1][0] < r.ts_mono):
                 hist.append((r.ts_mono, supply))
             while hist and hist[-1][0] - hist[0][0] > 2 * esc.rise_window_s:
                 hist.popleft()

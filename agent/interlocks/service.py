@@ -32,6 +32,7 @@ from agent.events import Event, EventBus, Severity
 from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
+from agent.interlocks.urgency import must_evaluate_now
 from agent.inventory import Inventory
 from agent.model import Reading
 from agent.state import StateStore
@@ -118,6 +119,9 @@ class InterlockService:
         self._cdu_setpoints: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._changed: set[str] = set()
+        self._deferred: asyncio.TimerHandle | None = None  # a coalesced evaluation, due soon
+        self.deferred_batches = 0  # batches that waited to be coalesced (for /metrics and benches)
+        self.full_steps = 0
         self._last_full = 0.0
         self._full_next = True  # overrides, acks and budgets change the picture for every GPU
 
@@ -208,10 +212,33 @@ class InterlockService:
         changed = {r.device for r in batch if r.metric in INPUT_METRICS}
         if not changed:
             return
+        # A batch that would overwrite readings no evaluation has seen yet goes at once: every
+        # reading is evaluated (a GPU's temperature history, for gpu_runaway's rate, is whole).
+        overwrites = not self._changed.isdisjoint(changed)
+        if self.engine is not None:
+            self.engine.observe(batch)
         self._changed |= changed
-        if not self._wake.is_set():
-            self._trigger_mono = batch[0].ts_mono
+        if self._wake.is_set():
+            return
+        engine = self.engine
+        if (
+            engine is None
+            or overwrites
+            or must_evaluate_now(batch, INPUT_METRICS, self.config, engine.topology, engine.busy)
+        ):
+            self._trigger_mono = batch[0].ts_mono  # latency is measured from the urgent batch
             self._wake.set()
+            return
+        # Far from every threshold, nothing tripped or timing: evaluate with what comes next.
+        self.deferred_batches += 1
+        if self._deferred is None:
+            self._trigger_mono = self._trigger_mono or batch[0].ts_mono
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a store written outside the loop: no timer to arm, so now
+                self._wake.set()
+                return
+            self._deferred = loop.call_later(self.config.coalesce_s, self._wake.set)
 
     # ------------------------------------------------------------------ engine loop
     async def _engine_loop(self) -> None:
@@ -219,10 +246,14 @@ class InterlockService:
         store, bus, engine = self.store, self.events, self.engine
         all_gpus = frozenset(engine.topology.gpus)
         while True:
+            # Hold times, ramps and staleness need a clock: a full evaluation at least every second.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):  # hold times, ramps and staleness need a clock
+                async with asyncio.timeout(max(0.0, self._last_full + 1.0 - time.monotonic())):
                     await self._wake.wait()
             self._wake.clear()
+            if self._deferred is not None:
+                self._deferred.cancel()  # this evaluation takes the coalesced batches with it
+                self._deferred = None
             trigger = self._trigger_mono or time.monotonic()
             self._trigger_mono = 0.0
             t0 = time.monotonic()
@@ -233,6 +264,7 @@ class InterlockService:
             if full:
                 self._last_full = t0
                 self._full_next = False
+                self.full_steps += 1
             now_wall = time.time()
             self._expire_overrides(now_wall)
             external: dict[str, tuple[float, str]] = {}
@@ -603,6 +635,14 @@ class InterlockService:
         )
         out.append(
             ("podagent_interlock_evaluations_total", [], float(self.steps), "Interlock engine evaluations.")
+        )
+        out.append(
+            (
+                "podagent_interlock_coalesced_batches_total",
+                [],
+                float(self.deferred_batches),
+                "Input batches far from every threshold that waited to be evaluated with later ones.",
+            )
         )
         hist = self.step_histogram
         name = "podagent_interlock_evaluation_duration_seconds"
