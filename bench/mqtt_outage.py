@@ -61,6 +61,11 @@ class Broker(Mosquitto):
 
 
 async def collect(port: int, out: list[tuple[float, str, bytes]], stop: asyncio.Event) -> None:
+    async def read(client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            out.append((time.time(), str(m.topic), payload))
+
     while not stop.is_set():
         try:
             async with aiomqtt.Client(
@@ -71,18 +76,18 @@ async def collect(port: int, out: list[tuple[float, str, bytes]], stop: asyncio.
                 max_queued_incoming_messages=0,
             ) as client:
                 await client.subscribe("podagent/#", qos=1)
-                messages = aiter(client.messages)
-                # Never cancelled out of the client: on stop it leaves the `async with` itself
-                # and disconnects while the broker is up (a cancel mid-read made paho register
-                # a closed socket with the loop: OSError "Bad file descriptor" at shutdown).
-                while not stop.is_set():
-                    try:
-                        async with asyncio.timeout(0.25):
-                            m = await anext(messages)
-                    except TimeoutError:
-                        continue
-                    payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-                    out.append((time.time(), str(m.topic), payload))
+                # On stop only the reader is cancelled and the client leaves its `async with`
+                # itself, disconnecting while the broker is up (cancelling the whole client
+                # mid-read made paho register a closed socket: "Bad file descriptor" at shutdown).
+                reader = asyncio.create_task(read(client))
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if reader.done():
+                    reader.result()  # the link broke: MqttError, reconnect below
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
         except (aiomqtt.MqttError, OSError):
             # OSError: the broker went away while paho was registering its socket with the loop.
             if not stop.is_set():

@@ -107,6 +107,9 @@ async def test_broker_outage_replays_every_seq(pod: dict[str, Any], tmp_path: Pa
             assert len(seqs) - len(set(seqs)) <= service.cfg.replay_window * service.cfg.replay_batch
             assert service.spool is not None
             assert service.spool.dropped_messages == 0
+            # The replay batched a device's spooled rows (replay_batch) into fewer messages.
+            batched = [m.json() for m in sub.messages if "/telemetry/" in m.topic and "seqs" in m.json()]
+            assert batched and all(len(b["seqs"]) <= service.cfg.replay_batch for b in batched)
         await sub.stop()
     finally:
         b.close()

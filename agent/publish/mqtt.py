@@ -580,7 +580,7 @@ class MqttService:
             session.replayed += len(rows)
             session.backlog.extend(
                 replay_messages(
-                    rows, telemetry_prefix=self.topics.telemetry(""), max_rows=self.cfg.replay_batch
+                    rows, telemetry_prefix=f"{self.topics.root}/telemetry/", max_rows=self.cfg.replay_batch
                 )
             )
             return session.backlog.popleft()
