@@ -15,7 +15,11 @@ ROOT = "podagent/v1/lab/tiny"
 PREFIX = f"{ROOT}/telemetry/"
 
 
-def telemetry(rowid: int, device: str, seq: int, n: int, boot: str = "b1", **extra: Any) -> SpooledMessage:
+def telemetry(
+    rowid: int, device: str, seq: int, n: int, boot: str = "b1", *, known: bool = False, **extra: Any
+) -> SpooledMessage:
+    """A spooled telemetry row as the agent writes it; ``known``: with its sample count (the
+    spool's column), which lets the replay merge it as bytes."""
     body = {
         "ts": 1000 + seq,
         "seq": seq,
@@ -24,7 +28,8 @@ def telemetry(rowid: int, device: str, seq: int, n: int, boot: str = "b1", **ext
         "readings": [{"m": f"m{i}", "v": seq + i / 10, "t": 1000 + seq} for i in range(n)],
         **extra,
     }
-    return SpooledMessage(rowid, PREFIX + device, json.dumps(body, separators=(",", ":")).encode())
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return SpooledMessage(rowid, PREFIX + device, payload, n if known else -1)
 
 
 def event(rowid: int, seq: int) -> SpooledMessage:
@@ -97,3 +102,33 @@ def test_every_row_goes_exactly_once_with_its_samples(
             assert topic.startswith(PREFIX) and len(body["readings"]) == sum(counts)
     for i, (dev, n) in enumerate(rows_spec):
         assert samples[i + 1] == (0 if dev == "event" else n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["gpu0", "gpu1", "event"]), st.integers(0, 3), st.booleans(), st.booleans()
+        ),
+        max_size=40,
+    ),
+    st.integers(2, 8),
+)
+def test_merging_as_bytes_gives_what_merging_as_json_gives(
+    spec: list[tuple[str, int, bool, bool]], max_rows: int
+) -> None:
+    def rows(known: bool) -> list[SpooledMessage]:
+        out = []
+        for i, (dev, n, full, old_boot) in enumerate(spec):
+            if dev == "event":
+                out.append(event(i + 1, i + 1))
+                continue
+            extra: dict[str, Any] = {"full": True} if full else {}
+            boot = "a0" if old_boot else "b1"
+            out.append(telemetry(i + 1, dev, i + 1, n, boot, known=known, **extra))
+        return out
+
+    as_bytes = replay_messages(rows(True), telemetry_prefix=PREFIX, max_rows=max_rows)
+    as_json = replay_messages(rows(False), telemetry_prefix=PREFIX, max_rows=max_rows)
+    assert [(i, t) for i, t, _ in as_bytes] == [(i, t) for i, t, _ in as_json]
+    assert [json.loads(p) for _, _, p in as_bytes] == [json.loads(p) for _, _, p in as_json]
