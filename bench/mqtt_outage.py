@@ -61,6 +61,11 @@ class Broker(Mosquitto):
 
 
 async def collect(port: int, out: list[tuple[float, str, bytes]], stop: asyncio.Event) -> None:
+    async def read(client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            out.append((time.time(), str(m.topic), payload))
+
     while not stop.is_set():
         try:
             async with aiomqtt.Client(
@@ -71,22 +76,37 @@ async def collect(port: int, out: list[tuple[float, str, bytes]], stop: asyncio.
                 max_queued_incoming_messages=0,
             ) as client:
                 await client.subscribe("podagent/#", qos=1)
-                async for m in client.messages:
-                    payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-                    out.append((time.time(), str(m.topic), payload))
+                # On stop only the reader is cancelled and the client leaves its `async with`
+                # itself, disconnecting while the broker is up (cancelling the whole client
+                # mid-read made paho register a closed socket: "Bad file descriptor" at shutdown).
+                reader = asyncio.create_task(read(client))
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if reader.done():
+                    reader.result()  # the link broke: MqttError, reconnect below
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
         except (aiomqtt.MqttError, OSError):
             # OSError: the broker went away while paho was registering its socket with the loop.
-            await asyncio.sleep(0.2)
+            if not stop.is_set():
+                await asyncio.sleep(0.2)
 
 
-def replay_round(received: list[tuple[float, str, bytes]], start: int) -> tuple[int, float]:
-    """Historical telemetry messages received since index ``start``, and the span they arrived in."""
-    hist = [
-        at
-        for at, topic, payload in received[start:]
-        if "/telemetry/" in topic and json.loads(payload).get("historical")
-    ]
-    return len(hist), (max(hist) - min(hist)) if len(hist) >= 2 else math.nan
+def replay_round(received: list[tuple[float, str, bytes]], start: int) -> tuple[int, int, int, float]:
+    """Historical telemetry since index ``start``: MQTT messages, the spooled messages (seqs) and
+    samples they carried, and the span they arrived in."""
+    hist, rows, samples = [], 0, 0
+    for at, topic, payload in received[start:]:
+        if "/telemetry/" not in topic:
+            continue
+        body = json.loads(payload)
+        if body.get("historical"):
+            hist.append(at)
+            rows += len(body.get("seqs") or [body["seq"]])
+            samples += len(body["readings"])
+    return len(hist), rows, samples, (max(hist) - min(hist)) if len(hist) >= 2 else math.nan
 
 
 async def main() -> int:
@@ -157,10 +177,15 @@ async def main() -> int:
             w.start()
             await asyncio.sleep(args.after)
             w.stop()
-            count, span = replay_round(received, mark)
+            publishes, count, samples, span = replay_round(received, mark)
             windows.append((w, count))
             rounds.append(
-                {"replayed messages": count, "replay msgs/s (wall)": count / span if span > 0 else math.nan}
+                {
+                    "replayed spooled messages": count,
+                    "MQTT publishes they took": publishes,
+                    "replay spooled msgs/s (wall)": count / span if span > 0 else math.nan,
+                    "replay samples/s (wall)": samples / span if span > 0 else math.nan,
+                }
             )
         # The agent's steady cost while connected (replay over, start-up long past): subtracted from
         # each round's window to give the CPU a replayed message costs.
@@ -169,16 +194,16 @@ async def main() -> int:
         base_rate = base.stop().cpu_s["agent"] / base.wall_s
         for row, (w, count) in zip(rounds, windows, strict=True):
             extra_cpu = w.cpu_s["agent"] - base_rate * w.wall_s
-            row["agent CPU us per replayed message"] = 1e6 * extra_cpu / count if count else math.nan
+            row["agent CPU us per replayed spooled message"] = 1e6 * extra_cpu / count if count else math.nan
+            row["spooled msgs/s per core of agent CPU"] = count / extra_cpu if extra_cpu > 0 else math.nan
             row["agent CPU while connected, % of a core"] = 100 * base_rate
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
         await asyncio.sleep(1.0)
     finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()  # the subscriber disconnects by itself (within 0.25 s), the broker still up
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 10)
         if agent is not None and agent.poll() is None:
             agent.kill()
         pod.terminate()
@@ -192,24 +217,28 @@ async def main() -> int:
 
 
 def report(received: list[tuple[float, str, bytes]], restarted: float) -> None:
-    telemetry: dict[tuple[str, int], dict[str, Any]] = {}
+    telemetry: dict[tuple[str, int], int] = {}  # (boot, seq) -> samples
     arrivals: list[tuple[float, dict[str, Any]]] = []
     seqs: dict[str, list[int]] = {}
     final_state: dict[str, Any] | None = None
     dup = 0
     for at, topic, payload in received:
         body = json.loads(payload)
+        # A replayed message may stand for several spooled ones: "seqs", and "counts" readings each.
+        numbers = body.get("seqs") or [body.get("seq")]
         if "/telemetry/" in topic or topic.endswith(("/event", "/cmd_reply")):
-            seqs.setdefault(body["boot_id"], []).append(body["seq"])
+            seqs.setdefault(body["boot_id"], []).extend(numbers)
         if "/telemetry/" in topic:
-            key = (body["boot_id"], body["seq"])
-            if key in telemetry:
-                dup += 1
-            telemetry[key] = body
+            counts = body.get("counts") or [len(body["readings"])]
+            for seq, n in zip(numbers, counts, strict=True):
+                key = (body["boot_id"], seq)
+                if key in telemetry:
+                    dup += 1
+                telemetry[key] = n
             arrivals.append((at, body))
         elif topic.endswith("/state"):
             final_state = body["state"]
-    delivered = sum(len(b["readings"]) for b in telemetry.values())
+    delivered = sum(telemetry.values())
     mq = (final_state or {}).get("mqtt", {})
     produced = mq.get("samples_spooled")
     gaps = 0
@@ -225,7 +254,11 @@ def report(received: list[tuple[float, str, bytes]], restarted: float) -> None:
     print(f"seq gaps: {gaps}; duplicate messages (QoS 1 at-least-once): {dup}")
     if len(hist) >= 2:
         span = max(hist) - min(hist)
-        print(f"replayed messages: {len(hist)} in {span:.2f} s -> {len(hist) / max(span, 1e-6):,.0f} msgs/s")
+        rows = sum(len(b.get("seqs") or [b["seq"]]) for _, b in arrivals if b.get("historical"))
+        print(
+            f"replayed: {rows} spooled messages in {len(hist)} MQTT messages, {span:.2f} s -> "
+            f"{rows / max(span, 1e-6):,.0f} spooled msgs/s ({len(hist) / max(span, 1e-6):,.0f} publishes/s)"
+        )
         lo, hi = min(hist), max(hist) + 0.5
         live = [at - b["ts"] / 1000 for at, b in arrivals if not b.get("historical") and lo <= at <= hi]
         if live:

@@ -37,9 +37,13 @@ from bench import harness  # noqa: E402
 from hwsim.agentconf import render_agent_config  # noqa: E402
 
 
-def interlock_steps(text: str) -> float:
-    m = re.search(r"^podagent_interlock_evaluations_total ([0-9.e+]+)$", text, re.M)
+def interlock_steps(text: str, family: str = "podagent_interlock_evaluations_total") -> float:
+    m = re.search(rf"^{family} ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+COALESCED = "podagent_interlock_coalesced_batches_total"
+FULL = "podagent_interlock_full_evaluations_total"
 
 
 def histogram_quantile(text: str, family: str, q: float, device: str | None = None) -> float | None:
@@ -161,6 +165,7 @@ def main() -> int:
         for _ in range(n_rounds):
             late1 = late_ticks(manifest)
             text0 = metrics(port)
+            coalesced0, full0 = interlock_steps(text0, COALESCED), interlock_steps(text0, FULL)
             steps0, missed0, polls0 = (
                 interlock_steps(text0),
                 per_device(text0, "podagent_poll_missed_deadlines_total"),
@@ -187,6 +192,8 @@ def main() -> int:
             }
             if args.with_all:
                 row["interlock evaluations/s"] = (interlock_steps(text) - steps0) / w.wall_s
+                row["input batches coalesced/s"] = (interlock_steps(text, COALESCED) - coalesced0) / w.wall_s
+                row["full interlock evaluations/s"] = (interlock_steps(text, FULL) - full0) / w.wall_s
             rounds.append(row)
         if args.py_spy:
             subprocess.run(

@@ -245,7 +245,8 @@ def seq_report(messages: list[Received]) -> dict[str, list[int]]:
     for m in messages:
         if "/telemetry/" in m.topic or m.topic.endswith(("/event", "/cmd_reply")):
             body = m.json()
-            out.setdefault(body["boot_id"], []).append(body["seq"])
+            # A replayed message may stand for several spooled ones (docs/mqtt.md, "Replay").
+            out.setdefault(body["boot_id"], []).extend(body.get("seqs") or [body["seq"]])
     return out
 
 

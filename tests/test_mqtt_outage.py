@@ -102,10 +102,14 @@ async def test_broker_outage_replays_every_seq(pod: dict[str, Any], tmp_path: Pa
                 await sub.wait_for(everything_arrived, timeout=30)
             seqs = durable_seqs(sub)[service.boot_id]
             assert_no_gaps(seqs, upto=target)
-            # Duplicates only as QoS 1 allows (a message in flight when the link broke).
-            assert len(seqs) - len(set(seqs)) <= service.cfg.replay_window
+            # Duplicates only as QoS 1 allows (the messages in flight when the link broke, each
+            # standing for up to replay_batch spooled rows).
+            assert len(seqs) - len(set(seqs)) <= service.cfg.replay_window * service.cfg.replay_batch
             assert service.spool is not None
             assert service.spool.dropped_messages == 0
+            # The replay batched a device's spooled rows (replay_batch) into fewer messages.
+            batched = [m.json() for m in sub.messages if "/telemetry/" in m.topic and "seqs" in m.json()]
+            assert batched and all(len(b["seqs"]) <= service.cfg.replay_batch for b in batched)
         await sub.stop()
     finally:
         b.close()

@@ -132,6 +132,12 @@ class InterlockConfig(Strict):
     max_override_s: float = Field(DEFAULT_MAX_OVERRIDE_S, gt=0)
     # A failed actuation is retried after this long (and reported once per failure streak).
     retry_s: float = Field(2.0, gt=0)
+    # Coalescing: a batch whose interlock inputs are all far from every trip threshold (by
+    # coalesce_margin_pct of the threshold) on devices with nothing tripped or timing may wait up
+    # to coalesce_s to be evaluated with later batches (agent/interlocks/urgency.py); anything
+    # near or past a threshold, missing or bad is evaluated at once. 0 evaluates every batch.
+    coalesce_s: float = Field(0.2, ge=0, le=1.0)
+    coalesce_margin_pct: float = Field(10.0, ge=0, lt=100)
     gpu_overtemp: GpuOvertemp = GpuOvertemp()
     gpu_runaway: GpuRunaway = GpuRunaway()
     coolant_supply_high: CoolantSupplyHigh = CoolantSupplyHigh()

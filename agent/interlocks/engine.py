@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -97,10 +97,10 @@ class _LazyLimits(dict[str, "GpuLimits | None"]):
         self._memo: _LimitsMemo = {} if memo is None else memo
 
     def __missing__(self, gpu: str) -> GpuLimits | None:
-        snap = self._snap
-        key = tuple(snap.get((gpu, m)) for m in _LIMIT_METRICS)
+        get = self._snap.get
+        key = (get((gpu, _LIMIT_METRICS[0])), get((gpu, _LIMIT_METRICS[1])), get((gpu, _LIMIT_METRICS[2])))
         known = self._memo.get(gpu)
-        if known is not None and all(a is b for a, b in zip(known[0], key, strict=True)):
+        if known is not None and known[0][0] is key[0] and known[0][1] is key[1] and known[0][2] is key[2]:
             value = known[1]
         else:
             value = Engine._limits(key)
@@ -130,6 +130,12 @@ class Engine:
         self.topology = topology
         self.started = started
         self.instances: dict[tuple[str, str], Instance] = {}
+        # Indexes over the instances, so an evaluation touches only what it evaluates: the
+        # instances that may cap a GPU (its group, or caps it holds), and those of a device.
+        self._covering: dict[str, list[Instance]] = {}
+        self._of_device: dict[str, list[Instance]] = {}
+        self._gpu_pos: dict[str, int] = {g: i for i, g in enumerate(topology.gpus)}
+        self._protects: dict[str, list[str]] | None = None  # GPU -> the stale-rule inputs guarding it
         self.gpu_mem: dict[str, GpuMemory] = {g: GpuMemory() for g in topology.gpus}
         # Reconcile after a restart: a GPU already below its default keeps that cap until the ramp
         # (or a still-justified interlock) decides otherwise.
@@ -159,6 +165,62 @@ class Engine:
             self.gpu_mem.setdefault(gpu, GpuMemory())
         self._inputs = None
         self._input_pos = None
+        self._protects = None
+        self._gpu_pos = {g: i for i, g in enumerate(topology.gpus)}
+        # A trip in progress now protects its device's new group; the indexes follow.
+        self._covering, self._of_device = {}, {}
+        stale_groups = {dev: gpus for dev, _, gpus in self._stale_inputs()}
+        for inst in self.instances.values():
+            inst.gpus = self._group(inst.interlock, inst.device, inst.gpus, stale_groups)
+            self._index(inst)
+
+    def _group(
+        self, interlock: str, device: str, old: tuple[str, ...], stale_groups: Mapping[str, tuple[str, ...]]
+    ) -> tuple[str, ...]:
+        """The GPUs ``interlock`` on ``device`` protects in the present topology."""
+        topo = self.topology
+        if interlock in ("gpu_overtemp", "gpu_runaway"):
+            return (device,)
+        if interlock == "pdu_phase_overcurrent":
+            return tuple(topo.pdus.get(device, old))
+        if interlock == "cooling_alarm":
+            return tuple(topo.cooled_gpus.get(device, old))
+        if interlock == "sensor_stale":
+            return stale_groups.get(device, old)
+        return tuple(topo.loops.get(device, old))  # the coolant rules, the ladder and shed
+
+    def _index(self, inst: Instance) -> None:
+        self._of_device.setdefault(inst.device, []).append(inst)
+        for g in {*inst.gpus, *inst.caps}:
+            self._covering.setdefault(g, []).append(inst)
+
+    def observe(self, batch: Iterable[Reading]) -> None:
+        """Record the histories the rates are computed from (a GPU's temperature for
+        gpu_runaway, a loop's supply for the ladder) as readings arrive: a reading replaced in
+        the store before an evaluation saw it (coalescing, a busy loop) still counts."""
+        mems, loops = self.gpu_mem, self.topology.loops
+        for r in batch:
+            metric, v = r.metric, r.value
+            if metric == "temp_c":
+                mem = mems.get(r.device)
+                if mem is None or v is None or r.quality is not Quality.GOOD or not math.isfinite(v):
+                    continue
+                if not mem.temps or mem.temps[-1][0] < r.ts_mono:
+                    mem.temps.append((r.ts_mono, v))
+            elif metric == "supply_temp_c" and r.device in loops:
+                if v is None or r.quality is not Quality.GOOD or not math.isfinite(v):
+                    continue
+                hist = self._supply_hist.setdefault(r.device, deque(maxlen=256))
+                if not hist or hist[-1][0] < r.ts_mono:
+                    hist.append((r.ts_mono, v))
+
+    def busy(self, device: str) -> bool:
+        """True while any interlock on ``device`` is tripped or has a timer running (a sustain,
+        a clear hold, a ladder rung): its next readings must be evaluated at once."""
+        return any(
+            i.tripped_since is not None or i.cond_since is not None or i.clear_since is not None or i.stage
+            for i in self._of_device.get(device, ())
+        )
 
     # ------------------------------------------------------------------ helpers
     def _event_id(self, now_wall: float) -> str:
@@ -170,6 +232,7 @@ class Engine:
         inst = self.instances.get(key)
         if inst is None:
             inst = self.instances[key] = Instance(interlock=interlock, device=device, gpus=tuple(gpus))
+            self._index(inst)
         return inst
 
     def _fresh(
@@ -220,7 +283,8 @@ class Engine:
         affected: set[str] | None = None
         if changed is not None:
             ch = set(changed)
-            gpus = [g for g in topo.gpus if g in ch]
+            pos = self._gpu_pos
+            gpus = sorted((g for g in ch if g in pos), key=pos.__getitem__)
             loops = {c: g for c, g in topo.loops.items() if c in ch}
             pdus = {p: g for p, g in topo.pdus.items() if p in ch}
             affected = set(gpus)
@@ -309,7 +373,7 @@ class Engine:
         sustain_s: float,
         clear_cond: bool,
         clear_hold_s: float,
-        caps: Mapping[str, float] | None,
+        caps: Mapping[str, float] | Callable[[], Mapping[str, float]] | None,
         detail: dict[str, Any] | Callable[[], dict[str, Any]],
         extra_clear_ok: bool = True,
     ) -> None:
@@ -317,7 +381,13 @@ class Engine:
         clear_cond held for clear_hold_s. While tripped, caps never rise (only tighten).
 
         ``detail`` (the inputs and thresholds that explain a trip or clear) may be a function: it
-        is built only on a transition, not for each of 576 GPUs at every evaluation."""
+        is built only on a transition, not for each of 576 GPUs at every evaluation; ``caps`` too
+        may be a function: they matter only to a trip and to a tripped instance."""
+        if inst.tripped_since is None and not (cond or trip_now):
+            inst.cond_since = None  # idle, and stays so: nothing else to decide
+            return
+        if callable(caps):
+            caps = caps()
         if not inst.tripped:
             inst.cond_since = (
                 (inst.cond_since if inst.cond_since is not None else now) if cond or trip_now else None
@@ -356,6 +426,15 @@ class Engine:
             return None
         return max(limits.min_w, min(limits.max_w, limits.default_w * pct / 100.0))
 
+    def _loop_caps(self, gpus: Sequence[str], pct: float) -> dict[str, float]:
+        """``pct`` of each GPU's default limit (the GPUs whose constraints are known)."""
+        limits = self._step_limits
+        return {g: c for g in gpus if (c := self._pct_cap(limits[g], pct)) is not None}
+
+    def _loop_minimums(self, gpus: Sequence[str]) -> dict[str, float]:
+        limits = self._step_limits
+        return {g: lim.min_w for g in gpus if (lim := limits[g]) is not None}
+
     # ------------------------------------------------------------------ rules
     def _gpu_rules(
         self, snap: Snapshot, now: float, limits: Mapping[str, GpuLimits | None], gpus: Sequence[str]
@@ -365,13 +444,14 @@ class Engine:
             r = snap.get((gpu, "temp_c"))
             temp = self._fresh(snap, gpu, "temp_c", now)
             mem = self.gpu_mem[gpu]
-            if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] != r.ts_mono):
+            if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] < r.ts_mono):
                 mem.temps.append((r.ts_mono, temp))
-            lim = limits.get(gpu)
             if ot.enabled:
                 inst = self._instance("gpu_overtemp", gpu, (gpu,))
-                cap = self._pct_cap(lim, ot.cap_pct)
-                if temp is not None:
+                if temp is not None and inst.tripped_since is None and temp < ot.trip_c:
+                    inst.cond_since = None  # what _update decides for an idle GPU far from a trip
+                elif temp is not None:
+                    cap = self._pct_cap(limits.get(gpu), ot.cap_pct)
                     self._update(
                         inst,
                         now,
@@ -385,9 +465,11 @@ class Engine:
                     )
             if ra.enabled:
                 inst = self._instance("gpu_runaway", gpu, (gpu,))
-                rate = self._rate(mem.temps, ra.window_s)
-                cap = self._pct_cap(lim, ra.cap_pct)
-                if temp is not None:
+                if temp is not None and inst.tripped_since is None and temp < ra.min_temp_c:
+                    inst.cond_since = None  # under min_temp_c no rate trips: the rate is not needed
+                elif temp is not None:
+                    rate = self._rate(mem.temps, ra.window_s)
+                    cap = self._pct_cap(limits.get(gpu), ra.cap_pct)
                     self._update(
                         inst,
                         now,
@@ -427,17 +509,6 @@ class Engine:
     ) -> None:
         cfg = self.config
         for cdu, gpus in loops.items():
-            caps_by: dict[str, dict[str, float]] = {}
-            for name, pct in (
-                ("coolant_supply_high", cfg.coolant_supply_high.cap_pct),
-                ("coolant_flow_low", cfg.coolant_flow_low.cap_pct),
-            ):
-                caps_by[name] = {}
-                for g in gpus:
-                    lim = self._step_limits[g]
-                    c = self._pct_cap(lim, pct)
-                    if c is not None:
-                        caps_by[name][g] = c
             supply = self._fresh(snap, cdu, "supply_temp_c", now)
             sh = cfg.coolant_supply_high
             if sh.enabled and supply is not None:
@@ -449,7 +520,7 @@ class Engine:
                     sustain_s=sh.sustain_s,
                     clear_cond=supply <= sh.clear_c,
                     clear_hold_s=sh.clear_hold_s,
-                    caps=caps_by["coolant_supply_high"],
+                    caps=partial(self._loop_caps, gpus, sh.cap_pct),
                     detail={
                         "inputs": {"supply_temp_c": round(supply, 2)},
                         "thresholds": {
@@ -475,7 +546,7 @@ class Engine:
                     sustain_s=fl.sustain_s,
                     clear_cond=not bad,
                     clear_hold_s=fl.clear_hold_s,
-                    caps=caps_by["coolant_flow_low"],
+                    caps=partial(self._loop_caps, gpus, fl.cap_pct),
                     detail={
                         "inputs": {"flow_lpm": round(flow, 2), "pump_fault": fault},
                         "thresholds": {
@@ -490,7 +561,6 @@ class Engine:
             leak = self._fresh(snap, cdu, "leak", now)
             if lk.enabled and leak is not None:
                 inst = self._instance("coolant_leak", cdu, gpus)
-                mins = {g: lim.min_w for g in gpus if (lim := self._step_limits[g]) is not None}
                 self._update(
                     inst,
                     now,
@@ -499,7 +569,7 @@ class Engine:
                     sustain_s=0.0,
                     clear_cond=not leak,
                     clear_hold_s=0.0,
-                    caps=mins,
+                    caps=partial(self._loop_minimums, gpus),
                     extra_clear_ok=inst.trip_event is not None and inst.trip_event in acked,
                     detail={
                         "inputs": {"leak": leak},
@@ -523,7 +593,7 @@ class Engine:
             r = snap.get((cdu, "supply_temp_c"))
             supply = self._fresh(snap, cdu, "supply_temp_c", now)
             hist = self._supply_hist.setdefault(cdu, deque(maxlen=256))
-            if supply is not None and r is not None and (not hist or hist[-1][0] != r.ts_mono):
+            if supply is not None and r is not None and (not hist or hist[-1][0] < r.ts_mono):
                 hist.append((r.ts_mono, supply))
             while hist and hist[-1][0] - hist[0][0] > 2 * esc.rise_window_s:
                 hist.popleft()
@@ -709,7 +779,16 @@ class Engine:
         step re-evaluates (its caps must be those a full step would give)."""
         if not affected:
             return changed
-        return changed | {dev for dev, _, gpus in self._stale_inputs() if not affected.isdisjoint(gpus)}
+        if self._protects is None:
+            protects: dict[str, list[str]] = {}
+            for dev, _, gpus in self._stale_inputs():
+                for g in gpus:
+                    protects.setdefault(g, []).append(dev)
+            self._protects = protects
+        scope = set(changed)
+        for g in affected:
+            scope.update(self._protects.get(g, ()))
+        return scope
 
     def _stale_rule(self, snap: Snapshot, now: float, changed: set[str] | None) -> None:
         st = self.config.sensor_stale
@@ -723,11 +802,27 @@ class Engine:
                 self._input_pos = {device: i for i, (device, _, _) in enumerate(inputs)}
             pos = self._input_pos
             inputs = [inputs[i] for i in sorted(pos[d] for d in changed if d in pos)]
+        get, limits, good = snap.get, self.topology.stale_after_s, Quality.GOOD
         for device, metrics, gpus in inputs:
-            missing = [m for m in metrics if self._fresh(snap, device, m, now) is None]
+            limit = limits.get(device)
+            missing = []
+            for m in metrics:  # _fresh(), inlined: this runs for each of ~600 inputs per full step
+                r = get((device, m))
+                v = None if r is None else r.value
+                if (
+                    v is None
+                    or r is None
+                    or r.quality is not good
+                    or not math.isfinite(v)
+                    or (limit is not None and now - r.ts_mono > limit)
+                ):
+                    missing.append(m)
+            inst = self._instance("sensor_stale", device, gpus)
+            if not missing and inst.tripped_since is None:
+                inst.cond_since = None  # fresh and idle: what _update would decide
+                continue
             # Right after start, an input that has simply not arrived yet is not (yet) stale.
             stale = any(not (in_grace and snap.get((device, m)) is None) for m in missing)
-            inst = self._instance("sensor_stale", device, gpus)
             # The caps matter only to a trip or a tripped instance (they never loosen one).
             caps = (
                 {g: c for g in gpus if (c := self._pct_cap(self._step_limits[g], st.cap_pct)) is not None}
@@ -953,6 +1048,21 @@ class Engine:
                 out.setdefault(g, []).append((w, inst.interlock))
         return out
 
+    def caps_of(
+        self, gpus: Collection[str], suppressed: set[tuple[str, str]]
+    ) -> dict[str, list[tuple[float, str]]]:
+        """``caps_by_gpu`` for some GPUs, from the index (the instances whose group or caps hold
+        each GPU): the same lists, in a cost proportional to those GPUs."""
+        out: dict[str, list[tuple[float, str]]] = {}
+        for g in gpus:
+            for inst in self._covering.get(g, ()):
+                if inst.tripped_since is None or (inst.interlock, inst.device) in suppressed:
+                    continue
+                w = inst.caps.get(g)
+                if w is not None:
+                    out.setdefault(g, []).append((w, inst.interlock))
+        return out
+
     def _combine(
         self,
         now: float,
@@ -961,10 +1071,15 @@ class Engine:
         external: Mapping[str, tuple[float, str]],
         affected: set[str] | None = None,
     ) -> dict[str, float]:
-        by_gpu = self.caps_by_gpu(suppressed)
+        gpus: Sequence[str]
+        if affected is None:
+            gpus, by_gpu = self.topology.gpus, self.caps_by_gpu(suppressed)
+        else:  # a partial step: only the instances that may cap the GPUs it evaluates
+            pos = self._gpu_pos
+            gpus = sorted((g for g in affected if g in pos), key=pos.__getitem__)
+            by_gpu = self.caps_of(gpus, suppressed)
         step_pct = self.config.release_step_pct
         out: dict[str, float] = {}
-        gpus = self.topology.gpus if affected is None else [g for g in self.topology.gpus if g in affected]
         for gpu in gpus:
             lim = limits.get(gpu)
             mem = self.gpu_mem[gpu]

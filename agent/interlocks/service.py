@@ -32,6 +32,7 @@ from agent.events import Event, EventBus, Severity
 from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
 from agent.interlocks.engine import Action, Engine, Override, Topology
+from agent.interlocks.urgency import must_evaluate_now
 from agent.inventory import Inventory
 from agent.model import Reading
 from agent.state import StateStore
@@ -118,7 +119,11 @@ class InterlockService:
         self._cdu_setpoints: dict[str, float] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._changed: set[str] = set()
+        self._deferred: asyncio.TimerHandle | None = None  # a coalesced evaluation, due soon
+        self.deferred_batches = 0  # batches that waited to be coalesced (for /metrics and benches)
+        self.full_steps = 0
         self._last_full = 0.0
+        self._full_due_s = 1.0  # the clock's full evaluation, this long after the last full one
         self._full_next = True  # overrides, acks and budgets change the picture for every GPU
 
     # ------------------------------------------------------------------ wiring
@@ -208,10 +213,33 @@ class InterlockService:
         changed = {r.device for r in batch if r.metric in INPUT_METRICS}
         if not changed:
             return
+        # A batch that would overwrite readings no evaluation has seen yet goes at once: every
+        # reading is evaluated (a GPU's temperature history, for gpu_runaway's rate, is whole).
+        overwrites = not self._changed.isdisjoint(changed)
+        if self.engine is not None:
+            self.engine.observe(batch)
         self._changed |= changed
-        if not self._wake.is_set():
-            self._trigger_mono = batch[0].ts_mono
+        if self._wake.is_set():
+            return
+        engine = self.engine
+        if (
+            engine is None
+            or overwrites
+            or must_evaluate_now(batch, INPUT_METRICS, self.config, engine.topology, engine.busy)
+        ):
+            self._trigger_mono = batch[0].ts_mono  # latency is measured from the urgent batch
             self._wake.set()
+            return
+        # Far from every threshold, nothing tripped or timing: evaluate with what comes next.
+        self.deferred_batches += 1
+        if self._deferred is None:
+            self._trigger_mono = self._trigger_mono or batch[0].ts_mono
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a store written outside the loop: no timer to arm, so now
+                self._wake.set()
+                return
+            self._deferred = loop.call_later(self.config.coalesce_s, self._wake.set)
 
     # ------------------------------------------------------------------ engine loop
     async def _engine_loop(self) -> None:
@@ -219,20 +247,31 @@ class InterlockService:
         store, bus, engine = self.store, self.events, self.engine
         all_gpus = frozenset(engine.topology.gpus)
         while True:
+            # Hold times, ramps and staleness need a clock: a full evaluation at least every second.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):  # hold times, ramps and staleness need a clock
+                async with asyncio.timeout(max(0.0, self._last_full + self._full_due_s - time.monotonic())):
                     await self._wake.wait()
             self._wake.clear()
+            if self._deferred is not None:
+                self._deferred.cancel()  # this evaluation takes the coalesced batches with it
+                self._deferred = None
             trigger = self._trigger_mono or time.monotonic()
             self._trigger_mono = 0.0
             t0 = time.monotonic()
             changed, self._changed = self._changed, set()
             # A batch with every GPU in it (the NVML poll) costs a full evaluation anyway: make it
             # one, so the once-a-second full evaluation does not repeat it.
-            full = t0 - self._last_full >= 1.0 or self._full_next or bool(all_gpus and all_gpus <= changed)
+            every_gpu = bool(all_gpus and all_gpus <= changed)
+            full = t0 - self._last_full >= self._full_due_s or self._full_next or every_gpu
             if full:
                 self._last_full = t0
                 self._full_next = False
+                self.full_steps += 1
+                # After a full evaluation made by the 1 Hz NVML batch, the clock's own waits a
+                # quarter of a second more for the next such batch (which makes one anyway) rather
+                # than run one just before it: two full 576-GPU steps a second where one does.
+                # Without such batches (or with them late) the clock's runs every second.
+                self._full_due_s = 1.25 if every_gpu else 1.0
             now_wall = time.time()
             self._expire_overrides(now_wall)
             external: dict[str, tuple[float, str]] = {}
@@ -446,7 +485,7 @@ class InterlockService:
         if self.engine is None:
             return []
         suppressed = {(o.interlock, o.device) for o in self._overrides.values()}
-        return sorted({name for _, name in self.engine.caps_by_gpu(suppressed).get(gpu, [])})
+        return sorted({name for _, name in self.engine.caps_of((gpu,), suppressed).get(gpu, [])})
 
     # ------------------------------------------------------------------ overrides
     def add_override(
@@ -603,6 +642,22 @@ class InterlockService:
         )
         out.append(
             ("podagent_interlock_evaluations_total", [], float(self.steps), "Interlock engine evaluations.")
+        )
+        out.append(
+            (
+                "podagent_interlock_full_evaluations_total",
+                [],
+                float(self.full_steps),
+                "Interlock engine evaluations of every rule and GPU (the rest are partial).",
+            )
+        )
+        out.append(
+            (
+                "podagent_interlock_coalesced_batches_total",
+                [],
+                float(self.deferred_batches),
+                "Input batches far from every threshold that waited to be evaluated with later ones.",
+            )
         )
         hist = self.step_histogram
         name = "podagent_interlock_evaluation_duration_seconds"

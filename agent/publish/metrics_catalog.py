@@ -557,6 +557,20 @@ SERVICES: tuple[Family, ...] = (
         "podagent_interlock_evaluations_total", "counter", "Interlock engine evaluations.", (), "interlocks"
     ),
     Family(
+        "podagent_interlock_full_evaluations_total",
+        "counter",
+        "Interlock engine evaluations of every rule and GPU (the rest are partial).",
+        (),
+        "interlocks",
+    ),
+    Family(
+        "podagent_interlock_coalesced_batches_total",
+        "counter",
+        "Input batches far from every threshold that waited to be evaluated with later ones.",
+        (),
+        "interlocks",
+    ),
+    Family(
         "podagent_interlock_evaluation_duration_seconds",
         "histogram",
         "Duration of one interlock engine evaluation.",

@@ -41,13 +41,13 @@ from agent.events import Event, Severity
 from agent.model import Quality, Reading
 from agent.publish.commands import CommandHandler
 from agent.publish.mqtt_config import Deadband, MqttConfig
+from agent.publish.mqtt_replay import ReplayMessage, mark_historical, replay_messages
 from agent.publish.spool import EVENT, TELEMETRY, Spool
 from agent.publish.topics import Topics
 from agent.state import StateStore
 
 log = structlog.get_logger(__name__)
 
-_HISTORICAL = b'{"historical":true,'
 _UNSUPPORTED_PROTOCOL = {1, 132}  # CONNACK codes: 3.1.1 "unacceptable protocol", 5 "unsupported version"
 # Spooled rows read per page while replaying (one SQLite query per page, not per message).
 _REPLAY_CHUNK = 5000
@@ -75,11 +75,6 @@ def _finite_only(value: Any, where: str, paths: list[str]) -> Any:
     if isinstance(value, list | tuple):
         return [_finite_only(v, f"{where}[{i}]", paths) for i, v in enumerate(value)]
     return value
-
-
-def mark_historical(payload: bytes) -> bytes:
-    """Add ``"historical": true`` to a spooled JSON object without decoding it."""
-    return _HISTORICAL + payload[1:] if payload[:1] == b"{" and payload != b"{}" else payload
 
 
 def _ms(wall: float) -> int:
@@ -111,7 +106,7 @@ class _Session:
     boundary: int
     live: deque[tuple[int, str, bytes]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    backlog: deque[tuple[int, str, bytes]] = field(default_factory=deque)  # the page being replayed
+    backlog: deque[ReplayMessage] = field(default_factory=deque)  # the page being replayed
     cursor: int = 0  # last spool id read into the backlog
     replay_started: float = field(default_factory=time.monotonic)
     replayed: int = 0
@@ -568,11 +563,16 @@ class MqttService:
             tg.create_task(self._reaper(), name="mqtt-reaper")
             tg.create_task(self._state_loop(client), name="mqtt-state")
 
-    def _next_message(self, session: _Session) -> tuple[int, str, bytes] | None:
+    def _next_message(self, session: _Session) -> ReplayMessage | None:
         """Live messages first; the backlog (rows spooled before this connection) in between,
-        read from the spool a page at a time. None: nothing to send now."""
+        read from the spool a page at a time, several rows of a device per message (already
+        marked historical). None: nothing to send now."""
         if session.live:
-            return session.live.popleft()
+            rowid, topic, payload = session.live.popleft()
+            if rowid <= session.boundary:  # held in memory from before this connection
+                payload = mark_historical(payload)
+                session.replayed += 1
+            return (rowid,), topic, payload
         if session.backlog:
             return session.backlog.popleft()
         if session.replay_done:
@@ -581,7 +581,12 @@ class MqttService:
         rows = self.spool.read(after_id=session.cursor, upto_id=session.boundary, limit=_REPLAY_CHUNK)
         if rows:
             session.cursor = rows[-1].id
-            session.backlog.extend((r.id, r.topic, r.payload) for r in rows)
+            session.replayed += len(rows)
+            session.backlog.extend(
+                replay_messages(
+                    rows, telemetry_prefix=f"{self.topics.root}/telemetry/", max_rows=self.cfg.replay_batch
+                )
+            )
             return session.backlog.popleft()
         session.replay_done = True
         if session.replayed:
@@ -597,7 +602,6 @@ class MqttService:
     async def _worker(self, client: Client, session: _Session) -> None:
         """One of ``replay_window`` publishers: takes the next message itself (no feeder task and
         queue between: one wake-up per message fewer) and waits for its PUBACK."""
-        boundary = session.boundary
         timeout = max(10.0, self.cfg.keepalive_s * 1.5)
         while True:
             raise_if_cancelling()
@@ -606,12 +610,9 @@ class MqttService:
                 session.wake.clear()
                 await session.wake.wait()
                 continue
-            rowid, topic, payload = item
-            if rowid <= boundary:
-                payload = mark_historical(payload)
-                session.replayed += 1
+            rowids, topic, payload = item
             await client.publish(topic, payload, qos=1, timeout=timeout)
-            self._acked.append(rowid)
+            self._acked.extend(rowids)
             self.published += 1
 
     async def _reaper(self) -> None:

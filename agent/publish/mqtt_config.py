@@ -65,6 +65,9 @@ class MqttConfig(Strict):
     # Events and command replies have their own allowance inside the bound (default: a quarter).
     spool_event_max_bytes: Annotated[int, Field(ge=1 << 12)] | None = None
     replay_window: Annotated[int, Field(ge=1, le=1000)] = 100  # publishes in flight
+    # Spooled telemetry rows of one device a replayed message may carry (docs/mqtt.md, "Replay":
+    # every sample in `readings`, the seqs in `seqs`); 1 replays one message per row, as before.
+    replay_batch: Annotated[int, Field(ge=1, le=1000)] = 16
     command_hmac_key_file: Path | None = None  # when set, every command must carry a valid `sig`
     command_max_bytes: Annotated[int, Field(ge=256, le=1 << 20)] = 16384
     command_max_ttl_s: Annotated[float, Field(gt=0)] = 3600.0  # expires_at at most this far ahead

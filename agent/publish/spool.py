@@ -68,6 +68,7 @@ class SpooledMessage:
     id: int
     topic: str
     payload: bytes
+    samples: int = -1  # the readings in a telemetry payload (-1: not known)
 
 
 class _DiskFault(Exception):
@@ -400,7 +401,7 @@ class Spool:
 
     def held_messages(self) -> list[SpooledMessage]:
         """Messages the disk refused (provisional ids), oldest first: a connection sends them too."""
-        return [SpooledMessage(rid, row[1], row[2]) for rid, row in self._held.items()]
+        return [SpooledMessage(rid, row[1], row[2], row[3]) for rid, row in self._held.items()]
 
     def _enforce_bound(self) -> None:
         """Inside the caller's transaction: events past their allowance, then the oldest telemetry
@@ -558,13 +559,13 @@ class Spool:
             return []
         try:
             rows = self._db.execute(
-                "SELECT id, topic, payload FROM msgs WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                "SELECT id, topic, payload, samples FROM msgs WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
                 (after_id, upto_id, limit),
             ).fetchall()
         except sqlite3.Error as err:
             self._set_fault(_why(err))
             return []
-        return [SpooledMessage(r[0], r[1], bytes(r[2])) for r in rows]
+        return [SpooledMessage(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
 
 def _why(err: BaseException) -> str:
