@@ -234,12 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="seeds 1..N (each live round takes --seconds)")
     ap.add_argument("--step-s", type=float, default=4.0, help="training step (s)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: a few seconds, figures meaningless")
     args = ap.parse_args(argv)
+    if args.quick:
+        global WARM_S  # the smoke shortens the live warm-up too
+        WARM_S, args.seconds, args.rounds = 2.0, 4.0, 1
     rows: list[dict[str, Any]] = []
     seeds = range(1, args.rounds + 1)
     for battery in (False, True):
         rows.append(median([in_process(args.seconds, args.step_s, s, battery) for s in seeds]))
     rows.append(median([asyncio.run(live(args.seconds, args.step_s, s)) for s in seeds]))
+    if not args.json:
+        print(f"{args.rounds} round(s) of {args.seconds:g} s (seeds 1..{args.rounds}; median of the rounds):")
     for row in rows:
         if args.json:
             print(json.dumps(row))

@@ -97,7 +97,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--sets", type=int, default=200)
     ap.add_argument("--gpus", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--quick", action="store_true", help="CI smoke: one short round, figures meaningless")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.sets, args.gpus = 1, 2.0, 10, [4]
     for gpus in args.gpus:
         cpus, rsss, p50s, p99s = [], [], [], []
         for _ in range(args.rounds):

@@ -172,7 +172,10 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=1.0, help="the controller's poll of each node, s")
     ap.add_argument("--modes", nargs="+", default=["node", "controller"], choices=["node", "controller"])
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="CI smoke: one round, node rules only")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.modes = 1, ["node"]
     for mode in args.modes:
         p99s: dict[str, list[float]] = {}
         for r in range(args.rounds):

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import harness  # noqa: E402
-from hwsim.agentconf import FAST_POLL_S, FAST_PROFILES, render_agent_config  # noqa: E402
+from hwsim.agentconf import FAST_POLL_S, polled_fast, render_agent_config  # noqa: E402
 
 PROFILES = ROOT / "config" / "profiles"
 POLL_S = 1.0
@@ -122,7 +122,7 @@ def modbus_config(entries: list[dict[str, Any]]) -> str:
                     f'    Type "gauge"\n    Instance "{p["metric"]}"\n  </Data>'
                 )
             names.append(dname)
-        interval = FAST_POLL_S if e["profile"] in FAST_PROFILES else POLL_S
+        interval = FAST_POLL_S if polled_fast(e["profile"]) else POLL_S
         collect = "\n".join(f'      Collect "{n}"' for n in names)
         hosts.append(
             f'  <Host "{e["device"]}">\n    Address "{e["host"]}"\n    Port "{e["port"]}"\n'
@@ -170,7 +170,7 @@ def values_per_s(sock: Path, entries: list[dict[str, Any]], protocol: str) -> fl
             rate += 1.0 / (POLL_S * every)
         else:
             entry = next((e for e in entries if plugin == f"modbus-{e['device']}"), None)
-            fast = entry is not None and entry["profile"] in FAST_PROFILES
+            fast = entry is not None and polled_fast(entry["profile"])
             rate += 1.0 / (FAST_POLL_S if fast else POLL_S)
     return rate
 
@@ -179,7 +179,7 @@ def agent_points_per_s(entries: list[dict[str, Any]]) -> float:
     """Modbus: every point the agent reads per second (its profiles' coils included)."""
     rate = 0.0
     for e in entries:
-        interval = FAST_POLL_S if e["profile"] in FAST_PROFILES else POLL_S
+        interval = FAST_POLL_S if polled_fast(e["profile"]) else POLL_S
         rate += len(profile(e["profile"])["points"]) / interval
     return rate
 

@@ -37,11 +37,12 @@ FAST_KINDS = ("battery", "meter")
 FAST_POLL_S = 0.2
 
 
-def _profile_kind(profile: str) -> str | None:
+def polled_fast(profile: str) -> bool:
+    """Whether a Modbus device of this profile is polled every control period (FAST_POLL_S)."""
     from agent.profiles import check_profile
 
     loaded, _ = check_profile(profile, "modbus")
-    return None if loaded is None else loaded.kind
+    return loaded is not None and loaded.kind in FAST_KINDS
 
 
 def _power_section(topo: dict[str, Any], extra: str) -> str:
@@ -226,7 +227,7 @@ def render_agent_config(
             dev.update(transport="tcp", host=entry["host"], port=entry["port"])
         dev["unit"] = entry["unit"]
         dev["poll_interval_s"] = poll_interval_s
-        if _profile_kind(entry["profile"]) in FAST_KINDS:
+        if polled_fast(entry["profile"]):
             dev["poll_interval_s"] = min(poll_interval_s, FAST_POLL_S)
         if entry["device"] in cdus and nodes is None:
             dev["gpus"] = gpus(cdus[entry["device"]]["gpus"])

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two waves: each has two benches that start a whole pod and two lighter ones.
+# Three waves of four: the first two each have two benches that start a whole pod and two lighter
+# ones; the third the node-agent and live grid benches (small pods) and the in-process engine one.
 BENCHES = [
     "pod_full",
     "mqtt_outage",
@@ -25,6 +26,10 @@ BENCHES = [
     "interlock_latency",
     "modbus_cost",
     "nvml_cost",
+    "interlock_cost",
+    "node_cost",
+    "node_latency",
+    "grid_ramp_live",
 ]
 NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat", "vs_collectd": "collectd"}
 
