@@ -162,7 +162,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--profile", type=Path, help="one round of the first --nodes under cProfile (CPU time), to FILE")
+    ap.add_argument(
+        "--profile", type=Path, help="one round of the first --nodes under cProfile (CPU time), to FILE"
+    )
     args = ap.parse_args()
     if args.profile is not None:
         print(one_round(args.nodes[0], args.seconds, args.profile.resolve()))
