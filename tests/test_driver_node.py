@@ -125,13 +125,15 @@ async def test_bad_values_are_missing_never_numbers(tmp_path: Path) -> None:
     readings: dict[str, list[object]] = {
         "temp_c": ["hot", "good", None, 0.1],
         "power_w": [None, "good", None, 0.1],
-        "energy_mj": [5.0, "excellent", None, 0.1],
+        "pstate": [5.0, "excellent", None, 0.1],
         "util_gpu_pct": [5.0, "good", None, -3],
         "clock_sm_mhz": [5.0, "good"],
         "fan_pct": [True, "good", None, 0.1],  # JSON true is not 1.0
         "mem_temp_c": [123456.789, "good", None, 0.1],  # sent as 1e999: JSON parses it as inf
         "clock_mem_mhz": [5.0, "good", None, "0.1"],
         "mem_used_mib": [7, "good", None, 0],  # an integer is a number
+        "energy_mj": [10**400, "good", None, 0.1],  # past float's range
+        "util_enc_pct": [1.0, "good", None, 10**400],
     }
 
     def answer(req: dict[str, Any]) -> bytes:
@@ -144,7 +146,7 @@ async def test_bad_values_are_missing_never_numbers(tmp_path: Path) -> None:
         await d.open()
         got = {r.metric: r for r in await d.poll() if r.device == "srv-0-gpu0"}
         # Unknown quality, bad age, a short item: dropped. A non-number or a "good" null: ERROR.
-        assert set(got) == {"temp_c", "power_w", "fan_pct", "mem_temp_c", "mem_used_mib"}
+        assert set(got) == {"temp_c", "power_w", "fan_pct", "mem_temp_c", "mem_used_mib", "energy_mj"}
         assert got.pop("mem_used_mib").value == 7.0
         assert all(r.value is None and r.quality is Quality.ERROR for r in got.values())
         await d.close()

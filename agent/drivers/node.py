@@ -431,6 +431,7 @@ class NodeDriver:
 _GOOD = Quality.GOOD
 _ERROR = Quality.ERROR
 _INF = math.inf
+_MAX_INT = 2**53  # JSON integers are unbounded; past this one is no reading (and float() may overflow)
 _UNITS: dict[str, str] = {}  # metric -> unit_of(metric): the node's metric names are few
 _UNITS_KEPT = 1024
 
@@ -438,7 +439,7 @@ _UNITS_KEPT = 1024
 def _finite(value: object) -> bool:
     """A JSON number that is a reading (bool is not; NaN and Inf never are)."""
     t = type(value)
-    return (t is float and math.isfinite(value)) or t is int  # type: ignore[arg-type]
+    return (t is float and math.isfinite(value)) or (t is int and -_MAX_INT < value < _MAX_INT)  # type: ignore[operator,arg-type]
 
 
 def _gpu_readings(dev: str, readings: dict[str, Any], now_m: float, now_w: float) -> list[Reading]:
@@ -454,13 +455,17 @@ def _gpu_readings(dev: str, readings: dict[str, Any], now_m: float, now_w: float
         value, quality, error, age = item
         q = qualities.get(quality) if type(quality) is str else None
         t = type(age)
-        if q is None or not (t is float or t is int) or not 0 <= age < _INF or type(metric) is not str:
+        if (
+            q is None
+            or not ((t is float and 0 <= age < _INF) or (t is int and 0 <= age < _MAX_INT))
+            or type(metric) is not str
+        ):
             continue  # age: a finite number >= 0 (NaN fails both comparisons)
         if value is not None:
             t = type(value)
-            if (t is float and -_INF < value < _INF) or t is int:
+            if (t is float and -_INF < value < _INF) or (t is int and -_MAX_INT < value < _MAX_INT):
                 value = float(value)
-            else:  # a string, a bool, NaN or Inf: missing, never a number
+            else:  # a string, a bool, NaN, Inf or a 400-digit integer: missing, never a number
                 value, q, error = None, _ERROR, "bad value from node"
         elif q is _GOOD:
             q = _ERROR
