@@ -4,6 +4,7 @@ answers, and a bad value from a node is missing (ERROR), never a number."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from agent.config import NodeDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable
 from agent.drivers.node import NodeDriver
 from agent.model import Quality
-from agent.node.protocol import REQ, RSP, decode, encode
+from agent.node.protocol import REQ, RSP, decode, encode, mac
 
 KEY = b"0123456789abcdef0123456789abcdef"
 LIMITS = {"min_power_limit_w": 200.0, "max_power_limit_w": 700.0, "default_power_limit_w": 700.0}
@@ -124,16 +125,29 @@ async def test_bad_values_are_missing_never_numbers(tmp_path: Path) -> None:
     readings: dict[str, list[object]] = {
         "temp_c": ["hot", "good", None, 0.1],
         "power_w": [None, "good", None, 0.1],
-        "energy_mj": [5.0, "excellent", None, 0.1],
+        "pstate": [5.0, "excellent", None, 0.1],
         "util_gpu_pct": [5.0, "good", None, -3],
         "clock_sm_mhz": [5.0, "good"],
+        "fan_pct": [True, "good", None, 0.1],  # JSON true is not 1.0
+        "mem_temp_c": [123456.789, "good", None, 0.1],  # sent as 1e999: JSON parses it as inf
+        "clock_mem_mhz": [5.0, "good", None, "0.1"],
+        "mem_used_mib": [7, "good", None, 0],  # an integer is a number
+        "energy_mj": [10**400, "good", None, 0.1],  # past float's range
+        "util_enc_pct": [1.0, "good", None, 10**400],
     }
-    async with fake_node(lambda req: encode(KEY, RSP, good(req, gpus=[gpu(readings)]))) as port:
+
+    def answer(req: dict[str, Any]) -> bytes:
+        body = json.dumps(good(req, gpus=[gpu(readings)]), separators=(",", ":")).encode()
+        body = body.replace(b"123456.789", b"1e999")
+        return b"v2 %s %s\n" % (mac(KEY, RSP, body), body)
+
+    async with fake_node(answer) as port:
         d = driver(tmp_path, port)
         await d.open()
         got = {r.metric: r for r in await d.poll() if r.device == "srv-0-gpu0"}
-        # Unknown quality, negative age, a short item: dropped. A non-number or a "good" null: ERROR.
-        assert set(got) == {"temp_c", "power_w"}
+        # Unknown quality, bad age, a short item: dropped. A non-number or a "good" null: ERROR.
+        assert set(got) == {"temp_c", "power_w", "fan_pct", "mem_temp_c", "mem_used_mib", "energy_mj"}
+        assert got.pop("mem_used_mib").value == 7.0
         assert all(r.value is None and r.quality is Quality.ERROR for r in got.values())
         await d.close()
 
