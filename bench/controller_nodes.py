@@ -165,7 +165,10 @@ def main() -> None:
     ap.add_argument(
         "--profile", type=Path, help="one round of the first --nodes under cProfile (CPU time), to FILE"
     )
+    ap.add_argument("--quick", action="store_true", help="CI smoke: 2 nodes, one short round")
     args = ap.parse_args()
+    if args.quick:
+        args.nodes, args.rounds, args.seconds = [2], 1, 3.0
     if args.profile is not None:
         print(one_round(args.nodes[0], args.seconds, args.profile.resolve()))
         return
@@ -178,7 +181,7 @@ def main() -> None:
         print(
             f"controller, {n:3d} nodes x 4 GPUs, 1 Hz: CPU median {med_cpu[-1]:.1f}% of a core "
             f"({min(cpus):.1f}-{max(cpus):.1f}), RSS median {med_rss[-1]:.1f} MiB "
-            f"({min(rsss):.1f}-{max(rsss):.1f})",
+            f"({min(rsss):.1f}-{max(rsss):.1f}); {len(runs)} round(s) of {args.seconds:g} s",
             flush=True,
         )
     if len(args.nodes) > 1:

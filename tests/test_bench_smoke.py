@@ -30,6 +30,7 @@ BENCHES = [
     "node_cost",
     "node_latency",
     "grid_ramp_live",
+    "controller_nodes",
 ]
 NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat", "vs_collectd": "collectd"}
 
