@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import harness  # noqa: E402
-from hwsim.agentconf import FAST_POLL_S, FAST_PROFILES, render_agent_config  # noqa: E402
+from hwsim.agentconf import FAST_KINDS, FAST_POLL_S, render_agent_config  # noqa: E402
 
 PROFILES = ROOT / "config" / "profiles"
 POLL_S = 1.0
@@ -67,6 +67,11 @@ MODBUS_TYPE = {
 def profile(name: str) -> dict[str, Any]:
     with (PROFILES / f"{name}.toml").open("rb") as f:
         return tomllib.load(f)
+
+
+def polled_fast(name: str) -> bool:
+    """Does hwsim's agent config poll this profile every control period (battery, site meter)?"""
+    return profile(name).get("kind") in FAST_KINDS
 
 
 # ------------------------------------------------------------------------------ collectd config
@@ -122,7 +127,7 @@ def modbus_config(entries: list[dict[str, Any]]) -> str:
                     f'    Type "gauge"\n    Instance "{p["metric"]}"\n  </Data>'
                 )
             names.append(dname)
-        interval = FAST_POLL_S if e["profile"] in FAST_PROFILES else POLL_S
+        interval = FAST_POLL_S if polled_fast(e["profile"]) else POLL_S
         collect = "\n".join(f'      Collect "{n}"' for n in names)
         hosts.append(
             f'  <Host "{e["device"]}">\n    Address "{e["host"]}"\n    Port "{e["port"]}"\n'
@@ -170,7 +175,7 @@ def values_per_s(sock: Path, entries: list[dict[str, Any]], protocol: str) -> fl
             rate += 1.0 / (POLL_S * every)
         else:
             entry = next((e for e in entries if plugin == f"modbus-{e['device']}"), None)
-            fast = entry is not None and entry["profile"] in FAST_PROFILES
+            fast = entry is not None and polled_fast(entry["profile"])
             rate += 1.0 / (FAST_POLL_S if fast else POLL_S)
     return rate
 
@@ -179,7 +184,7 @@ def agent_points_per_s(entries: list[dict[str, Any]]) -> float:
     """Modbus: every point the agent reads per second (its profiles' coils included)."""
     rate = 0.0
     for e in entries:
-        interval = FAST_POLL_S if e["profile"] in FAST_PROFILES else POLL_S
+        interval = FAST_POLL_S if polled_fast(e["profile"]) else POLL_S
         rate += len(profile(e["profile"])["points"]) / interval
     return rate
 
@@ -226,13 +231,17 @@ def compare(
     d.mkdir()
     conf, sock = collectd_conf(d, plugin)
     cfg = d / "podagent.toml"
-    cfg.write_text(agent_config(manifest, snmp, modbus, d / "state"))
+    # hwsim's Modbus server answers every request it has read, in order: podagent may send a
+    # poll's requests back to back (the baseline's config stays as its code knows it).
+    mine = agent_config(manifest, snmp, modbus, d / "state")
+    cfg.write_text(mine.replace('kind = "modbus"', f'kind = "modbus"\nmax_in_flight = {args.in_flight}'))
     cd_log, ag_log = d / "collectd.log", d / "agent.log"
     collectd = subprocess.Popen(
         ["collectd", "-f", "-C", str(conf)], stdout=cd_log.open("wb"), stderr=subprocess.STDOUT
     )
+    profiled = ["-m", "cProfile", "-o", str(args.profile / f"{protocol}.pstats")] if args.profile else []
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, *profiled, "-m", "agent.cli", "run", "--config", str(cfg)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=ag_log.open("wb"),
@@ -308,6 +317,8 @@ def main() -> int:
     ap.add_argument("--pod", default="full")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--baseline", type=Path, help="a checkout whose podagent runs alongside, same devices")
+    ap.add_argument("--in-flight", type=int, default=8, help="podagent's Modbus max_in_flight")
+    ap.add_argument("--profile", type=Path, help="run podagent under cProfile, stats written here")
     harness.add_args(ap)
     args = ap.parse_args()
     if args.quick:
