@@ -16,6 +16,7 @@ import pytest
 from agent.config import ModbusDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable
 from agent.drivers.modbus import ModbusDriver
+from agent.drivers.modbus_tcp import LeanModbusTcpClient
 from agent.model import Quality
 from hwsim.modbus_devices import ModbusHandle, start_modbus_tcp
 from tests.test_driver_modbus import CASES, State, check_all_good, make_cdu
@@ -225,3 +226,9 @@ async def test_busy_is_device_error_and_silent_is_one_timeout(served: list[Modbu
         check_all_good(await drv.poll(), cdu, "generic-cdu")
     finally:
         await drv.close()
+
+
+async def test_an_empty_batch_asks_nothing_and_waits_for_nothing() -> None:
+    client = LeanModbusTcpClient("127.0.0.1", 9)  # never connected: nothing may go out
+    batch = await client.read_batch([], device_id=1, window=4, timeout_s=30.0)
+    assert batch.answers == [] and batch.error is None

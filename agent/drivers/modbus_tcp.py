@@ -199,6 +199,8 @@ class LeanModbusTcpClient:
         return await self._run(frames, window, timeout_s)
 
     async def _run(self, frames: list[_Frame], window: int, timeout_s: float | None) -> Batch:
+        if not frames:
+            return Batch([])  # nothing to ask: no answer to wait for
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionError("not connected")
