@@ -207,6 +207,22 @@ def agent_config(manifest: dict[str, Any], snmp: list[Any], modbus: list[Any], s
 # ------------------------------------------------------------------------------------ running
 
 
+def profiled(where: Path | None, protocol: str) -> list[str]:
+    """Python arguments that run ``-m agent.cli ...`` under cProfile on the CPU-time clock (so
+    waiting, for the loop or for a busy machine, costs nothing), stats written at exit."""
+    if where is None:
+        return []
+    code = (
+        "import cProfile, runpy, sys, time\n"
+        "p = cProfile.Profile(time.process_time)\n"
+        "sys.argv = sys.argv[2:]\n"  # past '-m agent.cli': what agent.cli parses
+        "p.enable()\n"
+        "try:\n    runpy.run_module('agent.cli', run_name='__main__', alter_sys=True)\n"
+        f"finally:\n    p.disable()\n    p.dump_stats({str(where / f'{protocol}.pstats')!r})\n"
+    )
+    return ["-c", code]
+
+
 def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -239,9 +255,8 @@ def compare(
     collectd = subprocess.Popen(
         ["collectd", "-f", "-C", str(conf)], stdout=cd_log.open("wb"), stderr=subprocess.STDOUT
     )
-    profiled = ["-m", "cProfile", "-o", str(args.profile / f"{protocol}.pstats")] if args.profile else []
     agent = subprocess.Popen(
-        [sys.executable, *profiled, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, *profiled(args.profile, protocol), "-m", "agent.cli", "run", "--config", str(cfg)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=ag_log.open("wb"),
