@@ -586,11 +586,13 @@ class ModbusDriver:
         client = line.client
         assert isinstance(client, LeanModbusTcpClient)
         async with line.lock:
-            try:
-                async with asyncio.timeout(self.cfg.timeout_s):
-                    connected = client.connected or await client.connect()
-            except TimeoutError:
-                connected = False
+            connected = client.connected
+            if not connected:  # a timeout only then: the common case arms no timer here
+                try:
+                    async with asyncio.timeout(self.cfg.timeout_s):
+                        connected = await client.connect()
+                except TimeoutError:
+                    connected = False
             if not connected:
                 return Batch([None] * len(reads), ConnectionError(f"cannot connect ({line.key})"))
             self.requests_sent += len(reads)
