@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_collectd.py [--protocol snmp|modbus|both] [--pod full] [--seconds 30]
                                           [--rounds 3] [--quick] [--baseline CHECKOUT]
+                                          [--in-flight 8] [--profile DIR]
 
 One hwsim pod; podagent (``podagent run``, only the devices compared: no NVML, host, interlocks,
 MQTT, Prometheus or control socket) and collectd (``collectd -f``, only the plugin compared and
@@ -23,6 +24,10 @@ where wall-clock shares do not. collectd's own figure moves with the machine's l
 SNMP value on the same day), so ``--baseline CHECKOUT`` also runs the podagent of another checkout
 (``git worktree add /tmp/base <commit>``) in the same run, on the same devices: "podagent /
 baseline" is then a before/after ratio that the load cannot tilt.
+
+``--in-flight N`` is the ``max_in_flight`` podagent's Modbus devices get (hwsim's server queues
+requests; 1 is the agent's default, for devices that do not); ``--profile DIR`` runs podagent
+under cProfile on the CPU-time clock and writes ``DIR/<protocol>.pstats``.
 """
 
 from __future__ import annotations
