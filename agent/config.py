@@ -112,6 +112,10 @@ class ModbusDevice(DeviceBase):
     pause_between_requests_s: float = Field(0.0, ge=0, le=5)
     reconnect_per_poll: bool = False
     max_registers_per_read: int = Field(60, ge=1, le=125)
+    # Modbus TCP: requests of one poll outstanding at once (matched by transaction id). 1, the
+    # default, waits for each answer: some devices and gateways drop a request that arrives
+    # while they answer another. None: the profile's ``max_in_flight``.
+    max_in_flight: int | None = Field(None, ge=1, le=16)
     # A metered PDU or branch meter: does its power_w add to the pod's total? (Meters that measure
     # PDUs already counted would count twice.)
     pod_power: bool = False

@@ -56,6 +56,11 @@ def phase_offset(device_id: str, interval_s: float) -> float:
     return (zlib.crc32(device_id.encode()) / 2**32) * interval_s
 
 
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
 def shared_bus(cfg: DeviceBase) -> str | None:
     """The bus several configured devices share (an RTU serial line), or None."""
     # Duck-typed on the Modbus config's fields: the node agent runs the poller without loading the
@@ -111,7 +116,8 @@ class Poller:
         self.phase_s = phase_offset(getattr(cfg, "poll_phase", None) or cfg.id, cfg.poll_interval_s)
         self._lock = asyncio.Lock()
         self._rng = rng or random.Random()
-        self._poll_now = asyncio.Event()
+        self._poll_now = False  # asked for a cycle now (podctl, MQTT) while waiting for the next
+        self._wake: asyncio.Future[None] | None = None  # the wait for the next deadline
         self._opened = False
         self._last_readings: list[Reading] = []
         self._cadence_known = False
@@ -137,7 +143,20 @@ class Poller:
         return now - self.heartbeat_mono <= allowance
 
     def poll_now(self) -> None:
-        self._poll_now.set()
+        self._poll_now = True
+        _wake(self._wake)
+
+    async def _wait_until(self, when: float) -> None:
+        """Until loop time ``when`` or ``poll_now()``: one future and one timer, as asyncio.sleep
+        costs (a timeout around an Event.wait also cancels the task and raises, every cycle)."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake = loop.create_future()
+        timer = loop.call_at(when, _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[Driver]:
@@ -206,13 +225,11 @@ class Poller:
                 else:
                     # Backing off; back on the phase once it answers again.
                     deadline, realign = now + self._failure_delay(self.stats.last_duration_s or 0.0), True
-                self._poll_now.clear()
+                self._poll_now = False
                 jitter = self._rng.uniform(0.0, self.cfg.poll_jitter_s) if self.cfg.poll_jitter_s else 0.0
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, deadline + jitter - loop.time())):
-                        await self._poll_now.wait()
+                await self._wait_until(deadline + jitter)
                 raise_if_cancelling()
-                if self._poll_now.is_set():
+                if self._poll_now:
                     deadline, realign = loop.time(), True
         finally:
             await self._close()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_collectd.py [--protocol snmp|modbus|both] [--pod full] [--seconds 30]
                                           [--rounds 3] [--quick] [--baseline CHECKOUT]
+                                          [--in-flight 8] [--profile DIR]
 
 One hwsim pod; podagent (``podagent run``, only the devices compared: no NVML, host, interlocks,
 MQTT, Prometheus or control socket) and collectd (``collectd -f``, only the plugin compared and
@@ -23,6 +24,10 @@ where wall-clock shares do not. collectd's own figure moves with the machine's l
 SNMP value on the same day), so ``--baseline CHECKOUT`` also runs the podagent of another checkout
 (``git worktree add /tmp/base <commit>``) in the same run, on the same devices: "podagent /
 baseline" is then a before/after ratio that the load cannot tilt.
+
+``--in-flight N`` is the ``max_in_flight`` podagent's Modbus devices get (hwsim's server queues
+requests; 1 is the agent's default, for devices that do not); ``--profile DIR`` runs podagent
+under cProfile on the CPU-time clock and writes ``DIR/<protocol>.pstats``.
 """
 
 from __future__ import annotations
@@ -202,6 +207,22 @@ def agent_config(manifest: dict[str, Any], snmp: list[Any], modbus: list[Any], s
 # ------------------------------------------------------------------------------------ running
 
 
+def profiled(where: Path | None, protocol: str) -> list[str]:
+    """Python arguments that run ``-m agent.cli ...`` under cProfile on the CPU-time clock (so
+    waiting, for the loop or for a busy machine, costs nothing), stats written at exit."""
+    if where is None:
+        return []
+    code = (
+        "import cProfile, runpy, sys, time\n"
+        "p = cProfile.Profile(time.process_time)\n"
+        "sys.argv = sys.argv[2:]\n"  # past '-m agent.cli': what agent.cli parses
+        "p.enable()\n"
+        "try:\n    runpy.run_module('agent.cli', run_name='__main__', alter_sys=True)\n"
+        f"finally:\n    p.disable()\n    p.dump_stats({str(where / f'{protocol}.pstats')!r})\n"
+    )
+    return ["-c", code]
+
+
 def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -226,13 +247,16 @@ def compare(
     d.mkdir()
     conf, sock = collectd_conf(d, plugin)
     cfg = d / "podagent.toml"
-    cfg.write_text(agent_config(manifest, snmp, modbus, d / "state"))
+    # hwsim's Modbus server answers every request it has read, in order: podagent may send a
+    # poll's requests back to back (the baseline's config stays as its code knows it).
+    mine = agent_config(manifest, snmp, modbus, d / "state")
+    cfg.write_text(mine.replace('kind = "modbus"', f'kind = "modbus"\nmax_in_flight = {args.in_flight}'))
     cd_log, ag_log = d / "collectd.log", d / "agent.log"
     collectd = subprocess.Popen(
         ["collectd", "-f", "-C", str(conf)], stdout=cd_log.open("wb"), stderr=subprocess.STDOUT
     )
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, *profiled(args.profile, protocol), "-m", "agent.cli", "run", "--config", str(cfg)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=ag_log.open("wb"),
@@ -308,6 +332,8 @@ def main() -> int:
     ap.add_argument("--pod", default="full")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--baseline", type=Path, help="a checkout whose podagent runs alongside, same devices")
+    ap.add_argument("--in-flight", type=int, default=8, help="podagent's Modbus max_in_flight")
+    ap.add_argument("--profile", type=Path, help="run podagent under cProfile, stats written here")
     harness.add_args(ap)
     args = ap.parse_args()
     if args.quick:

@@ -38,7 +38,7 @@ from pymodbus.pdu import ModbusPDU
 
 from agent.config import ModbusDevice, profile_path
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, register
-from agent.drivers.modbus_tcp import Answer, LeanModbusTcpClient, ModbusAnswerError
+from agent.drivers.modbus_tcp import Answer, Batch, LeanModbusTcpClient, ModbusAnswerError, Read
 from agent.drivers.values import untrusted
 from agent.model import Quality, Reading, unit_of
 
@@ -54,6 +54,8 @@ _Client = LeanModbusTcpClient | AsyncModbusSerialClient
 _Answer = Answer | ModbusPDU
 
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete"})
+# The read function code of each table.
+FUNCTION_OF: dict[str, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 # Protocol limits (Modbus application protocol v1.1b3, 6.1-6.4): 125 registers / 2000 bits per read.
 MAX_BITS_PER_READ = 2000
 
@@ -160,6 +162,8 @@ class ModbusProfile(_ProfileModel):
     kind: str = ""
     description: str = ""
     word_order: WordOrder = "big"
+    # Modbus TCP requests outstanding at once (a device known to queue them says more than 1).
+    max_in_flight: int = Field(1, ge=1, le=16)
     points: tuple[ModbusPoint, ...]
 
     @model_validator(mode="after")
@@ -272,6 +276,66 @@ def decode_value(point: ModbusPoint, words: list[int], word_order: WordOrder = "
     return round(value, digits) if digits is not None else value
 
 
+Decoder = Callable[[list[int], int], float]  # (a block's words, the point's offset) -> value
+_F32 = struct.Struct(">f")
+_U32 = struct.Struct(">I")
+
+
+def decoder(point: ModbusPoint, word_order: WordOrder = "big") -> Decoder:
+    """``decode_value`` for one point, its type, scale and word order decided once: the poll's
+    hot loop calls this per register point (``test_decoder_is_decode_value`` holds them equal)."""
+    scale, kind = point.scale, point.type
+    digits = _decimals(scale)
+    if kind == "bool":
+        return lambda w, o: 1.0 if w[o] else 0.0
+    if point.width == 2:
+        hi, lo = (0, 1) if word_order == "big" else (1, 0)
+        if kind == "float32":
+            unpack, pack = _F32.unpack, _U32.pack
+            return lambda w, o: float(unpack(pack((w[o + hi] << 16) | w[o + lo]))[0]) * scale
+        signed32 = kind == "int32"
+
+        def decode32(w: list[int], o: int) -> float:
+            word = (w[o + hi] << 16) | w[o + lo]
+            value = (word - (1 << 32) if signed32 and word & 0x80000000 else word) * scale
+            return round(value, digits) if digits is not None else value
+
+        return decode32
+    signed16 = kind == "int16"
+    if scale == 1.0 and not signed16:
+        return lambda w, o: float(w[o])
+
+    def decode16(w: list[int], o: int) -> float:
+        raw = w[o]
+        value = (raw - (1 << 16) if signed16 and raw & 0x8000 else raw) * scale
+        return round(value, digits) if digits is not None else value
+
+    return decode16
+
+
+@dataclass(frozen=True, slots=True)
+class _Decode:
+    """A point as the poll's hot loop wants it: everything looked up once."""
+
+    point: ModbusPoint
+    metric: str
+    unit: str
+    offset: int
+    decode: Decoder
+    low: float
+    high: float
+
+
+def _decode_plan(block: ReadBlock, word_order: WordOrder) -> tuple[_Decode, ...]:
+    out = []
+    for p in block.points:
+        low, high = p.valid_range or (-math.inf, math.inf)
+        out.append(
+            _Decode(p, p.metric, p.unit_name, p.address - block.address, decoder(p, word_order), low, high)
+        )
+    return tuple(out)
+
+
 # ---------------------------------------------------------------------------------- coalescing
 
 
@@ -362,6 +426,9 @@ class ModbusDriver:
         self.profile = load_profile(cfg.profile)
         self.word_order: WordOrder = cfg.word_order or self.profile.word_order
         self.blocks = plan_reads(self.profile.points, cfg.max_registers_per_read)
+        self.max_in_flight = cfg.max_in_flight or self.profile.max_in_flight
+        self._reads = [Read(FUNCTION_OF[b.table], b.address, b.count) for b in self.blocks]
+        self._decode = [_decode_plan(b, self.word_order) for b in self.blocks]
         self._line: _Line | None = None
         self.requests_sent = 0
 
@@ -442,40 +509,122 @@ class ModbusDriver:
                 for p in block.points
             )
 
-        for i, block in enumerate(self.blocks):
-            try:
-                words = await self._read_block(block)
-            except DeviceUnavailable as err:
-                # Stop here: more requests to a silent unit would each cost a timeout (and hold
-                # a shared RTU line). Keep what this cycle already read.
-                if not good:
-                    raise
-                for rest in self.blocks[i:]:
-                    failed(rest, err)
-                errors.append(err)
-                break
-            except DeviceError as err:
-                errors.append(err)
-                failed(block, err)
+        device, new, good_q = self.device_id, tuple.__new__, Quality.GOOD
+        append = readings.append
+        for block, plan, words in zip(self.blocks, self._decode, await self._read_blocks(), strict=True):
+            if isinstance(words, DriverError):
+                errors.append(words)
+                failed(block, words)
                 continue
             good += 1
-            for point, value in self._decode_block(block, words):
-                bad = untrusted(value, point.valid_range)
-                readings.append(
+            for d in plan:
+                value = d.decode(words, d.offset)
+                # Finite (NaN and Inf are not) and in range: built in place, the common case.
+                if value - value == 0.0 and d.low <= value <= d.high:
+                    append(new(Reading, (device, d.metric, value, d.unit, now_mono, now_wall, good_q, None)))
+                    continue
+                append(
                     Reading(
-                        device=self.device_id,
-                        metric=point.metric,
-                        value=None if bad else value,
-                        unit=point.unit_name,
+                        device=device,
+                        metric=d.metric,
+                        value=None,
+                        unit=d.unit,
                         ts_mono=now_mono,
                         ts_wall=now_wall,
-                        quality=Quality.ERROR if bad else Quality.GOOD,
-                        error=bad,
+                        quality=Quality.ERROR,
+                        error=untrusted(value, d.point.valid_range) or "not a measurement",
                     )
                 )
         if not good and errors:
-            raise errors[0]
+            # Nothing answered: the device is down (unavailable) or refuses every read.
+            raise next((e for e in errors if isinstance(e, DeviceUnavailable)), errors[0])
         return readings
+
+    async def _read_blocks(self) -> list[list[int] | DriverError]:
+        """Every block's words, or the error it got. After no answer at all (a timeout, a lost
+        connection) the rest are not asked: each would cost a timeout and hold a shared line."""
+        if self.cfg.transport == "tcp" and not self.cfg.pause_between_requests_s:
+            return await self._read_blocks_tcp()
+        out: list[list[int] | DriverError] = []
+        for block in self.blocks:
+            try:
+                out.append(await self._read_block(block))
+            except DeviceUnavailable as err:
+                out.extend([err] * (len(self.blocks) - len(out)))
+                break
+            except DeviceError as err:
+                out.append(err)
+        return out
+
+    async def _read_blocks_tcp(self) -> list[list[int] | DriverError]:
+        """One exchange per try for every block still unanswered: ``max_in_flight`` requests
+        outstanding, the next sent as an answer arrives, the polling task woken once. Each try
+        ends after ``timeout_s`` without an answer; a retry asks only what went unanswered."""
+        blocks = self.blocks
+        out: list[list[int] | DriverError | None] = [None] * len(blocks)
+        todo = list(range(len(blocks)))
+        error: DriverError = DeviceUnavailable(self.device_id, "not asked")
+        for _ in range(1 + self.cfg.retries):
+            batch = await self._exchange([self._reads[i] for i in todo])
+            for i, answer in zip(todo, batch.answers, strict=True):
+                if answer is not None:
+                    out[i] = self._words(blocks[i], answer)
+            todo = [i for i in todo if out[i] is None]
+            if not todo:
+                break
+            error = self._error_of(batch.error, blocks[todo[0]])
+            if not isinstance(error, DeviceUnavailable):
+                break  # a broken answer: asking again gets the same
+        return [error if words is None else words for words in out]
+
+    async def _exchange(self, reads: list[Read]) -> Batch:
+        line = self._line
+        if line is None:
+            await self.open()
+            line = self._line
+            assert line is not None
+        client = line.client
+        assert isinstance(client, LeanModbusTcpClient)
+        async with line.lock:
+            connected = client.connected
+            if not connected:  # a timeout only then: the common case arms no timer here
+                try:
+                    async with asyncio.timeout(self.cfg.timeout_s):
+                        connected = await client.connect()
+                except TimeoutError:
+                    connected = False
+            if not connected:
+                return Batch([None] * len(reads), ConnectionError(f"cannot connect ({line.key})"))
+            self.requests_sent += len(reads)
+            return await client.read_batch(
+                reads, device_id=self.cfg.unit, window=self.max_in_flight, timeout_s=self.cfg.timeout_s
+            )
+
+    def _error_of(self, err: Exception | None, block: ReadBlock) -> DriverError:
+        what = f"read {block.table} {block.address}+{block.count}"
+        if isinstance(err, ModbusAnswerError):
+            return DeviceError(self.device_id, f"{what}: {err}")
+        if isinstance(err, TimeoutError):
+            return DeviceUnavailable(self.device_id, f"timeout ({what})")
+        return DeviceUnavailable(self.device_id, f"{what}: {err}")
+
+    def _words(self, block: ReadBlock, response: _Answer) -> list[int] | DriverError:
+        """A block's words from its answer, or the error it is (an exception, a short answer)."""
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            return DeviceError(
+                self.device_id, f"modbus exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+            )
+        if block.table in BIT_TABLES:
+            words = [1 if b else 0 for b in list(response.bits)[: block.count]]
+        else:
+            words = list(response.registers)
+        if len(words) != block.count:
+            return DeviceError(
+                self.device_id,
+                f"short answer to {block.table} {block.address}+{block.count}: {len(words)} values",
+            )
+        return words
 
     async def poll_raw(self) -> list[RawPoint]:
         """Every point with its raw registers and scaled value (for ``podctl poll``)."""
@@ -496,13 +645,6 @@ class ModbusDriver:
                 )
         return out
 
-    def _decode_block(self, block: ReadBlock, words: list[int]) -> list[tuple[ModbusPoint, float]]:
-        out = []
-        for point in block.points:
-            off = point.address - block.address
-            out.append((point, decode_value(point, words[off : off + point.width], self.word_order)))
-        return out
-
     async def _read_block(self, block: ReadBlock) -> list[int]:
         dev = self.cfg.unit
 
@@ -516,16 +658,9 @@ class ModbusDriver:
             return client.read_discrete_inputs(block.address, count=block.count, device_id=dev)
 
         response = await self._request(f"read {block.table} {block.address}+{block.count}", call)
-        if block.table in BIT_TABLES:
-            bits = list(response.bits)[: block.count]
-            words = [1 if b else 0 for b in bits]
-        else:
-            words = list(response.registers)
-        if len(words) != block.count:
-            raise DeviceError(
-                self.device_id,
-                f"short answer to {block.table} {block.address}+{block.count}: {len(words)} values",
-            )
+        words = self._words(block, response)
+        if isinstance(words, DriverError):
+            raise words
         return words
 
     # -- actuation

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import ModbusDevice, SnmpDevice
-from agent.drivers.modbus import ModbusDriver, decode_value
+from agent.drivers.modbus import ModbusDriver, WordOrder, decode_value, decoder
 from agent.drivers.modbus import load_profile as modbus_profile
 from agent.drivers.snmp import SnmpDriver
 from agent.drivers.snmp import load_profile as snmp_profile
@@ -20,6 +20,7 @@ from agent.model import Quality
 from tests.fuzz.conftest import FUZZ
 
 SNMP_PROFILES = ["apc-rpdu2", "raritan-pdu2"]
+WORD_ORDERS: list[WordOrder] = ["big", "little"]
 MODBUS_PROFILES = ["generic-cdu", "generic-chiller", "generic-bms", "generic-site-meter", "modbus-pdu"]
 # What a varbind can carry: SNMP integers are at most 64 bits on the wire.
 varbind_values = (
@@ -63,7 +64,7 @@ def test_modbus_registers_of_any_value_and_short_reads(profile: str, data: st.Da
     prof = modbus_profile(profile)
     point = data.draw(st.sampled_from(list(prof.points)))
     words = data.draw(st.lists(st.integers(0, 0xFFFF), max_size=4))
-    order = data.draw(st.sampled_from(["big", "little"]))
+    order: WordOrder = data.draw(st.sampled_from(WORD_ORDERS))
     try:
         value = decode_value(point, words, order)
     except ValueError as err:
@@ -74,12 +75,26 @@ def test_modbus_registers_of_any_value_and_short_reads(profile: str, data: st.Da
 
 @FUZZ
 @given(profile=st.sampled_from(MODBUS_PROFILES), data=st.data())
+def test_decoder_is_decode_value(profile: str, data: st.DataObject) -> None:
+    """The poll's per-point decoders (decided once) say what decode_value says, bit for bit."""
+    point = data.draw(st.sampled_from(list(modbus_profile(profile).points)))
+    order: WordOrder = data.draw(st.sampled_from(WORD_ORDERS))
+    words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=point.width, max_size=point.width))
+    offset = data.draw(st.integers(0, 3))
+    want = decode_value(point, words, order)
+    got = decoder(point, order)([0] * offset + words, offset)
+    assert type(got) is float
+    assert got == want or (math.isnan(got) and math.isnan(want)), (point.metric, words, order)
+
+
+@FUZZ
+@given(profile=st.sampled_from(MODBUS_PROFILES), data=st.data())
 def test_modbus_block_decoding_is_total(profile: str, data: st.DataObject) -> None:
     cfg = ModbusDevice.model_validate(
         {"id": "cdu-1", "kind": "modbus", "host": "127.0.0.1", "port": 502, "profile": profile}
     )
     driver = ModbusDriver(cfg)
-    for block in driver.blocks:
+    for block, plan in zip(driver.blocks, driver._decode, strict=True):
         words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=block.count, max_size=block.count))
-        for point, value in driver._decode_block(block, words):
-            assert isinstance(value, float), point
+        for d in plan:
+            assert isinstance(d.decode(words, d.offset), float), d.metric
