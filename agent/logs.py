@@ -43,6 +43,25 @@ def stream_is_journal(stream: TextIO = sys.stderr, environ: MutableMapping[str, 
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+def never_raises(renderer: Renderer) -> Renderer:
+    """Wraps a structlog renderer so that a log line can never take its caller down.
+
+    Rendering can fail for ordinary reasons: out of file descriptors, the console renderer's
+    lazy imports (rich's emoji table on an exception's panel) raise EMFILE; a value's ``repr``
+    raises. The caller is a poll loop or an interlock step, so the line degrades to its level and
+    event, with why, instead."""
+
+    def render(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        try:
+            return renderer(logger, method_name, event_dict)
+        except Exception as err:
+            level = str(event_dict.get("level", method_name))
+            event = str(event_dict.get("event", ""))[:500]
+            return f"{level} {event} (log line not rendered: {type(err).__name__}: {err})"
+
+    return render
+
+
 def with_priority(renderer: Renderer) -> Renderer:
     """Wraps a structlog renderer: ``<N>`` + the rendered line, N from the event's level."""
 
@@ -75,6 +94,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer = never_raises(renderer)
     if journal:
         renderer = with_priority(renderer)
     structlog.configure(

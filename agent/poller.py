@@ -259,7 +259,9 @@ class Poller:
             error = f"no answer within {self.budget_s:.1f} s"
         except Exception as err:  # a driver bug: log it whole, restart the driver, keep going
             error = f"driver error: {type(err).__name__}: {err}"
-            log.exception("driver crashed; restarting it", device=self.cfg.id)
+            # Logging itself can fail (out of descriptors: the renderer's lazy imports): keep polling.
+            with contextlib.suppress(Exception):
+                log.exception("driver crashed; restarting it", device=self.cfg.id)
             self.stats.driver_restarts += 1
             await self._close()
         duration = loop.time() - start

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -276,6 +276,29 @@ async def root_request_raw(path: Path, data: bytes) -> dict[str, object]:
         writer.close()
 
 
+async def _starve_accept(
+    connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]],
+    starved: Callable[[], bool],
+) -> None:
+    """Leave no descriptor for the daemon's accept(): clients' own sockets take the last ones,
+    until ``starved()`` holds; then the limit and every descriptor come back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients = []
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
+        with contextlib.suppress(OSError):
+            for _ in range(40):
+                clients.append(await connect())
+        async with asyncio.timeout(10):
+            while not starved():
+                await asyncio.sleep(0.05)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for _, w in clients:
+            w.close()
+
+
 async def test_out_of_file_descriptors_the_accept_loop_backs_off_and_recovers(
     sock_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -287,22 +310,9 @@ async def test_out_of_file_descriptors_the_accept_loop_backs_off_and_recovers(
     assert control is not None
     async with running_agent(config, services=[control]):
         path = load_config(config).paths.socket
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        clients = []
-        try:
-            # Leave no descriptor for accept(): the clients' own sockets take the last ones.
-            used = len(os.listdir("/proc/self/fd"))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
-            with contextlib.suppress(OSError):
-                for _ in range(40):
-                    clients.append(await asyncio.open_unix_connection(str(path)))
-            async with asyncio.timeout(10):
-                while control.accept_failures < 3:
-                    await asyncio.sleep(0.05)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            for _, w in clients:
-                w.close()
+        await _starve_accept(
+            lambda: asyncio.open_unix_connection(str(path)), lambda: control.accept_failures >= 3
+        )
         # Descriptors are back: the daemon answers again, and said so once, not once per failure.
         async with asyncio.timeout(10):
             while True:
@@ -348,21 +358,9 @@ async def test_prometheus_endpoint_out_of_file_descriptors_backs_off_and_recover
         endpoint = exporter()
         assert endpoint is not None
         assert b"200 OK" in await _http_get(port, "/metrics")
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        clients = []
-        try:
-            used = len(os.listdir("/proc/self/fd"))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, hard))
-            with contextlib.suppress(OSError):
-                for _ in range(40):
-                    clients.append(await asyncio.open_connection("127.0.0.1", port))
-            async with asyncio.timeout(10):
-                while endpoint.metrics()[2][2] < 3:
-                    await asyncio.sleep(0.05)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            for _, w in clients:
-                w.close()
+        await _starve_accept(
+            lambda: asyncio.open_connection("127.0.0.1", port), lambda: endpoint.metrics()[2][2] >= 3
+        )
         async with asyncio.timeout(15):
             while True:
                 with contextlib.suppress(OSError, TimeoutError):

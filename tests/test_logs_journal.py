@@ -57,6 +57,32 @@ def test_no_prefix_when_journal_stream_names_another_file(tmp_path: Path) -> Non
     assert [json.loads(line)["event"] for line in lines[:5]] == ["d", "i", "w", "e", "c"]
 
 
+BROKEN = """
+import structlog
+from agent.logs import configure_logging
+configure_logging("info", "json")
+log = structlog.get_logger("t")
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise OSError(24, "Too many open files")
+
+log.error("value with no repr", thing=Unprintable())
+log.info("after")
+"""
+
+
+def test_a_line_that_cannot_be_rendered_degrades_and_never_raises(tmp_path: Path) -> None:
+    """A poll loop or an interlock step logs: its log line must never be what stops it."""
+    err = tmp_path / "stderr"
+    with err.open("w") as f:
+        ran = subprocess.run([sys.executable, "-c", BROKEN], stderr=f, timeout=60, check=False)
+    lines = err.read_text().splitlines()
+    assert ran.returncode == 0, lines
+    assert lines[0].startswith("error value with no repr (log line not rendered: OSError"), lines
+    assert json.loads(lines[1])["event"] == "after"
+
+
 def _wait_line(path: Path, pattern: str, within: float) -> re.Match[str]:
     deadline = time.monotonic() + within
     rx = re.compile(pattern, re.MULTILINE)

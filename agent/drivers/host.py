@@ -54,6 +54,10 @@ class HostDriver:
             raise DeviceUnavailable(
                 self.device_id, f"host metrics took over {self.cfg.timeout_s} s"
             ) from None
+        except OSError as err:
+            # /proc unreadable: out of descriptors (EMFILE), a locked-down container. The host is
+            # unavailable for this poll, not a driver bug.
+            raise DeviceUnavailable(self.device_id, f"host metrics: {err}") from None
 
     def _poll_sync(self) -> list[Reading]:
         ts_mono, ts_wall = time.monotonic(), time.time()
