@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import timeit
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import NodeDevice
 from agent.drivers.node import NodeDriver
+from bench import harness
 
 METRICS = (
     "temp_c",
@@ -39,7 +40,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, default=4)
     ap.add_argument("--answers", type=int, default=2000)
+    harness.add_args(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.answers = 50
     driver = NodeDriver(NodeDevice(id="srv-0", kind="node", host="127.0.0.1", port=1, key_file="/dev/null"))
     answer = {
         "hostname": "host-0",
@@ -53,8 +57,17 @@ def main() -> None:
     }
     raw = json.dumps(answer)
     count = len(driver._readings(json.loads(raw)))
-    best = min(timeit.repeat(lambda: driver._readings(json.loads(raw)), number=args.answers, repeat=5))
-    print(f"{best / args.answers * 1e6:.1f} us per answer ({args.gpus} GPUs, {count} readings)")
+    per_answer_us: list[float] = []
+    for _ in range(harness.rounds_of(args)):
+        # CPU time of this process (the decode is all it does), not the wall clock.
+        t0 = time.process_time()
+        for _ in range(args.answers):
+            driver._readings(json.loads(raw))
+        per_answer_us.append((time.process_time() - t0) / args.answers * 1e6)
+    print(
+        f"{harness.fmt(per_answer_us)} us of CPU per answer ({args.gpus} GPUs, {count} readings), "
+        f"{len(per_answer_us)} round(s) of {args.answers} answers: median (range)"
+    )
 
 
 if __name__ == "__main__":

@@ -203,7 +203,10 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scrapes", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="smoke: one round of one scrape")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.scrapes = 1, 1
     agent = full_pod_agent()
     renderer = MetricsRenderer(agent)
     renderer.render()

@@ -31,6 +31,7 @@ BENCHES = [
     "node_latency",
     "grid_ramp_live",
     "controller_nodes",
+    "node_decode",
 ]
 NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat", "vs_collectd": "collectd"}
 
