@@ -321,6 +321,39 @@ async def test_coolant_leak_caps_the_gpus_of_every_node_on_the_loop(tmp_path: Pa
             assert all(service.actuation[g].requested_w == MIN_W for g in everything)
 
 
+async def test_chiller_trip_caps_the_gpus_of_every_node_on_the_loop(tmp_path: Path) -> None:
+    """The pod's core loop across the pod network: a facility trip the controller sees over Modbus
+    (the chiller), coolant_supply_high on the CDU's loop, caps on GPUs only the nodes can reach."""
+    from tests.test_interlocks_e2e import event
+
+    # The coolant takes simulated minutes to warm past 40 C: the physics runs 6x faster.
+    pod = start_pod(tmp_path / "pod", str(duo_pod_file(tmp_path)), speed=6.0)
+    try:
+        with node_fleet(pod, tmp_path, lost_after_s=600.0, poll_interval_s=NODE_POLL_S) as fleet:
+            async with controller(fleet, tmp_path) as (agent, service):
+                everything = [g for s in (0, 1) for g in gpu_ids(s)]
+                await until_agent(
+                    agent,
+                    lambda: all(fresh(agent, g) for g in everything) and set(everything) <= set(service.caps),
+                    within=20,
+                    what="every GPU fresh and under the engine",
+                )
+                pod.request(cmd="workload", profile="steady", level=0.95)
+                pod.fault("chiller-trip", "chiller-1")
+                trip = await event(agent, "interlock_trip", interlock="coolant_supply_high", within=90)
+                assert trip.device == "cdu-1"
+                half = 0.5 * DEFAULT_W
+                await until_truth(
+                    pod,
+                    lambda lim: all(w <= half + 1 for w in lim),
+                    within=20,
+                    what="every GPU of both nodes at or under 50%",
+                )
+                assert all(service.actuation[g].requested_w <= half + 1 for g in everything)
+    finally:
+        stop_pod(pod)
+
+
 async def test_node_restart_keeps_each_gpu_limit_until_the_controller_decides(tmp_path: Path) -> None:
     with (
         duo(tmp_path) as pod,
