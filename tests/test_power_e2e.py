@@ -167,7 +167,9 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
                 await until(agent, lambda n=power.steps: power.steps >= n + 1, what="one control period")
                 assert power.fleet_budget_w is not None
                 seen.append((time.monotonic(), power.fleet_budget_w))
-            assert all(target < w < draw + 1.0 for _, w in seen), seen
+            # It starts from the draw the service read at its step, which may be a newer meter
+            # reading than ours (the pod's draw moves by a few %): not from the site limit (9.7 kW).
+            assert all(target < w < draw * 1.05 for _, w in seen), (draw, seen)
             assert all(b[1] < a[1] for a, b in itertools.pairwise(seen)), seen  # falling
             (t0, w0), (t1, w1) = seen[0], seen[-1]
             assert (w0 - w1) <= rate * (t1 - t0) + rate * config.power.control_period_s + 1.0
