@@ -19,6 +19,7 @@ say() { echo "chroot.sh [$((SECONDS - t0))s]: $*"; }
 if [ ! -s "$cache" ]; then
   say "debootstrap bookworm (minbase) from $mirror"
   base=$(mktemp -d /var/tmp/podagent-base.XXXXXX)
+  chmod 755 "$base"  # mktemp's 0700 would be the root's mode in the cache (tar keeps ".")
   debootstrap --variant=minbase bookworm "$base" "$mirror" >/dev/null
   mkdir -p "$(dirname "$cache")"
   tar -C "$base" -cf "$cache.tmp" . && mv "$cache.tmp" "$cache"
@@ -31,6 +32,9 @@ cleanup() {
 }
 trap cleanup EXIT
 tar -C "$root" -xf "$cache"
+# A root directory a non-root user can traverse (su to podagent/nobody runs /bin/sh in it), even
+# from a cache made before the chmod above.
+chmod 755 "$root"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 # This host's way out to PyPI (a TLS-intercepting proxy's CA, a warm pip cache) goes in with it: a
 # site behind such a proxy sets PIP_CERT the same way. Nothing else of the host is visible inside.
