@@ -19,6 +19,7 @@ from agent.node.protocol import REQ, RSP, decode, encode, now_ms
 from hwsim.agentconf import NodeLayout, render_agent_config, render_node_config
 from hwsim.podspec import POD_DIR
 from tests.conftest import ROOT, SimPod
+from tests.conftest_mqtt import free_port
 
 # Two servers of 4 GPUs on one loop: the smallest pod with more than one node.
 DUO_SERVERS, DUO_PER_SERVER = 2, 4
@@ -34,12 +35,6 @@ def duo_pod_file(tmp: Path) -> Path:
     path = tmp / "duo.toml"
     path.write_text(text)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
