@@ -159,6 +159,13 @@ async def test_status_and_devices_fit_80_columns_with_whole_headers(tiny_pod: Si
             assert len(mqtt) == 1 and "spool" in mqtt[0] and "dropped" in mqtt[0], screen
             assert lines[lines.index(mqtt[0]) + 1].startswith("DONE="), screen  # nothing spills over
 
+            # pdu-b goes stale on age before its first failed poll returns; its error line needs that.
+            await until(
+                agent,
+                lambda: agent.store.health()["pdu-b"].last_error is not None,
+                timeout=30,
+                what="pdu-b's failed poll",
+            )
             await tmux.keys(f"clear && {podctl} devices; echo DONE2=$?", "Enter")
             screen = await tmux.wait_for(
                 lambda s: re.search(r"DONE2=\d", s) is not None, within=60, what="podctl devices"
