@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import load_config
 from agent.interlocks.service import InterlockService
 from agent.power.service import PowerService
@@ -97,5 +99,48 @@ async def test_soft_floor_fallback_plans_floors_and_caps_nothing(tmp_path: Path)
             assert not power.caps  # the ramp is not held with caps in this mode
             status = agent.summary()["power"]["allocation"]
             assert status["soft_floor_gpus"] == 8 and status["capped_gpus"] == 0
+    finally:
+        stop_pod(sim)
+
+
+async def test_soft_floor_without_a_filler_backend_falls_back_on_trough_caps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every real GPU host today: no burn kernel, so the fake's filler call answers FUNCTION_NOT_FOUND
+    # (read by the agent's NVML driver in this process).
+    monkeypatch.setenv("HWSIM_NVML_FILLER", "0")
+    sim = start_pod(tmp_path / "pod", str(_pod_file(tmp_path)))
+    try:
+        path = tmp_path / "podagent.toml"
+        path.write_text(sim.agent_config(tmp_path / "state", extra=SOFT, poll_interval_s=0.5))
+        config = load_config(path)
+        power = PowerService(config.power)
+        async with running_agent(path, services=[InterlockService(config.interlocks), power]) as agent:
+            await until(
+                agent,
+                lambda: power.fallback_in_force == "trough_caps",
+                timeout=20.0,
+                what="the soft floor given up for trough caps",
+            )
+            # The ramp is now held with caps: the control step's budget comes from the ramp, and
+            # no filler floor is planned or asked again.
+            await until(
+                agent,
+                lambda: power.decision is not None and power.decision.budget_source == "grid_ramp",
+                timeout=10.0,
+                what="a ramp budget",
+            )
+            assert power.floors == {} and not any(w > 0.0 for w in power.filler_sent.values())
+            (event,) = [e for e in agent.events.recent() if e.kind == "soft_floor_unavailable"]
+            gpus = set(event.detail["gpus"])
+            assert gpus and gpus <= {g for g in agent.store.devices() if g.startswith("gpu")}
+            assert "no filler backend" in event.detail["reason"]
+            assert event.detail["in_force"] == "trough_caps"
+            # One event for the pod, not a settings failure per GPU, and no retries of the filler.
+            assert not [e for e in agent.events.recent() if e.kind == "gpu_settings_failed"]
+            status = agent.summary()["power"]
+            assert status["allocation"]["no_battery_fallback"] == "trough_caps"
+            assert status["gpu_smoothing"]["no_filler_backend_gpus"] == len(power.filler_unsupported) >= 1
+            assert status["allocation"]["soft_floor_gpus"] == 0
     finally:
         stop_pod(sim)

@@ -34,6 +34,7 @@ import structlog
 from agent.config_base import NvmlDevice
 from agent.drivers.base import DeviceError, DeviceUnavailable, DriverError, EventSink, register
 from agent.drivers.smoothing import (
+    NO_FILLER_BACKEND,
     NOT_SUPPORTED,
     SETTLE_S,
     SMOOTHING_PRESET,
@@ -957,13 +958,16 @@ class NvmlDriver:
         assert lib is not None
         backend = getattr(lib, "podagentSetFillerFloor", None)
         if backend is None:
-            raise DeviceError(gpu.device, "no filler backend on this host (NVML has no such call)")
+            raise DeviceError(gpu.device, f"{NO_FILLER_BACKEND} on this host (NVML has no such call)")
         failure = self._ensure_handle(gpu)
         if failure is not None:
             raise DeviceUnavailable(gpu.device, f"no NVML handle: {failure}")
         try:
             backend(gpu.handle, float(watts))
         except lib.NVMLError as err:
+            if err.value == lib.NVML_ERROR_FUNCTION_NOT_FOUND:  # a shim whose burn kernel is absent
+                why = f"{NO_FILLER_BACKEND} on this host (FUNCTION_NOT_FOUND)"
+                raise DeviceError(gpu.device, why) from None
             raise DeviceError(gpu.device, f"filler floor: {self._err_name(err)}") from None
         return float(watts)
 

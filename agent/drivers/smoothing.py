@@ -85,9 +85,20 @@ class GpuSettingsOutcome:
 
 
 NOT_SUPPORTED = "NVML_ERROR_NOT_SUPPORTED"
+# A host that cannot run filler work (no burn kernel: every real GPU host today). The words travel
+# in ``filler_error`` from a node as from the local driver; the power service reads them as "never
+# ask this GPU for a filler again" and holds the ramp with caps instead (docs/power.md).
+NO_FILLER_BACKEND = "no filler backend"
+
+
+def filler_unsupported(error: str | None) -> bool:
+    """Is this filler refusal permanent (the host has no filler backend), not a passing failure?"""
+    return error is not None and NO_FILLER_BACKEND in error
+
 
 __all__ = [
     "NOT_SUPPORTED",
+    "NO_FILLER_BACKEND",
     "SETTLE_S",
     "SMOOTHING_PRESET",
     "WORKLOAD_PROFILES",
@@ -95,4 +106,5 @@ __all__ = [
     "GpuSettingsOutcome",
     "SmoothingReadback",
     "SmoothingSettings",
+    "filler_unsupported",
 ]

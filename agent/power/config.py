@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from agent.config_base import Strict
 from agent.drivers.smoothing import WORKLOAD_PROFILES
 
+# How the ramp is held without a usable battery (PowerConfig.no_battery_fallback).
+Fallback = Literal["trough_caps", "soft_floor"]
+
 
 class GridContract(Strict):
     """``[power.grid_contract]``: the utility's terms on the site meter's import (docs/power.md).
@@ -71,7 +74,7 @@ class PowerConfig(Strict):
     # Without a (usable) battery: "trough_caps" holds the load to the ramped target with GPU caps
     # (costs most of the work on synchronized training); "soft_floor" caps nothing for the ramp and
     # fills the troughs instead (control.soft_floor_step: filler work on the nodes).
-    no_battery_fallback: Literal["trough_caps", "soft_floor"] = "trough_caps"
+    no_battery_fallback: Fallback = "trough_caps"
     soft_floor_frac: float = Field(0.85, ge=0, le=1)  # floor = this x the GPU's recent peak draw
     soft_floor_hold_s: float = Field(5.0, ge=0)  # the peak is held this long (a trough is shorter)
     # NVIDIA power smoothing on the GPUs that have it (Blackwell-class): "auto" sets the profile

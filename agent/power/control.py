@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.drivers.smoothing import SmoothingSettings
-from agent.power.config import PowerConfig
+from agent.power.config import Fallback, PowerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,11 @@ def _available(cfg: PowerConfig, bat: BatteryInput | None) -> tuple[float, float
     return max(0.0, dis), max(0.0, chg)
 
 
-def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
+def control_step(
+    cfg: PowerConfig, inp: Inputs, state: RampState, *, fallback: Fallback | None = None
+) -> Decision:
+    """One control period. ``fallback`` overrides ``cfg.no_battery_fallback`` (the power service
+    falls back on trough caps where the configured soft floor cannot run: no filler backend)."""
     bat = inp.battery
     bat_w = bat.power_w if bat is not None else 0.0
     if inp.grid_w is not None:
@@ -106,7 +110,7 @@ def control_step(cfg: PowerConfig, inp: Inputs, state: RampState) -> Decision:
             desired = state.load_avg_w - cfg.soc_gain_w_per_pct * (bat.soc_pct - cfg.soc_target_pct)
         else:
             desired = site
-        soft = not has_battery and cfg.no_battery_fallback == "soft_floor"
+        soft = not has_battery and (fallback or cfg.no_battery_fallback) == "soft_floor"
         if soft:
             state.capping = False  # the filler floor smooths the load; caps would cost work
         step = cfg.ramp_limit_w_per_s * dt

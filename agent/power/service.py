@@ -25,11 +25,11 @@ from agent.actuators import ActuationError, GpuSettings, PointWriter
 from agent.budget import FleetBudget, ramped_budget_w
 from agent.config import AgentConfig
 from agent.drivers.modbus import PointRole
-from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome, SmoothingSettings
+from agent.drivers.smoothing import GpuSettingsAsk, GpuSettingsOutcome, SmoothingSettings, filler_unsupported
 from agent.events import EventBus, Severity
 from agent.inventory import Inventory
 from agent.power.allocate import Allocation, GpuInput, allocate
-from agent.power.config import PowerConfig
+from agent.power.config import Fallback, PowerConfig
 from agent.power.contract import ContractMeter, report_metrics, report_status
 from agent.power.control import (
     BatteryInput,
@@ -97,6 +97,9 @@ class PowerService:
         self.workload: dict[str, str | None] = {}  # workload power profile requested per GPU
         self.workload_unsupported: set[str] = set()
         self.filler_sent: dict[str, float] = {}
+        # GPUs whose host has no filler backend (asked once): with any of them the soft floor
+        # cannot hold the pod's ramp, so trough caps do (fallback_in_force); a reload asks again.
+        self.filler_unsupported: set[str] = set()
         self._settings_failing: dict[str, tuple[float, str]] = {}
         self._settings_task: asyncio.Task[None] | None = None
         # The grid contract, measured live on the site meter (agent/power/contract.py).
@@ -124,6 +127,7 @@ class PowerService:
         """A reload's new [power] settings (validated already); the next period uses them."""
         self.inventory = inventory
         self.config = config.power
+        self.filler_unsupported.clear()  # a burn kernel may have been installed meanwhile
         self.contract = (
             ContractMeter(
                 config.power.grid_contract,
@@ -328,7 +332,7 @@ class PowerService:
             pod_limits=pod_limits,
             grid_limit_w=grid_limit,
         )
-        decision = control_step(cfg, inputs, self.ramp)
+        decision = control_step(cfg, inputs, self.ramp, fallback=self.fallback_in_force)
         self.decision = decision
         self.allocation = allocate(
             decision.gpu_budget_w,
@@ -342,7 +346,7 @@ class PowerService:
         if self._restored_at is not None and self._held_caps:
             self.caps = self._staggered(self.caps, now)
         no_battery = decision.discharge_avail_w == 0.0 and decision.charge_avail_w == 0.0
-        if cfg.no_battery_fallback == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
+        if self.fallback_in_force == "soft_floor" and no_battery and cfg.ramp_limit_w_per_s is not None:
             draws = {g: x.power_w for g, x in gpus.items()}
             limits = {g: self.caps.get(g, x.default_w) for g, x in gpus.items()}
             self.floors = soft_floor_step(
@@ -608,6 +612,41 @@ class PowerService:
         self.events.emit(kind, severity, f"curtailment {run.order.id}: {what}", detail=run.status())
 
     # ------------------------------------------------------------------ GPU settings
+    @property
+    def fallback_in_force(self) -> Fallback:
+        """How the ramp is held without a battery now: as configured, except that a soft floor
+        needs filler work on every GPU it floors; one GPU whose host has no filler backend and the
+        pod's ramp would be left to fillers that cannot run, so trough caps hold it instead."""
+        if self.config.no_battery_fallback == "soft_floor" and self.filler_unsupported:
+            return "trough_caps"
+        return self.config.no_battery_fallback
+
+    def _note_unfillable(self, unfillable: Mapping[str, str]) -> None:
+        """GPUs found without a filler backend: never asked for a filler again; the first of them
+        switches the soft floor to trough caps, told once (one event for the pod, not one per GPU)."""
+        assert self.events is not None
+        was = self.fallback_in_force
+        self.filler_unsupported.update(unfillable)
+        for gpu in unfillable:
+            self._settings_failing.pop(gpu, None)
+        if was == "soft_floor" and self.fallback_in_force == "trough_caps":
+            reason = next(iter(unfillable.values()))
+            log.warning(
+                "soft floor unavailable; trough caps hold the ramp", gpus=len(unfillable), reason=reason
+            )
+            self.events.emit(
+                "soft_floor_unavailable",
+                Severity.WARNING,
+                f"soft floor unavailable: {len(unfillable)} GPU(s) have no filler backend ({reason}); "
+                "the grid ramp is held with GPU caps (trough_caps) instead",
+                detail={
+                    "configured": "soft_floor",
+                    "in_force": "trough_caps",
+                    "gpus": sorted(unfillable),
+                    "reason": reason,
+                },
+            )
+
     def _plan_gpu_settings(self, gpus: Mapping[str, GpuInput], *, battery_ok: bool, now: float) -> None:
         """What each GPU should have now (smoothing from the contract and the battery; the filler
         floor), sent as one batch when it differs from what it has; one batch in flight."""
@@ -625,7 +664,7 @@ class PowerService:
             set_sm = g not in self.smoothing_unsupported and (
                 self.smoothing.get(g) != want if g in self.smoothing else want is not None
             )
-            floor = self.floors.get(g, 0.0)
+            floor = 0.0 if g in self.filler_unsupported else self.floors.get(g, 0.0)
             filler = floor if abs(floor - self.filler_sent.get(g, 0.0)) > FILLER_DEADBAND_W else None
             if floor == 0.0 and self.filler_sent.get(g, 0.0) > 0.0:
                 filler = 0.0
@@ -662,6 +701,7 @@ class PowerService:
         floors_w: list[float] = []
         wl_set: dict[str | None, list[str]] = {}
         wl_unsupported: list[str] = []
+        unfillable: dict[str, str] = {}  # GPU -> why: its host has no filler backend
         for gpu, ask in asks.items():
             out = results.get(gpu, GpuSettingsOutcome(smoothing_error="no result"))
             if ask.set_smoothing:
@@ -675,6 +715,9 @@ class PowerService:
                         floors_w.append(out.smoothing.floor_w)
             if ask.filler_w is not None and out.filler_error is None:
                 self.filler_sent[gpu] = out.filler_w if out.filler_w is not None else ask.filler_w
+            no_filler = ask.filler_w is not None and filler_unsupported(out.filler_error)
+            if no_filler and out.filler_error is not None:
+                unfillable[gpu] = out.filler_error
             if ask.set_workload:
                 if out.workload_unsupported:
                     self.workload_unsupported.add(gpu)
@@ -684,7 +727,7 @@ class PowerService:
                     wl_set.setdefault(ask.workload_profile, []).append(gpu)
             error = (
                 (None if out.unsupported else out.smoothing_error)
-                or out.filler_error
+                or (None if no_filler else out.filler_error)
                 or (None if out.workload_unsupported else out.workload_error)
             )
             if error is not None:
@@ -704,6 +747,8 @@ class PowerService:
                     )
             else:
                 self._settings_failing.pop(gpu, None)
+        if unfillable:
+            self._note_unfillable(unfillable)
         if set_ok:
             self.smoothing_profile = profile
             floor = f", floor read back {min(floors_w):.0f}-{max(floors_w):.0f} W" if floors_w else ""
@@ -869,6 +914,8 @@ class PowerService:
                 "cap_max_w": r(max(self.caps.values())) if self.caps else None,
                 "applied_by_interlocks": self.interlocks_attached,
                 "soft_floor_gpus": len(self.floors),
+                # trough_caps where soft_floor was configured but a GPU has no filler backend
+                "no_battery_fallback": self.fallback_in_force,
                 "soft_floor_max_w": r(max(self.floors.values())) if self.floors else None,
             },
             "gpu_smoothing": {
@@ -879,6 +926,7 @@ class PowerService:
                 "on_gpus": sum(1 for v in self.smoothing.values() if v is not None),
                 "unsupported_gpus": len(self.smoothing_unsupported),
                 "filler_gpus": sum(1 for w in self.filler_sent.values() if w > 0.0),
+                "no_filler_backend_gpus": len(self.filler_unsupported),
                 "workload_profile_gpus": sum(1 for w in self.workload.values() if w is not None),
                 "failing_gpus": len(self._settings_failing),
             },

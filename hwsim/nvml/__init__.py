@@ -14,6 +14,9 @@ Which GPUs it shows: by default every GPU of the pod (one host seeing the whole 
 config), else ``HWSIM_NVML_SERVER=n``, shows only simulated server ``n``'s GPUs, as NVML on that
 server would: indices 0..k-1 local to the server (``nvmlDeviceGetIndex``), each with its own UUID.
 
+``HWSIM_NVML_FILLER=0``: this host has no filler backend (``podagentSetFillerFloor``, not NVML,
+answers FUNCTION_NOT_FOUND), as every real GPU host today.
+
 ``nvmlInit`` without a pod, chosen to match what real NVML does:
 - no state path configured at all: ``NVMLError_LibraryNotFound`` (12), as pynvml raises when
   ``libnvidia-ml.so.1`` is not installed: there is nothing to talk to.
@@ -51,6 +54,7 @@ from pynvml import (
     NVML_CLOCK_SM,
     NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
     NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_FUNCTION_NOT_FOUND,
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_INVALID_ARGUMENT,
     NVML_ERROR_LIBRARY_NOT_FOUND,
@@ -141,6 +145,8 @@ globals().update({_k: _v for _k, _v in vars(_pynvml).items() if _k.startswith(_R
 
 ENV_STATE = "HWSIM_NVML_STATE"
 ENV_SERVER = "HWSIM_NVML_SERVER"
+# "0": this host has no filler backend (podagentSetFillerFloor answers FUNCTION_NOT_FOUND).
+ENV_FILLER = "HWSIM_NVML_FILLER"
 DRIVER_VERSION = "570.133.20"  # what a current datacenter driver branch reports
 NVML_VERSION = "12.570.133.20"
 PCI_DEVICE_ID = 0x233010DE  # H100 SXM5 80GB (device 0x2330, vendor 0x10DE)
@@ -784,6 +790,9 @@ def podagentSetFillerFloor(handle: Any, watts: float) -> None:
     GPU's draw at ``watts`` or more with work that adds no progress (0: off); any GPU model, no
     root (a filler is an ordinary CUDA process). Applied at the physics' next tick."""
     reader, idx, _ = _gpu(handle)
+    if os.environ.get(ENV_FILLER, "1") == "0":
+        # A host without a burn kernel (every real GPU host today), as a shim would say it.
+        raise NVMLError(NVML_ERROR_FUNCTION_NOT_FOUND)
     if not math.isfinite(watts) or watts < 0.0:
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     try:
