@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import operator
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,10 @@ log = structlog.get_logger(__name__)
 Oid = tuple[int, ...]
 Rows = dict[tuple[str, int], dict[Oid, Value]]  # (table, column) -> row index -> raw value
 CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
+
+_Step = tuple[object, tuple[tuple[int, int, tuple[Oid, ...], Oid], ...], frozenset[int]]
+_MAX_STEPS = 256
+_value_of = operator.itemgetter(1)  # a varbind's value
 
 # Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
 TIMEOUT_MARGIN_S = 0.5
@@ -335,6 +340,10 @@ class SnmpDriver:
         self._next_due: dict[str, int] = {}  # table -> poll number it is due at (absent: now)
         # max-repetitions per table: rows seen last walk + 1, capped by the config's.
         self._reps: dict[str, int] = {}
+        # What each request of a walk took from its last answer, to replay on an answer of the
+        # same layout: (tables, OIDs asked, max-repetitions) -> (the answer's layout, per column
+        # walked (column, its position in the request, row indexes, last OID), columns ended).
+        self._steps: dict[tuple[tuple[str, ...], tuple[Oid, ...], int], _Step] = {}
         # Guards against a transport hang: the transport's own timeout fires first.
         self._request_timeout_s = cfg.timeout_s * (cfg.retries + 1) + TIMEOUT_MARGIN_S
 
@@ -467,14 +476,31 @@ class SnmpDriver:
         limit = self.cfg.max_repetitions
         reps = max(self._reps.get(t.name, limit) for t in tables)
         what = f"walk {'+'.join(t.name for t in tables)}"
+        names = tuple(t.name for t in tables)
+        steps = self._steps
         while active:
             oids = [last[i] for i in active]
             resp = await self._request(what, lambda t, oids=oids: t.bulk(oids, reps))  # type: ignore[misc]
-            if not resp.varbinds:
+            binds = resp.varbinds
+            if not binds:
                 break
             r = len(active)
+            key = (names, tuple(oids), reps)
+            step = steps.get(key)
+            if step is not None and resp.layout is not None and step[0] is resp.layout:
+                # The answer has the layout of the last answer to this very request (same names,
+                # types, lengths: snmp_v2c.Layout), so the walk takes the same rows as then: each
+                # column's rows are its first varbinds, every r-th. Only the values are new.
+                for col, at, row_ids, last_oid in step[1]:
+                    # strict=False: the column's varbinds past its end (the next column's) are not rows.
+                    col_rows[col].update(zip(row_ids, map(_value_of, binds[at::r]), strict=False))
+                    last[col] = last_oid
+                if step[2]:
+                    active = [c for c in active if c not in step[2]]
+                continue
             done: set[int] = set()
-            for pos, (oid, value) in enumerate(resp.varbinds):
+            taken: dict[int, list[Oid]] = {}
+            for pos, (oid, value) in enumerate(binds):
                 col = active[pos % r]
                 if col in done:
                     continue
@@ -488,6 +514,15 @@ class SnmpDriver:
                     )
                 last[col] = oid
                 col_rows[col][oid[n:]] = value
+                taken.setdefault(pos % r, []).append(oid[n:])
+            if resp.layout is not None:
+                if len(steps) >= _MAX_STEPS:
+                    steps.clear()
+                steps[key] = (
+                    resp.layout,
+                    tuple((active[at], at, tuple(ids), last[active[at]]) for at, ids in taken.items()),
+                    frozenset(done),
+                )
             if done:
                 active = [c for c in active if c not in done]
         for t in tables:
