@@ -382,7 +382,7 @@ class _LayoutPdu:
 @settings(FUZZ, max_examples=40)  # each example: two drivers, up to 7 polls
 @given(
     polls=st.lists(
-        st.tuples(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=200, max_size=200), st.integers(1, 4)),
+        st.tuples(st.lists(st.integers(0, 3000), min_size=200, max_size=200), st.integers(1, 4)),
         min_size=2,
         max_size=7,
     )
@@ -390,16 +390,18 @@ class _LayoutPdu:
 async def test_a_walk_replayed_on_the_same_layout_reads_what_a_full_walk_reads(
     polls: list[tuple[list[int], int]],
 ) -> None:
-    """Two drivers on the same PDU, one given layout tokens (its walks replay) and one not: the
-    same readings every poll, while values change every poll and the outlet count now and then
-    (a new layout: no stale replay)."""
+    """Three drivers on the same PDU: one given layout tokens (its walks replay), one not, and one
+    that also builds every Reading value by value (no whole-column fast path): the same readings
+    every poll, while values change every poll (some out of range, unmapped or noSuchInstance) and
+    the outlet count now and then (a new layout: no stale replay)."""
     from agent.config import SnmpDevice
     from agent.drivers.snmp import SnmpDriver, load_profile
 
     profile = load_profile("apc-rpdu2")
     cfg = SnmpDevice(kind="snmp", id="pdu-x", profile="apc-rpdu2", host="127.0.0.1", community="public")
-    pdus = [_LayoutPdu({}, tokens=True), _LayoutPdu({}, tokens=False)]
-    drivers = [SnmpDriver(cfg), SnmpDriver(cfg)]
+    pdus = [_LayoutPdu({}, tokens=True), _LayoutPdu({}, tokens=False), _LayoutPdu({}, tokens=False)]
+    drivers = [SnmpDriver(cfg), SnmpDriver(cfg), SnmpDriver(cfg)]
+    drivers[2]._column = lambda *_: None  # type: ignore[method-assign]
     for d, pdu in zip(drivers, pdus, strict=True):
         d._transport = pdu  # the transport seam: no socket
     for raw, outlets in polls:
@@ -410,11 +412,14 @@ async def test_a_walk_replayed_on_the_same_layout_reads_what_a_full_walk_reads(
             for col in table.columns:
                 for row in range(1, rows + 1):
                     x = next(it)  # outlet states: 1 and 2 mapped, anything else an ERROR reading
-                    values[(*table.entry, col, row)] = x % 3 if table.name == "outlet_switched" else x
+                    if x % 23 == 0:
+                        values[(*table.entry, col, row)] = Special.NO_SUCH_INSTANCE  # type: ignore[assignment]
+                    elif x % 29 == 0:
+                        values[(*table.entry, col, row)] = -(2**31)  # out of every range
+                    else:
+                        values[(*table.entry, col, row)] = x % 3 if table.name == "outlet_switched" else x
         for pdu in pdus:
             pdu.values = values
-        fast, full = [await d.poll() for d in drivers]
-        assert [(r.metric, r.value, r.quality, r.error) for r in fast] == [
-            (r.metric, r.value, r.quality, r.error) for r in full
-        ]
+        fast, full, one_by_one = [[r[:4] + r[6:] for r in await d.poll()] for d in drivers]
+        assert fast == full == one_by_one
     assert pdus[0].tokens  # the layouts were there to replay

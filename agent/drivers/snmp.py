@@ -42,7 +42,9 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pysnmp.hlapi.v3arch.asyncio import CommunityData, UsmUserData
@@ -80,6 +82,9 @@ CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
 _Step = tuple[object, tuple[tuple[int, int, tuple[Oid, ...], Oid], ...], frozenset[int]]
 _MAX_STEPS = 256
 _value_of = operator.itemgetter(1)  # a varbind's value
+_INT_ONLY = {int}
+# A Reading from its 8 fields in one tuple, called from C (map): what Reading.__new__ ends in.
+_new_reading = functools.partial(tuple.__new__, Reading)
 
 # Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
 TIMEOUT_MARGIN_S = 0.5
@@ -344,6 +349,8 @@ class SnmpDriver:
         # same layout: (tables, OIDs asked, max-repetitions) -> (the answer's layout, per column
         # walked (column, its position in the request, row indexes, last OID), columns ended).
         self._steps: dict[tuple[tuple[str, ...], tuple[Oid, ...], int], _Step] = {}
+        # (metric template, index pattern, the column's row indexes) -> the Readings' names
+        self._column_names: dict[tuple[str, tuple[int | None, ...], tuple[Oid, ...]], tuple[str, ...]] = {}
         # Guards against a transport hang: the transport's own timeout fires first.
         self._request_timeout_s = cfg.timeout_s * (cfg.retries + 1) + TIMEOUT_MARGIN_S
 
@@ -641,9 +648,10 @@ class SnmpDriver:
         mono: float,
         wall: float,
     ) -> list[Reading]:
-        # The hot loop of SNMP polling (one pass per value): the common case (an integer, scaled,
-        # no map, digits or range) builds its Reading in place; everything else goes through
-        # _convert and _reading, which hold the rules.
+        # The hot loop of SNMP polling. The common case (integers, scaled or mapped, no digits,
+        # all finite and in range) builds a column's Readings in C (map/zip over the column), or
+        # one Reading in place for a metric of one fixed row; anything else goes value by value,
+        # through _convert and _reading, which hold the rules.
         out: list[Reading] = []
         append = out.append
         device = self.device_id
@@ -651,11 +659,17 @@ class SnmpDriver:
         good = Quality.GOOD
         for m in metrics:
             col = rows.get((m.table, m.column), {})
-            names = self._names.setdefault((m.name, m.index), {})
             plain = m.digits is None
             scale, unit, vmap = m.scale, m.unit, m.value_map
             low, high = m.valid_range or (-math.inf, math.inf)
             if m.index != (None,):
+                if plain and None not in m.index:  # one fixed row (the device table's row 1)
+                    raw = col.get(m.index)  # type: ignore[arg-type]  # no None in it
+                    if type(raw) is int:
+                        value = raw * scale if vmap is None else vmap.get(raw)
+                        if value is not None and value - value == 0.0 and low <= value <= high:
+                            append(new(Reading, (device, m.name, value, unit, mono, wall, good, None)))
+                            continue
                 found = [(ch, index, raw) for index, raw in col.items() if (ch := m.match(index)) is not None]
                 # Walk order is channel order: the other index elements are equal in every match.
                 if not found and None not in m.index and not m.optional:
@@ -665,6 +679,17 @@ class SnmpDriver:
                     value, error = self._convert(m, index, raw, static)
                     append(self._reading(m, ch, value, mono=mono, wall=wall, error=error))
                 continue
+            if plain and col:
+                column = self._column(m, col, scale, vmap, low, high)
+                if column is not None:
+                    column_names, values = column
+                    out += map(
+                        _new_reading,
+                        zip(repeat(device), column_names, values, repeat(unit), repeat(mono), repeat(wall),
+                            repeat(good), repeat(None)),
+                    )  # fmt: skip
+                    continue
+            names = self._names.setdefault((m.name, m.index), {})
             for index, raw in col.items():  # one index, the channel (outlet, phase)
                 if len(index) != 1:
                     continue
@@ -681,6 +706,38 @@ class SnmpDriver:
                 conv, error = self._convert(m, index, raw, static)
                 append(self._reading(m, ch, conv, mono=mono, wall=wall, error=error))
         return out
+
+    def _column(
+        self,
+        m: Metric,
+        col: dict[Oid, Value],
+        scale: float,
+        vmap: dict[int, float] | None,
+        low: float,
+        high: float,
+    ) -> tuple[tuple[str, ...], list[float]] | None:
+        """The names and values of a whole channel column when every value takes the common case
+        (an integer; mapped if the metric maps; the results finite and in range), else None."""
+        raws: list[Any] = list(col.values())  # integers only, checked next
+        if set(map(type, raws)) != _INT_ONLY:
+            return None
+        values: list[Any] = list(map(scale.__mul__, raws)) if vmap is None else list(map(vmap.get, raws))
+        if vmap is not None and None in values:
+            return None  # a raw value the map does not know: _convert says so
+        total = sum(values)
+        if total - total != 0.0:
+            return None  # an Inf or NaN somewhere (or a sum past the float range): value by value
+        if (low != -math.inf or high != math.inf) and not low <= min(values) <= max(values) <= high:
+            return None
+        key = (m.name, m.index, tuple(col))
+        names = self._column_names.get(key)
+        if names is None:
+            if any(len(index) != 1 for index in key[2]):
+                return None
+            if len(self._column_names) >= _MAX_STEPS:
+                self._column_names.clear()
+            names = self._column_names[key] = tuple(m.metric_name(index[0]) for index in key[2])
+        return names, values
 
     def _convert(
         self, m: Metric, index: Oid, raw: Value, static: dict[tuple[str, int], dict[Oid, int]]
