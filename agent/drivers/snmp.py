@@ -34,7 +34,6 @@ its MIB modules), not one per poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import operator
@@ -88,7 +87,6 @@ _new_reading = functools.partial(tuple.__new__, Reading)
 
 # Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
 TIMEOUT_MARGIN_S = 0.5
-_NO_GUARD = contextlib.nullcontext()
 
 
 class ProfileError(ValueError):
@@ -349,6 +347,10 @@ class SnmpDriver:
         # same layout: (tables, OIDs asked, max-repetitions) -> (the answer's layout, per column
         # walked (column, its position in the request, row indexes, last OID), columns ended).
         self._steps: dict[tuple[tuple[str, ...], tuple[Oid, ...], int], _Step] = {}
+        # tables walked together -> (column roots, their lengths, (table, column) keys, "walk a+b")
+        self._walk_plans: dict[
+            tuple[str, ...], tuple[tuple[Oid, ...], tuple[int, ...], tuple[tuple[str, int], ...], str]
+        ] = {}
         # (metric template, index pattern, the column's row indexes) -> the Readings' names
         self._column_names: dict[tuple[str, tuple[int | None, ...], tuple[Oid, ...]], tuple[str, ...]] = {}
         # Guards against a transport hang: the transport's own timeout fires first.
@@ -438,13 +440,18 @@ class SnmpDriver:
             self._rebuild = True
 
     async def _request(self, what: str, send: Callable[[Transport], Awaitable[Response]]) -> Response:
-        transport = await self._ensure_transport()
+        # Every coroutine awaited on this path is created and resumed per request: the common
+        # case (a transport in place, the native client) awaits the request alone.
+        transport = self._transport
+        if transport is None or self._rebuild:
+            transport = await self._ensure_transport()
         try:
-            # The native client times out by itself (one timer per request); the libraries' own
-            # timeouts are guarded here against a request that never completes.
-            guard = _NO_GUARD if transport.name == "native" else asyncio.timeout(self._request_timeout_s)
-            async with guard:
-                resp = await send(transport)
+            if transport.name == "native":
+                resp = await send(transport)  # it times out by itself (one timer per request)
+            else:
+                # The libraries' own timeouts, guarded against a request that never completes.
+                async with asyncio.timeout(self._request_timeout_s):
+                    resp = await send(transport)
         except (TimeoutError, TransportTimeout):
             self._failed()
             hint = ""
@@ -474,16 +481,23 @@ class SnmpDriver:
         every column has. Several tables walk together (one request for all their columns) when
         their sizes are alike (``_groups``).
         """
-        roots = [(*t.entry, c) for t in tables for c in t.columns]
-        out: Rows = {(t.name, c): {} for t in tables for c in t.columns}
+        names = tuple(t.name for t in tables)
+        plan = self._walk_plans.get(names)
+        if plan is None:  # what a walk of these tables always starts from, worked out once
+            roots_ = tuple((*t.entry, c) for t in tables for c in t.columns)
+            plan = self._walk_plans[names] = (
+                roots_,
+                tuple(len(r) for r in roots_),
+                tuple((t.name, c) for t in tables for c in t.columns),
+                f"walk {'+'.join(names)}",
+            )
+        roots, root_len, keys, what = plan
+        out: Rows = {k: {} for k in keys}
         col_rows = list(out.values())
-        root_len = [len(r) for r in roots]
         last = list(roots)
         active = list(range(len(roots)))
         limit = self.cfg.max_repetitions
         reps = max(self._reps.get(t.name, limit) for t in tables)
-        what = f"walk {'+'.join(t.name for t in tables)}"
-        names = tuple(t.name for t in tables)
         steps = self._steps
         while active:
             oids = [last[i] for i in active]
@@ -572,10 +586,6 @@ class SnmpDriver:
 
     # -- Driver protocol
 
-    async def poll(self) -> list[Reading]:
-        # Down and up are logged (once each) by the poller, not here.
-        return await self._poll()
-
     def refresh_all(self) -> None:
         """Make the next poll walk every table (after a SET, or for a ``poll_now`` command)."""
         self._next_due.clear()
@@ -591,10 +601,11 @@ class SnmpDriver:
                 return self.table_every[m.table]
         return 1
 
-    async def _poll(self) -> list[Reading]:
+    async def poll(self) -> list[Reading]:
+        # Down and up are logged (once each) by the poller, not here.
         n = self._poll_no
         self._poll_no += 1
-        static = await self._fetch_static()
+        static = self._static if self._static is not None else await self._fetch_static()
         due = [t for t in self._dynamic if n >= self._next_due.get(t.name, 0)]
         # Not due: a table's last readings stay in the store with their own age.
         got: dict[str, Rows | DeviceError] = {}
