@@ -233,3 +233,17 @@ async def test_a_driver_that_swallows_the_guards_cancel_leaves_none_pending() ->
 async def _until(cond: Callable[[], bool]) -> None:
     while not cond():
         await asyncio.sleep(0.01)
+
+
+def test_pdus_share_a_phase_unless_told_otherwise() -> None:
+    """SNMP PDUs are polled at one instant of the interval (poll_phase "pdus", as nodes share
+    "nodes"); "" puts a PDU back on its id's own phase."""
+    from agent.config import SnmpDevice
+
+    def phase(**kw: object) -> float:
+        cfg = SnmpDevice(kind="snmp", profile="apc-rpdu2", host="127.0.0.1", community="public", **kw)  # type: ignore[arg-type]
+        return Poller(cfg, SlowDriver(cfg.id), StateStore()).phase_s
+
+    assert phase(id="pdu-1") == phase(id="pdu-2") == phase_offset("pdus", 1.0)
+    assert phase(id="pdu-1", poll_phase="") == phase_offset("pdu-1", 1.0)
+    assert phase(id="pdu-1", poll_phase="row-b") == phase(id="pdu-9", poll_phase="row-b")

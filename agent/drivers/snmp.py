@@ -6,7 +6,8 @@ decimal-digits column, enum map) and the outlet control object. This module know
 
 Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
 - Transport per device: v2c by podagent's own client (``agent/drivers/snmp_v2c.py``: requests kept
-  as bytes, one-pass decoding; ~0.65x the whole agent's CPU with net-snmp, measured side by side);
+  as bytes, one-pass decoding, and an answer with the last one's byte layout read by one struct
+  unpack; ~0.65x the whole agent's CPU with net-snmp, measured side by side);
   v3 through net-snmp's C library (netsnmp-cffi, ``agent/drivers/snmp_transport.py``) when it is
   installed, ~5-10x cheaper per value than pysnmp; v3 with AES256 privacy (and everything without
   netsnmp-cffi, or with ``transport = "pysnmp"``) through pysnmp with MIB lookup off.
@@ -21,6 +22,12 @@ Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
   of alike size walk together, one request for all their columns (APC: device + phase tables in
   one, both outlet tables in another); a refused combined walk is retried table by table.
 - Configuration tables (Raritan decimal digits) are read once per session.
+- Per value, as little Python as the common case allows: on an answer of the same layout as the
+  last (``Response.layout``) a walk replays what it took from that one (each column's rows, one
+  zip); a column whose values are all plain integers in range becomes its Readings in one map;
+  everything else goes value by value through the rules (``_convert``, ``_reading``).
+- PDUs share a poll instant (``poll_phase = "pdus"``, agent/poller.py): a poll woken on its own
+  pays for its cold code and data several times what it costs right after another.
 
 Isolation: every driver has its own transport (own UDP socket), and every request is awaited under
 ``asyncio.timeout``: a dead PDU costs its own poller a timeout, nobody else anything. The first
