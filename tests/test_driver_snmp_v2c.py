@@ -379,7 +379,14 @@ class _LayoutPdu:
         pass
 
 
-@settings(FUZZ, max_examples=40)  # each example: two drivers, up to 7 polls
+class _NoSteps(dict):  # type: ignore[type-arg]
+    """A driver's walk steps that keep nothing: every answer walked the full way."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+@settings(FUZZ, max_examples=40)  # each example: three drivers, up to 7 polls
 @given(
     polls=st.lists(
         st.tuples(st.lists(st.integers(0, 3000), min_size=200, max_size=200), st.integers(1, 4)),
@@ -390,8 +397,9 @@ class _LayoutPdu:
 async def test_a_walk_replayed_on_the_same_layout_reads_what_a_full_walk_reads(
     polls: list[tuple[list[int], int]],
 ) -> None:
-    """Three drivers on the same PDU: one given layout tokens (its walks replay), one not, and one
-    that also builds every Reading value by value (no whole-column fast path): the same readings
+    """Three drivers on the same PDU: one given layout tokens (its walks replay on them), one not
+    (its walks replay on answers with the same names), and one that never replays and builds
+    every Reading value by value (no whole-column fast path): the same readings
     every poll, while values change every poll (some out of range, unmapped or noSuchInstance) and
     the outlet count now and then (a new layout: no stale replay)."""
     from agent.config import SnmpDevice
@@ -402,6 +410,7 @@ async def test_a_walk_replayed_on_the_same_layout_reads_what_a_full_walk_reads(
     pdus = [_LayoutPdu({}, tokens=True), _LayoutPdu({}, tokens=False), _LayoutPdu({}, tokens=False)]
     drivers = [SnmpDriver(cfg), SnmpDriver(cfg), SnmpDriver(cfg)]
     drivers[2]._column = lambda *_: None  # type: ignore[method-assign]
+    drivers[2]._steps = _NoSteps()
     for d, pdu in zip(drivers, pdus, strict=True):
         d._transport = pdu  # the transport seam: no socket
     for raw, outlets in polls:
@@ -423,3 +432,44 @@ async def test_a_walk_replayed_on_the_same_layout_reads_what_a_full_walk_reads(
         fast, full, one_by_one = [[r[:4] + r[6:] for r in await d.poll()] for d in drivers]
         assert fast == full == one_by_one
     assert pdus[0].tokens  # the layouts were there to replay
+
+
+class _Scripted:
+    """A transport that answers each GETBULK with the next of a list of varbind lists."""
+
+    name = "fake"
+
+    def __init__(self, answers: list[list[tuple[tuple[int, ...], int | str | Special]]]) -> None:
+        self.answers = answers
+
+    async def bulk(self, oids: list[tuple[int, ...]], max_repetitions: int) -> Response:
+        return Response(self.answers.pop(0))
+
+    async def set_integer(self, oid: tuple[int, ...], value: int) -> Response:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_an_answer_with_the_same_names_but_end_of_mib_view_is_walked_not_replayed() -> None:
+    """The walk replays an answer with the names of the last one (no layout) only where the
+    endOfMibView markers are where they were: one in place of a row is the column's end."""
+    from agent.config import SnmpDevice
+    from agent.drivers.snmp import SnmpDriver
+
+    cfg = SnmpDevice(kind="snmp", id="pdu-x", profile="apc-rpdu2", host="127.0.0.1", community="public")
+    d = SnmpDriver(cfg)
+    table = d.profile.tables["outlet_switched"]
+    col = (*table.entry, table.columns[0])
+    after = (*table.entry, table.columns[0] + 1, 1)  # the next column: past this one's end
+    first = [((*col, 1), 1), ((*col, 2), 2), (after, 7)]
+    d._transport = _Scripted([first, [((*col, 1), 2), ((*col, 2), 1), (after, 7)]])  # type: ignore[assignment]
+    d._reps[table.name] = 3
+    assert await d._walk(table) == {(table.name, table.columns[0]): {(1,): 1, (2,): 2}}
+    replayed = await d._walk(table)  # same names: replayed, new values
+    assert replayed == {(table.name, table.columns[0]): {(1,): 2, (2,): 1}}
+    ended = [((*col, 1), 2), ((*col, 2), Special.END_OF_MIB_VIEW), (after, 7)]
+    d._transport = _Scripted([ended])  # type: ignore[assignment]
+    d._reps[table.name] = 3
+    assert await d._walk(table) == {(table.name, table.columns[0]): {(1,): 2}}

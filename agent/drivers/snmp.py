@@ -48,7 +48,7 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, count, repeat
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,24 @@ Oid = tuple[int, ...]
 Rows = dict[tuple[str, int], dict[Oid, Value]]  # (table, column) -> row index -> raw value
 CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
 
-_Step = tuple[object, tuple[tuple[int, int, tuple[Oid, ...], Oid], ...], frozenset[int]]
+# (the answer's layout, per column walked (column, its position in the request, row indexes, last
+# OID), the columns it ended, the answer's OIDs, where it said endOfMibView)
+_Step = tuple[
+    object,
+    tuple[tuple[int, int, tuple[Oid, ...], Oid], ...],
+    frozenset[int],
+    tuple[Oid, ...],
+    tuple[int, ...],
+]
 _MAX_STEPS = 256
-_value_of = operator.itemgetter(1)  # a varbind's value
+_oid_of, _value_of = operator.itemgetter(0), operator.itemgetter(1)  # a varbind's name, value
+
+
+def _ends(binds: list[tuple[Oid, Value]]) -> tuple[int, ...]:
+    """Where the varbinds say endOfMibView (in C: this runs on every answer not replayed)."""
+    return tuple(compress(count(), map(operator.is_, map(_value_of, binds), repeat(Special.END_OF_MIB_VIEW))))
+
+
 _INT_ONLY = {int}
 # A Reading from its 8 fields in one tuple, called from C (map): what Reading.__new__ ends in.
 _new_reading = functools.partial(tuple.__new__, Reading)
@@ -515,10 +530,16 @@ class SnmpDriver:
             r = len(active)
             key = (names, tuple(oids), reps)
             step = steps.get(key)
-            if step is not None and resp.layout is not None and step[0] is resp.layout:
+            if step is not None and (
+                (resp.layout is not None and step[0] is resp.layout)
+                or (step[3] == tuple(map(_oid_of, binds)) and step[4] == _ends(binds))
+            ):
                 # The answer has the layout of the last answer to this very request (same names,
-                # types, lengths: snmp_v2c.Layout), so the walk takes the same rows as then: each
-                # column's rows are its first varbinds, every r-th. Only the values are new.
+                # types, lengths: snmp_v2c.Layout), or at least the same names and endOfMibView
+                # where it had them (a value of another length: another layout), which is all the
+                # walk below looks at: so it takes the same rows as then, each column's rows its
+                # first varbinds, every r-th. Only the values are new. (The OIDs compare fast:
+                # the native client hands out the same tuple for the same OID bytes.)
                 for col, at, row_ids, last_oid in step[1]:
                     # strict=False: the column's varbinds past its end (the next column's) are not rows.
                     col_rows[col].update(zip(row_ids, map(_value_of, binds[at::r]), strict=False))
@@ -543,14 +564,15 @@ class SnmpDriver:
                 last[col] = oid
                 col_rows[col][oid[n:]] = value
                 taken.setdefault(pos % r, []).append(oid[n:])
-            if resp.layout is not None:
-                if len(steps) >= _MAX_STEPS:
-                    steps.clear()
-                steps[key] = (
-                    resp.layout,
-                    tuple((active[at], at, tuple(ids), last[active[at]]) for at, ids in taken.items()),
-                    frozenset(done),
-                )
+            if len(steps) >= _MAX_STEPS:
+                steps.clear()
+            steps[key] = (
+                resp.layout,
+                tuple((active[at], at, tuple(ids), last[active[at]]) for at, ids in taken.items()),
+                frozenset(done),
+                tuple(map(_oid_of, binds)),
+                _ends(binds),
+            )
             if done:
                 active = [c for c in active if c not in done]
         for t in tables:
