@@ -24,8 +24,9 @@ Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
 - Configuration tables (Raritan decimal digits) are read once per session.
 - Per value, as little Python as the common case allows: on an answer of the same layout as the
   last to the same request (``Response.layout``), or with the same names and endOfMibView markers,
-  a walk replays what it took from that one (each column's rows, one zip); a column whose values are all plain integers in range becomes its Readings in one map;
-  everything else goes value by value through the rules (``_convert``, ``_reading``).
+  a walk replays what it took from that one (each column's rows, one zip); a column whose values
+  are all plain integers in range becomes its Readings in one map; everything else goes value by
+  value through the rules (``_convert``, ``_reading``).
 - PDUs share a poll instant (``poll_phase = "pdus"``, agent/poller.py): a poll woken on its own
   pays for its cold code and data several times what it costs right after another.
 
