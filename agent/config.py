@@ -56,6 +56,12 @@ class SnmpDevice(DeviceBase):
     # Walk the profile's slow tables (those with `every` > 1: outlets) every N polls instead of the
     # profile's N; 1 walks everything every poll.
     slow_table_every: int | None = Field(None, ge=1, le=3600)
+    # Devices with the same poll_phase are polled at the same instant of their interval (as
+    # NodeDevice's): the pod's PDUs are polled together, their phase currents reach the interlock
+    # engine together, and the agent wakes once for all of them instead of once per PDU (a poll
+    # woken alone, its code and data cold after ~40 ms of other work, costs a few times one that
+    # runs right after another). None or "": the id's own phase (polls spread over the interval).
+    poll_phase: str | None = "pdus"
     # Which GPUs each outlet's server carries, for the interlocks: {"1": ["gpu0", "gpu1"], ...}
     outlet_gpus: dict[str, list[str]] = Field(default_factory=dict)
     # Which GPUs the PDU feeds at all (phase overcurrent caps these).

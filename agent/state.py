@@ -7,10 +7,14 @@ cheap (set an event, append to a queue) and must not raise.
 
 from __future__ import annotations
 
+import math
+import operator
 import time
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import compress, repeat
 from types import MappingProxyType
 
 import structlog
@@ -18,6 +22,7 @@ import structlog
 from agent.model import Quality, Reading
 
 log = structlog.get_logger(__name__)
+_device_of, _metric_of = operator.itemgetter(0), operator.itemgetter(1)  # Reading.device, .metric
 
 Subscriber = Callable[[Sequence[Reading]], None]
 POD_DEVICE = "pod"
@@ -62,7 +67,16 @@ class StateStore:
         self._subscribers: list[Subscriber] = []
         # Derived values: which devices' power_w adds up to the pod's, which GPUs each loop cools.
         self._pod_power_devices: set[str] = set()
+        # The pod's power inputs, compact (a PDU poll sums them: 24 Readings scattered over the
+        # heap cost more than the sum, the process waking up cold every ~40 ms): per device, in
+        # the set's order, its last GOOD power_w, when it was read and its staleness limit; NaN
+        # where the exact rule (_sum_power) must decide (no value, not GOOD, no limit known).
+        self._pod_slot: dict[str, int] = {}
+        self._pod_w = array("d")
+        self._pod_ts = array("d")
+        self._pod_limit = array("d")
         self._loop_gpus: dict[str, list[str]] = {}
+        self._loop_gpu_sets: dict[str, frozenset[str]] = {}  # for the disjoint test, in C
         self._loop_sum_at: dict[str, float] = {}
         self._info: dict[str, dict[str, str]] = {}
         self._slow: dict[tuple[str, str], int] = {}
@@ -71,6 +85,7 @@ class StateStore:
     # ------------------------------------------------------------------ setup
     def register_device(self, device: str, *, stale_after_s: float) -> None:
         self._stale_after[device] = stale_after_s
+        self._pod_forget(device)
         health = self._health.get(device)
         if health is None:
             self._health[device] = DeviceHealth(device=device, stale_after_s=stale_after_s)
@@ -81,7 +96,18 @@ class StateStore:
         self, *, pod_power_devices: Iterable[str], loop_gpus: Mapping[str, list[str]]
     ) -> None:
         self._pod_power_devices = set(pod_power_devices)
+        self._pod_slot = {d: i for i, d in enumerate(self._pod_power_devices)}
+        nan = [math.nan] * len(self._pod_slot)
+        self._pod_w, self._pod_ts, self._pod_limit = array("d", nan), array("d", nan), array("d", nan)
         self._loop_gpus = {k: list(v) for k, v in loop_gpus.items()}
+        self._loop_gpu_sets = {k: frozenset(v) for k, v in loop_gpus.items()}
+
+    def _pod_forget(self, device: str) -> None:
+        """The device's compact pod-power entry no longer holds (its limit or cadence changed):
+        the exact rule decides until its next power_w."""
+        slot = self._pod_slot.get(device)
+        if slot is not None:
+            self._pod_w[slot] = math.nan
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         self._subscribers.append(callback)
@@ -117,12 +143,30 @@ class StateStore:
 
     def _derive(self, readings: Sequence[Reading]) -> list[Reading]:
         out: list[Reading] = []
-        touched_power = any(r.metric == "power_w" for r in readings)
-        if not touched_power:
+        if "power_w" not in map(_metric_of, readings):  # in C: this runs for every batch
             return out
         now_m, now_w = time.monotonic(), time.time()
-        if self._pod_power_devices and any(r.device in self._pod_power_devices for r in readings):
-            total, bad = self._sum_power(self._pod_power_devices)
+        pod_slot = self._pod_slot
+        # The pod's power is re-summed when the batch has any reading of one of its devices.
+        touched_pod = bool(pod_slot) and not pod_slot.keys().isdisjoint(map(_device_of, readings))
+        for r in compress(readings, map("power_w".__eq__, map(_metric_of, readings))) if touched_pod else ():
+            if (slot := pod_slot.get(r.device)) is not None:
+                limit = self._stale_after.get(r.device)
+                if r.quality is Quality.GOOD and r.value is not None and limit is not None:
+                    self._pod_w[slot], self._pod_ts[slot] = r.value, r.ts_mono
+                    self._pod_limit[slot] = limit * self._slow.get((r.device, "power_w"), 1)
+                else:
+                    self._pod_w[slot] = math.nan
+        if touched_pod:
+            total = sum(self._pod_w)
+            # Every input a GOOD value within its staleness limit (_sum_power's test, in C, over
+            # the same devices in the same order); else the exact rule says which are bad.
+            if total - total == 0.0 and all(
+                map(operator.le, map(operator.sub, repeat(now_m), self._pod_ts), self._pod_limit)
+            ):
+                bad: list[str] = []
+            else:
+                total, bad = self._sum_power(self._pod_power_devices)
             out.append(
                 Reading(
                     POD_DEVICE,
@@ -139,7 +183,7 @@ class StateStore:
         for loop, gpus in self._loop_gpus.items():
             if now_m - self._loop_sum_at.get(loop, -LOOP_SUM_MIN_S) < LOOP_SUM_MIN_S:
                 continue
-            if gpu_devices.isdisjoint(gpus):
+            if gpu_devices.isdisjoint(self._loop_gpu_sets[loop]):
                 continue
             self._loop_sum_at[loop] = now_m
             total, bad = self._sum_power(gpus)
@@ -258,6 +302,8 @@ class StateStore:
     def set_cadence(self, device: str, metric: str, every_polls: int) -> None:
         """A metric its driver reads only every N polls (an SNMP outlet table): stale after N x."""
         self._slow[(device, metric)] = every_polls
+        if metric == "power_w":
+            self._pod_forget(device)
 
     def set_info(self, device: str, info: Mapping[str, str]) -> None:
         """Static attributes of a device or sub-device (a GPU's UUID, name, PCI bus id)."""

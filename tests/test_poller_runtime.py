@@ -4,6 +4,7 @@ device, a dead unit on a shared RTU line does not starve its neighbours, stagger
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -153,3 +154,96 @@ def test_deadlines_sit_at_a_stable_phase_spread_over_the_interval() -> None:
     nxt = poller._next_phase(100.3)
     assert nxt > 100.3 and nxt - 100.3 <= 2.0
     assert (nxt - poller.phase_s) / 2.0 == round((nxt - poller.phase_s) / 2.0)
+
+
+class HangingDriver:
+    """A driver whose poll hangs until ``release`` is set (a bug, or a device that never ends its
+    answer), counting polls."""
+
+    def __init__(self, device_id: str, *, swallow_cancel: bool = False) -> None:
+        self.device_id = device_id
+        self.release = asyncio.Event()
+        self.polls = 0
+        self.swallow_cancel = swallow_cancel
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def poll(self) -> list[Reading]:
+        self.polls += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            if not self.swallow_cancel:
+                raise
+        return [Reading(self.device_id, "cpu_pct", 1.0, "%")]
+
+
+async def test_a_hung_cycle_fails_at_its_budget_and_the_loop_goes_on() -> None:
+    """The budget guard (a timer that cancels the cycle): the cycle is a failure with the budget in
+    its reason, the loop keeps its task (no cancel left pending on it) and polls again."""
+    store = StateStore()
+    driver = HangingDriver("hung")
+    cfg = HostDevice(id="hung", kind="host", poll_interval_s=0.05, timeout_s=0.05, retries=0)
+    poller = Poller(cfg, driver, store)
+    task = asyncio.create_task(poller.run())
+    try:
+        await asyncio.wait_for(poller.first_cycle.wait(), 10)
+        assert poller.up is False and poller.stats.failures == 1
+        assert store.health()["hung"].last_error == f"no answer within {poller.budget_s:.1f} s"
+        assert task.cancelling() == 0
+        driver.release.set()  # the device answers again: the loop is still there to see it
+        await asyncio.wait_for(_until(lambda: poller.up is True), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_cancel_that_is_not_the_guards_ends_the_loop() -> None:
+    store = StateStore()
+    driver = HangingDriver("hung")
+    poller = Poller(HostDevice(id="hung", kind="host", poll_interval_s=0.05), driver, store)
+    task = asyncio.create_task(poller.run())
+    await asyncio.wait_for(_until(lambda: driver.polls == 1), 10)
+    task.cancel()  # shutdown, mid-cycle
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and task.cancelled()
+    assert poller.stats.failures == 0  # not mistaken for a timeout
+
+
+async def test_a_driver_that_swallows_the_guards_cancel_leaves_none_pending() -> None:
+    """As with asyncio.timeout: the guard's cancel is withdrawn even when the driver caught it and
+    returned readings; the loop must not die of it at its next turn."""
+    store = StateStore()
+    driver = HangingDriver("hung", swallow_cancel=True)
+    cfg = HostDevice(id="hung", kind="host", poll_interval_s=0.05, timeout_s=0.05, retries=0)
+    poller = Poller(cfg, driver, store)
+    task = asyncio.create_task(poller.run())
+    try:
+        await asyncio.wait_for(_until(lambda: driver.polls >= 2), 30)
+        assert not task.done() and task.cancelling() == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.01)
+
+
+def test_pdus_share_a_phase_unless_told_otherwise() -> None:
+    """SNMP PDUs are polled at one instant of the interval (poll_phase "pdus", as nodes share
+    "nodes"); "" puts a PDU back on its id's own phase."""
+    from agent.config import SnmpDevice
+
+    def phase(**kw: object) -> float:
+        cfg = SnmpDevice(kind="snmp", profile="apc-rpdu2", host="127.0.0.1", community="public", **kw)  # type: ignore[arg-type]
+        return Poller(cfg, SlowDriver(cfg.id), StateStore()).phase_s
+
+    assert phase(id="pdu-1") == phase(id="pdu-2") == phase_offset("pdus", 1.0)
+    assert phase(id="pdu-1", poll_phase="") == phase_offset("pdu-1", 1.0)
+    assert phase(id="pdu-1", poll_phase="row-b") == phase(id="pdu-9", poll_phase="row-b")

@@ -6,7 +6,8 @@ decimal-digits column, enum map) and the outlet control object. This module know
 
 Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
 - Transport per device: v2c by podagent's own client (``agent/drivers/snmp_v2c.py``: requests kept
-  as bytes, one-pass decoding; ~0.65x the whole agent's CPU with net-snmp, measured side by side);
+  as bytes, one-pass decoding, and an answer with the last one's byte layout read by one struct
+  unpack; ~0.65x the whole agent's CPU with net-snmp, measured side by side);
   v3 through net-snmp's C library (netsnmp-cffi, ``agent/drivers/snmp_transport.py``) when it is
   installed, ~5-10x cheaper per value than pysnmp; v3 with AES256 privacy (and everything without
   netsnmp-cffi, or with ``transport = "pysnmp"``) through pysnmp with MIB lookup off.
@@ -21,6 +22,13 @@ Cost: SNMP is the costliest thing the agent polls (a 32-PDU pod at 1 s), so:
   of alike size walk together, one request for all their columns (APC: device + phase tables in
   one, both outlet tables in another); a refused combined walk is retried table by table.
 - Configuration tables (Raritan decimal digits) are read once per session.
+- Per value, as little Python as the common case allows: on an answer of the same layout as the
+  last to the same request (``Response.layout``), or with the same names and endOfMibView markers,
+  a walk replays what it took from that one (each column's rows, one zip); a column whose values
+  are all plain integers in range becomes its Readings in one map; everything else goes value by
+  value through the rules (``_convert``, ``_reading``).
+- PDUs share a poll instant (``poll_phase = "pdus"``, agent/poller.py): a poll woken on its own
+  pays for its cold code and data several times what it costs right after another.
 
 Isolation: every driver has its own transport (own UDP socket), and every request is awaited under
 ``asyncio.timeout``: a dead PDU costs its own poller a timeout, nobody else anything. The first
@@ -34,14 +42,16 @@ its MIB modules), not one per poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
+import operator
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import compress, count, repeat
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pysnmp.hlapi.v3arch.asyncio import CommunityData, UsmUserData
@@ -76,9 +86,30 @@ Oid = tuple[int, ...]
 Rows = dict[tuple[str, int], dict[Oid, Value]]  # (table, column) -> row index -> raw value
 CHANNEL = "n"  # the index element that is the channel (phase / outlet number)
 
+# (the answer's layout, per column walked (column, its position in the request, row indexes, last
+# OID), the columns it ended, the answer's OIDs, where it said endOfMibView)
+_Step = tuple[
+    object,
+    tuple[tuple[int, int, tuple[Oid, ...], Oid], ...],
+    frozenset[int],
+    tuple[Oid, ...],
+    tuple[int, ...],
+]
+_MAX_STEPS = 256
+_oid_of, _value_of = operator.itemgetter(0), operator.itemgetter(1)  # a varbind's name, value
+
+
+def _ends(binds: list[tuple[Oid, Value]]) -> tuple[int, ...]:
+    """Where the varbinds say endOfMibView (in C: this runs on every answer not replayed)."""
+    return tuple(compress(count(), map(operator.is_, map(_value_of, binds), repeat(Special.END_OF_MIB_VIEW))))
+
+
+_INT_ONLY = {int}
+# A Reading from its 8 fields in one tuple, called from C (map): what Reading.__new__ ends in.
+_new_reading = functools.partial(tuple.__new__, Reading)
+
 # Margin on top of the transport's own timeout x (retries + 1), for the asyncio.timeout guard.
 TIMEOUT_MARGIN_S = 0.5
-_NO_GUARD = contextlib.nullcontext()
 
 
 class ProfileError(ValueError):
@@ -335,6 +366,16 @@ class SnmpDriver:
         self._next_due: dict[str, int] = {}  # table -> poll number it is due at (absent: now)
         # max-repetitions per table: rows seen last walk + 1, capped by the config's.
         self._reps: dict[str, int] = {}
+        # What each request of a walk took from its last answer, to replay on an answer of the
+        # same layout: (tables, OIDs asked, max-repetitions) -> (the answer's layout, per column
+        # walked (column, its position in the request, row indexes, last OID), columns ended).
+        self._steps: dict[tuple[tuple[str, ...], tuple[Oid, ...], int], _Step] = {}
+        # tables walked together -> (column roots, their lengths, (table, column) keys, "walk a+b")
+        self._walk_plans: dict[
+            tuple[str, ...], tuple[tuple[Oid, ...], tuple[int, ...], tuple[tuple[str, int], ...], str]
+        ] = {}
+        # (metric template, index pattern, the column's row indexes) -> the Readings' names
+        self._column_names: dict[tuple[str, tuple[int | None, ...], tuple[Oid, ...]], tuple[str, ...]] = {}
         # Guards against a transport hang: the transport's own timeout fires first.
         self._request_timeout_s = cfg.timeout_s * (cfg.retries + 1) + TIMEOUT_MARGIN_S
 
@@ -422,13 +463,18 @@ class SnmpDriver:
             self._rebuild = True
 
     async def _request(self, what: str, send: Callable[[Transport], Awaitable[Response]]) -> Response:
-        transport = await self._ensure_transport()
+        # Every coroutine awaited on this path is created and resumed per request: the common
+        # case (a transport in place, the native client) awaits the request alone.
+        transport = self._transport
+        if transport is None or self._rebuild:
+            transport = await self._ensure_transport()
         try:
-            # The native client times out by itself (one timer per request); the libraries' own
-            # timeouts are guarded here against a request that never completes.
-            guard = _NO_GUARD if transport.name == "native" else asyncio.timeout(self._request_timeout_s)
-            async with guard:
-                resp = await send(transport)
+            if transport.name == "native":
+                resp = await send(transport)  # it times out by itself (one timer per request)
+            else:
+                # The libraries' own timeouts, guarded against a request that never completes.
+                async with asyncio.timeout(self._request_timeout_s):
+                    resp = await send(transport)
         except (TimeoutError, TransportTimeout):
             self._failed()
             hint = ""
@@ -458,23 +504,53 @@ class SnmpDriver:
         every column has. Several tables walk together (one request for all their columns) when
         their sizes are alike (``_groups``).
         """
-        roots = [(*t.entry, c) for t in tables for c in t.columns]
-        out: Rows = {(t.name, c): {} for t in tables for c in t.columns}
+        names = tuple(t.name for t in tables)
+        plan = self._walk_plans.get(names)
+        if plan is None:  # what a walk of these tables always starts from, worked out once
+            roots_ = tuple((*t.entry, c) for t in tables for c in t.columns)
+            plan = self._walk_plans[names] = (
+                roots_,
+                tuple(len(r) for r in roots_),
+                tuple((t.name, c) for t in tables for c in t.columns),
+                f"walk {'+'.join(names)}",
+            )
+        roots, root_len, keys, what = plan
+        out: Rows = {k: {} for k in keys}
         col_rows = list(out.values())
-        root_len = [len(r) for r in roots]
         last = list(roots)
         active = list(range(len(roots)))
         limit = self.cfg.max_repetitions
         reps = max(self._reps.get(t.name, limit) for t in tables)
-        what = f"walk {'+'.join(t.name for t in tables)}"
+        steps = self._steps
         while active:
             oids = [last[i] for i in active]
             resp = await self._request(what, lambda t, oids=oids: t.bulk(oids, reps))  # type: ignore[misc]
-            if not resp.varbinds:
+            binds = resp.varbinds
+            if not binds:
                 break
             r = len(active)
+            key = (names, tuple(oids), reps)
+            step = steps.get(key)
+            if step is not None and (
+                (resp.layout is not None and step[0] is resp.layout)
+                or (step[3] == tuple(map(_oid_of, binds)) and step[4] == _ends(binds))
+            ):
+                # The answer has the layout of the last answer to this very request (same names,
+                # types, lengths: snmp_v2c.Layout), or at least the same names and endOfMibView
+                # where it had them (a value of another length: another layout), which is all the
+                # walk below looks at: so it takes the same rows as then, each column's rows its
+                # first varbinds, every r-th. Only the values are new. (The OIDs compare fast:
+                # the native client hands out the same tuple for the same OID bytes.)
+                for col, at, row_ids, last_oid in step[1]:
+                    # strict=False: the column's varbinds past its end (the next column's) are not rows.
+                    col_rows[col].update(zip(row_ids, map(_value_of, binds[at::r]), strict=False))
+                    last[col] = last_oid
+                if step[2]:
+                    active = [c for c in active if c not in step[2]]
+                continue
             done: set[int] = set()
-            for pos, (oid, value) in enumerate(resp.varbinds):
+            taken: dict[int, list[Oid]] = {}
+            for pos, (oid, value) in enumerate(binds):
                 col = active[pos % r]
                 if col in done:
                     continue
@@ -488,6 +564,16 @@ class SnmpDriver:
                     )
                 last[col] = oid
                 col_rows[col][oid[n:]] = value
+                taken.setdefault(pos % r, []).append(oid[n:])
+            if len(steps) >= _MAX_STEPS:
+                steps.clear()
+            steps[key] = (
+                resp.layout,
+                tuple((active[at], at, tuple(ids), last[active[at]]) for at, ids in taken.items()),
+                frozenset(done),
+                tuple(map(_oid_of, binds)),
+                _ends(binds),
+            )
             if done:
                 active = [c for c in active if c not in done]
         for t in tables:
@@ -530,10 +616,6 @@ class SnmpDriver:
 
     # -- Driver protocol
 
-    async def poll(self) -> list[Reading]:
-        # Down and up are logged (once each) by the poller, not here.
-        return await self._poll()
-
     def refresh_all(self) -> None:
         """Make the next poll walk every table (after a SET, or for a ``poll_now`` command)."""
         self._next_due.clear()
@@ -549,10 +631,11 @@ class SnmpDriver:
                 return self.table_every[m.table]
         return 1
 
-    async def _poll(self) -> list[Reading]:
+    async def poll(self) -> list[Reading]:
+        # Down and up are logged (once each) by the poller, not here.
         n = self._poll_no
         self._poll_no += 1
-        static = await self._fetch_static()
+        static = self._static if self._static is not None else await self._fetch_static()
         due = [t for t in self._dynamic if n >= self._next_due.get(t.name, 0)]
         # Not due: a table's last readings stay in the store with their own age.
         got: dict[str, Rows | DeviceError] = {}
@@ -606,9 +689,10 @@ class SnmpDriver:
         mono: float,
         wall: float,
     ) -> list[Reading]:
-        # The hot loop of SNMP polling (one pass per value): the common case (an integer, scaled,
-        # no map, digits or range) builds its Reading in place; everything else goes through
-        # _convert and _reading, which hold the rules.
+        # The hot loop of SNMP polling. The common case (integers, scaled or mapped, no digits,
+        # all finite and in range) builds a column's Readings in C (map/zip over the column), or
+        # one Reading in place for a metric of one fixed row; anything else goes value by value,
+        # through _convert and _reading, which hold the rules.
         out: list[Reading] = []
         append = out.append
         device = self.device_id
@@ -616,11 +700,17 @@ class SnmpDriver:
         good = Quality.GOOD
         for m in metrics:
             col = rows.get((m.table, m.column), {})
-            names = self._names.setdefault((m.name, m.index), {})
             plain = m.digits is None
             scale, unit, vmap = m.scale, m.unit, m.value_map
             low, high = m.valid_range or (-math.inf, math.inf)
             if m.index != (None,):
+                if plain and None not in m.index:  # one fixed row (the device table's row 1)
+                    raw = col.get(m.index)  # type: ignore[arg-type]  # no None in it
+                    if type(raw) is int:
+                        value = raw * scale if vmap is None else vmap.get(raw)
+                        if value is not None and value - value == 0.0 and low <= value <= high:
+                            append(new(Reading, (device, m.name, value, unit, mono, wall, good, None)))
+                            continue
                 found = [(ch, index, raw) for index, raw in col.items() if (ch := m.match(index)) is not None]
                 # Walk order is channel order: the other index elements are equal in every match.
                 if not found and None not in m.index and not m.optional:
@@ -630,6 +720,17 @@ class SnmpDriver:
                     value, error = self._convert(m, index, raw, static)
                     append(self._reading(m, ch, value, mono=mono, wall=wall, error=error))
                 continue
+            if plain and col:
+                column = self._column(m, col, scale, vmap, low, high)
+                if column is not None:
+                    column_names, values = column
+                    out += map(
+                        _new_reading,
+                        zip(repeat(device), column_names, values, repeat(unit), repeat(mono), repeat(wall),
+                            repeat(good), repeat(None)),
+                    )  # fmt: skip
+                    continue
+            names = self._names.setdefault((m.name, m.index), {})
             for index, raw in col.items():  # one index, the channel (outlet, phase)
                 if len(index) != 1:
                     continue
@@ -646,6 +747,38 @@ class SnmpDriver:
                 conv, error = self._convert(m, index, raw, static)
                 append(self._reading(m, ch, conv, mono=mono, wall=wall, error=error))
         return out
+
+    def _column(
+        self,
+        m: Metric,
+        col: dict[Oid, Value],
+        scale: float,
+        vmap: dict[int, float] | None,
+        low: float,
+        high: float,
+    ) -> tuple[tuple[str, ...], list[float]] | None:
+        """The names and values of a whole channel column when every value takes the common case
+        (an integer; mapped if the metric maps; the results finite and in range), else None."""
+        raws: list[Any] = list(col.values())  # integers only, checked next
+        if set(map(type, raws)) != _INT_ONLY:
+            return None
+        values: list[Any] = list(map(scale.__mul__, raws)) if vmap is None else list(map(vmap.get, raws))
+        if vmap is not None and None in values:
+            return None  # a raw value the map does not know: _convert says so
+        total = sum(values)
+        if total - total != 0.0:
+            return None  # an Inf or NaN somewhere (or a sum past the float range): value by value
+        if (low != -math.inf or high != math.inf) and not low <= min(values) <= max(values) <= high:
+            return None
+        key = (m.name, m.index, tuple(col))
+        names = self._column_names.get(key)
+        if names is None:
+            if any(len(index) != 1 for index in key[2]):
+                return None
+            if len(self._column_names) >= _MAX_STEPS:
+                self._column_names.clear()
+            names = self._column_names[key] = tuple(m.metric_name(index[0]) for index in key[2])
+        return names, values
 
     def _convert(
         self, m: Metric, index: Oid, raw: Value, static: dict[tuple[str, int], dict[Oid, int]]

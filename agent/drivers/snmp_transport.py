@@ -100,6 +100,11 @@ class Response:
     varbinds: list[VarBind]
     error_status: int = 0  # 0 = noError
     error_index: int = 0  # 1-based varbind the error is about, 0 = none
+    # Set by the native v2c client only: an object that is the same (``is``) for every answer to
+    # the same kept request whose bytes had the same layout (same OIDs, types and value lengths;
+    # only the values differ), so a caller may replay what it worked out from the varbinds' names
+    # last time. None: no such promise.
+    layout: object | None = None
 
 
 class Transport(Protocol):

@@ -11,6 +11,11 @@ after poll, so this client
   request-id into it;
 - decodes an answer in one pass, looking each varbind's OID bytes up in a per-session table of the
   OIDs seen before (a walk's rows repeat every poll);
+- keeps the layout of the last answer to each kept request (``Layout``): the next answer with the
+  same bytes but for the request-id and the integers' values (same OIDs, types and value lengths:
+  most polls) is read by one ``struct`` unpack and a tuple comparison, in C, and carries the layout
+  so the driver can replay its walk (``Response.layout``); any other answer goes through the full
+  decoder and becomes the new layout;
 - does its own timeout and retries with one timer per request.
 
 SNMPv3 stays on net-snmp (USM, keys, engine discovery). The values are those of the other
@@ -24,7 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import random
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from agent.drivers.snmp_transport import (
     Oid,
@@ -248,6 +257,138 @@ def decode_response(data: bytes, known_oids: dict[bytes, Oid]) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# the layout fast path
+
+# struct codes of an integer value of 1, 2, 4 or 8 bytes: (length, signed) -> code. Other lengths
+# are read as bytes and converted one by one.
+_INT_CODES = {
+    (1, True): "b", (2, True): "h", (4, True): "i", (8, True): "q",
+    (1, False): "B", (2, False): "H", (4, False): "I", (8, False): "Q",
+}  # fmt: skip
+# A layout that never matched an answer is rebuilt only every this many answers (a PDU whose
+# answers differ in more than integer values, e.g. a changing string past a table's end, must not
+# cost a rebuild per poll).
+_LAYOUT_RETRY = 16
+
+
+def _spans(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+    """Where the request-id's value starts, and (tag, start, end) of every varbind's value, in a
+    message decode_response accepted (so no bounds are checked again here)."""
+    _, pos, _ = _header(data, 0)
+    _, _, pos = _header(data, pos)  # version
+    _, _, pos = _header(data, pos)  # community
+    _, pos, _ = _header(data, pos)  # PDU
+    _, rid_at, pos = _header(data, pos)
+    _, _, pos = _header(data, pos)  # error-status
+    _, _, pos = _header(data, pos)  # error-index
+    _, pos, list_end = _header(data, pos)
+    values: list[tuple[int, int, int]] = []
+    while pos < list_end:
+        _, pos, bind_end = _header(data, pos)
+        _, _, pos = _header(data, pos)  # the name
+        tag, start, pos = _header(data, pos)
+        values.append((tag, start, pos))
+        pos = bind_end
+    return rid_at, values
+
+
+def _picker(indices: Sequence[int]) -> Callable[[tuple[object, ...]], tuple[object, ...]]:
+    """itemgetter that always returns a tuple (itemgetter of one index returns the item)."""
+    if len(indices) == 1:
+        (i,) = indices
+        return lambda parts: (parts[i],)
+    return operator.itemgetter(*indices)
+
+
+class Layout:
+    """The byte layout of one well-formed answer to a kept request: every byte but the
+    request-id's and the integer values' is its *skeleton* (lengths, OIDs, types, error status).
+
+    The next answer to the same request usually differs only in its values. ``match`` reads
+    such an answer with one ``struct`` unpack (in C): the skeleton compared in one tuple
+    comparison, the integer values read as they are (1, 2, 4, 8 bytes; other lengths converted
+    one by one). Same size and same skeleton bytes mean that BER parsing follows exactly the same
+    path as for the answer the layout was made from (tags and lengths are skeleton bytes; an
+    integer's content bytes never steer the parse), so the answer is as well-formed as that one
+    and decodes to the same names and types with the new values. Anything else (another length,
+    one skeleton byte different) returns None and goes through ``decode_response``, whose answer
+    then becomes the new layout.
+    """
+
+    __slots__ = ("_fixed", "_fixups", "_oids", "_rid", "_skel", "_slots", "_struct", "_vals", "hits",
+                 "misses", "size", "skeleton")  # fmt: skip
+
+    def __init__(self, data: bytes, resp: Response) -> None:
+        rid_at, values = _spans(data)
+        if len(values) != len(resp.varbinds) or data[rid_at - 1] != 4:
+            raise Malformed("layout")  # cannot happen for an answer decode_response accepted
+        fmt: list[str] = [">"]
+        skel_idx: list[int] = []
+        val_idx: list[int] = []
+        slots: list[int] = []
+        fixups: list[tuple[int, bool]] = []
+        at = 0
+
+        def skeleton_to(end: int) -> None:
+            if end > at:
+                skel_idx.append(len(fmt) - 1)
+                fmt.append(f"{end - at}s")
+
+        skeleton_to(rid_at)
+        self._rid = len(fmt) - 1
+        fmt.append("4s")
+        at = rid_at + 4
+        for slot, (tag, start, end) in enumerate(values):
+            if (tag != 0x02 and tag not in _UNSIGNED) or end == start:
+                continue  # not an integer: its bytes are skeleton, its value the one decoded
+            skeleton_to(start)
+            code = _INT_CODES.get((end - start, tag == 0x02))
+            if code is None:
+                fixups.append((len(val_idx), tag == 0x02))
+                code = f"{end - start}s"
+            val_idx.append(len(fmt) - 1)
+            slots.append(slot)
+            fmt.append(code)
+            at = end
+        skeleton_to(len(data))
+        self.size = len(data)
+        self._struct = struct.Struct("".join(fmt))
+        parts = self._struct.unpack(data)
+        self._skel = _picker(skel_idx)
+        self.skeleton = self._skel(parts)
+        self._vals = _picker(val_idx) if val_idx else None
+        self._fixups = tuple(fixups)
+        self._oids = tuple(oid for oid, _ in resp.varbinds)
+        self._fixed = [v for _, v in resp.varbinds]
+        # None: every varbind is an integer, the values in order are the varbinds' values.
+        self._slots = None if len(slots) == len(values) else tuple(slots)
+        self.hits = 0
+        self.misses = 0
+
+    def match(self, data: bytes, rid: bytes) -> Response | None:
+        """The answer ``data`` if it has this layout and carries request-id ``rid``, else None."""
+        if len(data) != self.size:
+            return None
+        parts = self._struct.unpack(data)
+        if parts[self._rid] != rid or self._skel(parts) != self.skeleton:
+            return None
+        self.hits += 1
+        if self._vals is None:
+            return Response(list(zip(self._oids, self._fixed, strict=True)), 0, 0, self)
+        vals: Any = self._vals(parts)
+        if self._fixups:
+            vals = list(vals)
+            for k, signed in self._fixups:
+                vals[k] = int.from_bytes(vals[k], "big", signed=signed)
+        if self._slots is not None:
+            merged = list(self._fixed)
+            for slot, v in zip(self._slots, vals, strict=True):
+                merged[slot] = v
+            vals = merged
+        return Response(list(zip(self._oids, vals, strict=True)), 0, 0, self)
+
+
+# ---------------------------------------------------------------------------------------------
 # the transport
 
 
@@ -276,8 +417,12 @@ class NativeV2cTransport:
         self._ids = itertools.count(random.randrange(_REQID_LOW, _REQID_HIGH // 2))
         self._kept: dict[tuple[int, tuple[Oid, ...], int], tuple[bytes, bytes]] = {}
         self._known_oids: dict[bytes, Oid] = {}
-        # The request in flight: (request-id, future, bytes to resend, tries left, timer).
+        # The layout of the last answer to each kept request (Layout: the fast path).
+        self._layouts: dict[tuple[int, tuple[Oid, ...], int], Layout] = {}
+        # The request in flight: (request-id, its kept request's key, future, bytes to resend,
+        # tries left, timer).
         self._pending_id = -1
+        self._pending_key: tuple[int, tuple[Oid, ...], int] | None = None
         self._future: asyncio.Future[Response] | None = None
         self._message = b""
         self._tries_left = 0
@@ -318,7 +463,9 @@ class NativeV2cTransport:
             rid = next(self._ids)
         return rid
 
-    async def _exchange(self, message: bytes, request_id: int) -> Response:
+    async def _exchange(
+        self, message: bytes, request_id: int, key: tuple[int, tuple[Oid, ...], int] | None = None
+    ) -> Response:
         udp = self._udp
         if udp is None or udp.is_closing():
             raise TransportError("transport closed")
@@ -327,6 +474,7 @@ class NativeV2cTransport:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Response] = loop.create_future()
         self._future, self._pending_id, self._message = future, request_id, message
+        self._pending_key = key
         self._tries_left = self._retries
         udp.sendto(message)
         self._timer = loop.call_later(self._timeout_s, self._expired)
@@ -338,6 +486,7 @@ class NativeV2cTransport:
                 self._timer = None
             self._future = None
             self._pending_id = -1
+            self._pending_key = None
 
     def _expired(self) -> None:
         future = self._future
@@ -353,22 +502,53 @@ class NativeV2cTransport:
 
     def _received(self, data: bytes) -> None:
         future = self._future
-        if future is None or future.done() or response_id(data) != self._pending_id:
+        if future is None or future.done():
+            return
+        key = self._pending_key
+        layout = None if key is None else self._layouts.get(key)
+        if layout is not None:
+            resp = layout.match(data, self._pending_id.to_bytes(4, "big"))
+            if resp is not None:
+                future.set_result(resp)
+                return
+        if response_id(data) != self._pending_id:
             return  # late, duplicate or foreign: ignore, as any SNMP manager does
         try:
-            future.set_result(decode_response(data, self._known_oids))
+            resp = decode_response(data, self._known_oids)
         except Malformed as err:
             future.set_exception(TransportError(f"malformed SNMP answer: {err}"))
+            return
+        if key is not None and resp.error_status == 0 and resp.error_index == 0:
+            resp = self._learn(key, data, resp, layout)
+        future.set_result(resp)
+
+    def _learn(
+        self, key: tuple[int, tuple[Oid, ...], int], data: bytes, resp: Response, old: Layout | None
+    ) -> Response:
+        """Make this answer the request's layout (the answer then carries it), unless the last
+        layout never matched: then only every _LAYOUT_RETRY-th time."""
+        if old is not None and old.hits == 0:
+            old.misses += 1
+            if old.misses < _LAYOUT_RETRY:
+                return resp
+        if len(self._layouts) >= _MAX_KEPT_REQUESTS:
+            self._layouts.clear()
+        try:
+            layout = self._layouts[key] = Layout(data, resp)
+        except (Malformed, IndexError, struct.error):
+            return resp  # cannot happen for an answer decode_response accepted: no fast path
+        return Response(resp.varbinds, 0, 0, layout)
 
     # -- Transport protocol
 
     async def bulk(self, oids: list[Oid], max_repetitions: int) -> Response:
         rid = self._next_id()
+        names = tuple(oids)
         try:
-            message = self._request_bytes(_GETBULK, tuple(oids), max_repetitions, rid)
+            message = self._request_bytes(_GETBULK, names, max_repetitions, rid)
         except ValueError as err:
             raise TransportError(str(err)) from err
-        return await self._exchange(message, rid)
+        return await self._exchange(message, rid, (_GETBULK, names, max_repetitions))
 
     async def set_integer(self, oid: Oid, value: int) -> Response:
         rid = self._next_id()
@@ -387,4 +567,12 @@ class NativeV2cTransport:
             future.set_exception(TransportError("transport closed"))
 
 
-__all__ = ["Malformed", "NativeV2cTransport", "decode_oid", "decode_response", "encode_oid", "response_id"]
+__all__ = [
+    "Layout",
+    "Malformed",
+    "NativeV2cTransport",
+    "decode_oid",
+    "decode_response",
+    "encode_oid",
+    "response_id",
+]
