@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-_HEADER = struct.Struct(">HHHB")  # transaction id, protocol id (0), length, unit id
+_MBAP = struct.Struct(">HHH")  # transaction id, protocol id (0), length (then the unit id)
+_HEAD = struct.Struct(">HBBB")  # an answer's length, unit, function, byte count
 _TID = struct.Struct(">H")  # the frame's first field: what differs between two polls' requests
 _TAIL = struct.Struct(">HHBBHH")  # the rest of a request: protocol id, length, unit, function, address, count
 _MAX_FRAME = 260  # MBAP header (7) + the largest PDU (253)
@@ -110,17 +111,19 @@ class Request(NamedTuple):
     tail: bytes  # the frame after the transaction id: protocol id, length, unit, PDU
     function: int
     asked: int  # registers or bits asked for (a write: what it writes)
-    ok_length: int = 0  # the MBAP length field of a full answer; 0: never read in place
-    unpack: Unpack | None = None  # reads a full answer's values in place (None: an ``Answer``)
+    # A full answer's bytes 4-8 (MBAP length, unit, function, byte count): an answer that has
+    # them is read in place by ``unpack``. b"": never (an ``Answer`` instead).
+    head: bytes = b""
+    unpack: Unpack | None = None
 
 
 def read_request(unit: int, function: int, address: int, count: int, unpack: Unpack | None = None) -> Request:
     """A read of ``count`` registers (functions 3, 4) or bits (1, 2) from ``address``. With
-    ``unpack``, a full answer (right function, byte count and length) is read in place by it;
-    anything else (an exception, a short or odd answer) goes through ``_answer`` as before."""
+    ``unpack``, a full answer (this unit, function, byte count and length) is read in place by
+    it; anything else (an exception, a short or odd answer) goes through ``_answer`` as before."""
     data = 2 * count if function in (3, 4) else (count + 7) // 8
-    ok_length = 3 + data if unpack is not None else 0  # unit, function, byte count, data
-    return Request(_TAIL.pack(0, 6, unit, function, address, count), function, count, ok_length, unpack)
+    head = _HEAD.pack(3 + data, unit, function, data) if unpack is not None else b""
+    return Request(_TAIL.pack(0, 6, unit, function, address, count), function, count, head, unpack)
 
 
 class _Exchange:
@@ -299,48 +302,54 @@ class LeanModbusTcpClient:
             data = bytes(self._buffer)
             self._buffer.clear()
         ex = self._exchange
-        more: list[bytes] = []  # requests the answers free room for, sent together
+        if ex is not None and ex.future.done():
+            ex = None  # it ended (timed out, broken): what comes now is no one's
+        if ex is None:
+            answers: list[Got] = []
+            requests: Sequence[Request] = ()
+            first = sent = 0
+        else:
+            answers, requests, first, sent = ex.answers, ex.requests, ex.first_tid, ex.sent
+        got = 0
         pos, size = 0, len(data)
         while size - pos >= 7:
-            tid, proto, length, _unit = _HEADER.unpack_from(data, pos)
+            tid, proto, length = _MBAP.unpack_from(data, pos)
             if proto != 0 or not 2 <= length <= _MAX_FRAME - 6:
                 self._broken(f"not a Modbus TCP frame (protocol {proto}, length {length})")
                 return
             end = pos + 6 + length
             if end > size:
                 break  # the rest is on its way
-            at, pos = pos, end
-            if ex is None or ex.future.done():
-                continue  # an answer to no request in flight: not ours to use
-            i = tid - ex.first_tid
-            if not 0 <= i < ex.sent or ex.answers[i] is not None:
-                continue  # not a request of this exchange, or one answered already
-            request = ex.requests[i]
-            # The common case, checked in place: the full answer to what was asked (function, byte
-            # count and length as asked), its values read straight off the received bytes.
-            if (
-                length == request.ok_length
-                and data[at + 7] == request.function
-                and data[at + 8] == length - 3
-            ):
-                assert request.unpack is not None  # ok_length is 0 without it
-                ex.answers[i] = request.unpack(data, at + 9)
-            else:
-                try:
-                    ex.answers[i] = _answer(data[at + 7 : end], request.function, request.asked)
-                except ModbusAnswerError as err:
-                    self._broken(str(err))
-                    return
-            ex.left -= 1
-            ex.progress = True
-            if ex.sent < len(ex.requests):
-                more.append(ex.frames(1))
-            elif not ex.left:
-                ex.end(None)
+            i = tid - first
+            # Else an answer to no request in flight, or to one answered already: not ours to use.
+            if 0 <= i < sent and answers[i] is None:
+                request = requests[i]
+                # The common case, checked in place: the full answer to what was asked (length,
+                # unit, function and byte count as asked), its values read off the received bytes.
+                if data[pos + 4 : pos + 9] == request.head:
+                    assert request.unpack is not None  # head is b"" without it
+                    answers[i] = request.unpack(data, pos + 9)
+                else:
+                    try:
+                        answers[i] = _answer(data[pos + 7 : end], request.function, request.asked)
+                    except ModbusAnswerError as err:
+                        self._broken(str(err))
+                        return
+                got += 1
+            pos = end
         if pos < size:
             self._buffer += data[pos:]
-        if more and self._transport is not None:
-            self._transport.write(b"".join(more))
+        if not got:
+            return
+        assert ex is not None
+        ex.left -= got
+        ex.progress = True
+        if sent < len(requests):  # room for as many more requests as answers came
+            more = ex.frames(min(got, len(requests) - sent))
+            if self._transport is not None:
+                self._transport.write(more)
+        elif not ex.left:
+            ex.end(None)
 
     def _broken(self, why: str) -> None:
         self._fail(ModbusAnswerError(why))
