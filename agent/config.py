@@ -131,7 +131,7 @@ class ModbusDevice(DeviceBase):
     # at a phase hashed from their id). A unit's poll is a few hundred microseconds of work, and
     # what the agent pays most for is being woken (a timer, then the answers: each wake-up of an
     # idle process costs ~170 us of CPU on a loaded 2-core host, cold caches): the `full` pod's 4
-    # units polled together wake it ~3 times a second instead of ~11, and its CPU per register
+    # units polled together wake it 3-6 times a second instead of ~11, and its CPU per register
     # halves (bench/vs_collectd.py). Unset: "modbus" for TCP units; an RTU unit keeps its own
     # phase, since the units of one line take turns on it request by request and, started
     # together, each poll would last as long as all of them. "": the id's own phase.
