@@ -23,6 +23,7 @@ from agent.model import Quality, Reading
 
 log = structlog.get_logger(__name__)
 _device_of, _metric_of = operator.itemgetter(0), operator.itemgetter(1)  # Reading.device, .metric
+_key_of = operator.itemgetter(0, 1)  # Reading.key: (device, metric)
 
 Subscriber = Callable[[Sequence[Reading]], None]
 POD_DEVICE = "pod"
@@ -124,12 +125,22 @@ class StateStore:
             return
         latest = self._latest
         by_device = self._by_device
-        for r in readings:
-            latest[(r.device, r.metric)] = r  # not r.key: a property call per reading
-            dev = by_device.get(r.device)
+        # In C (itemgetter, zip, dict.update): this runs for every reading of every poll. A batch
+        # is usually one device's (a PDU, a CDU); a driver of sub-devices (NVML's GPUs) goes by
+        # reading.
+        latest.update(zip(map(_key_of, readings), readings, strict=True))
+        first = readings[0].device
+        if len(set(map(_device_of, readings))) == 1:
+            dev = by_device.get(first)
             if dev is None:
-                dev = by_device[r.device] = {}
-            dev[r.metric] = r
+                dev = by_device[first] = {}
+            dev.update(zip(map(_metric_of, readings), readings, strict=True))
+        else:
+            for r in readings:
+                dev = by_device.get(r.device)
+                if dev is None:
+                    dev = by_device[r.device] = {}
+                dev[r.metric] = r
         derived = self._derive(readings)
         batch = [*readings, *derived] if derived else readings
         for r in derived:

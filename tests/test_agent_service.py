@@ -312,3 +312,15 @@ async def test_a_cancel_lost_deep_inside_a_service_does_not_hold_up_shutdown(tmp
     assert service.swallowed.is_set()
     assert service.child_stopped
     assert agent._tg is None
+
+
+def test_supervisor_kicks_at_half_the_watchdog_and_checks_rarely_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.app import STALL_CHECK_S, supervise_interval_s
+
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    assert supervise_interval_s() == 15.0
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert supervise_interval_s() == STALL_CHECK_S >= 30.0  # an idle agent is not woken for nothing

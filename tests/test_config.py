@@ -260,3 +260,29 @@ def test_readable_secret_and_tls_files_pass(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     config = load_config(write(tmp_path, GOOD + MQTT_WITH_FILES))
     assert config.mqtt.command_hmac_key_file == tmp_path / "hmac.key"
+
+
+def test_modbus_tcp_units_share_a_poll_phase_rtu_units_keep_their_own() -> None:
+    """TCP units are polled at one instant of the interval (one wake-up of the agent for all of
+    them); an RTU unit, which takes turns with its line's other units, keeps its id's phase; ""
+    asks for the id's phase explicitly."""
+    from agent.config import ModbusDevice
+    from agent.poller import Poller, phase_offset
+    from agent.state import StateStore
+
+    def unit(dev_id: str, **kw: object) -> ModbusDevice:
+        base = {"id": dev_id, "kind": "modbus", "profile": "generic-cdu", "host": "10.0.0.1"}
+        return ModbusDevice.model_validate(base | kw)
+
+    store = StateStore()
+    cdu, chiller = unit("cdu-1"), unit("chiller-1", profile="generic-chiller", port=1502)
+    rtu = unit("chiller-2", transport="rtu", serial="/dev/ttyUSB0", host=None)
+    own = unit("cdu-2", poll_phase="")
+    assert cdu.poll_phase == chiller.poll_phase == "modbus"
+    assert rtu.poll_phase is None
+    phases = {d.id: Poller(d, object(), store).phase_s for d in (cdu, chiller, rtu, own)}  # type: ignore[arg-type]
+    assert phases["cdu-1"] == phases["chiller-1"] == phase_offset("modbus", 1.0)
+    assert phases["chiller-2"] == phase_offset("chiller-2", 1.0)
+    assert phases["cdu-2"] == phase_offset("cdu-2", 1.0)
+    # A config given back as loaded keeps its phase (reload compares device configs).
+    assert ModbusDevice.model_validate(cdu.model_dump()) == cdu

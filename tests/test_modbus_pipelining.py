@@ -19,9 +19,9 @@ from agent.drivers.modbus import ModbusDriver
 from agent.drivers.modbus_tcp import LeanModbusTcpClient
 from agent.model import Quality
 from hwsim.modbus_devices import ModbusHandle, start_modbus_tcp
-from tests.test_driver_modbus import CASES, State, check_all_good, make_cdu
+from tests.test_driver_modbus import CASES, State, check_all_good, make_cdu, make_pdu
 
-Behaviour = Literal["reverse", "one_at_a_time", "silent_after_first"]
+Behaviour = Literal["reverse", "one_at_a_time", "silent_after_first", "duplicate", "spare_bytes"]
 
 
 def frames(buf: bytearray) -> list[bytes]:
@@ -34,6 +34,15 @@ def frames(buf: bytearray) -> list[bytes]:
         out.append(bytes(buf[:end]))
         del buf[:end]
     return out
+
+
+def spare_byte(answer: bytes) -> bytes:
+    """A bit read's answer with one byte more than the bits asked need (allowed: the byte count
+    covers at least the bits asked); other answers as they are."""
+    tid, proto, length, unit, function, count = struct.unpack(">HHHBBB", answer[:9])
+    if function not in (1, 2):
+        return answer
+    return struct.pack(">HHHBBB", tid, proto, length + 1, unit, function, count + 1) + answer[9:] + b"\x00"
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Proxy:
                         break
                 if self.behaviour == "reverse":
                     answers.reverse()
+                if self.behaviour == "duplicate":
+                    answers += answers  # a gateway that repeats itself: the copies are no one's
+                if self.behaviour == "spare_bytes":
+                    answers = [spare_byte(a) for a in answers]
                 writer.write(b"".join(answers))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -232,3 +245,43 @@ async def test_an_empty_batch_asks_nothing_and_waits_for_nothing() -> None:
     client = LeanModbusTcpClient("127.0.0.1", 9)  # never connected: nothing may go out
     batch = await client.read_batch([], device_id=1, window=4, timeout_s=30.0)
     assert batch.answers == [] and batch.error is None
+
+
+async def test_repeated_answers_are_no_ones_and_spare_bytes_of_a_bit_read_are_read(
+    served: list[ModbusHandle],
+) -> None:
+    """An answer is read in place only when it is the full answer asked for; a repeated one (its
+    request answered already, or a past poll's) is dropped, and a bit read answered with spare
+    bytes goes through the checked path to the same readings."""
+    pdu = make_pdu()
+    h = await start_modbus_tcp(pdu, profile="modbus-pdu")
+    served.append(h)
+    for behaviour in ("duplicate", "spare_bytes"):
+        async with proxied(h, behaviour) as (proxy, port):
+            drv = ModbusDriver(cfg(port, "modbus-pdu", pdu.id, max_in_flight=8))
+            await drv.open()
+            try:
+                for _ in range(3):
+                    check_all_good(await drv.poll(), pdu, "modbus-pdu")
+            finally:
+                await drv.close()
+        assert proxy.forwarded == 3 * len(drv.blocks), behaviour
+
+
+async def test_transaction_ids_wrap_within_one_poll(served: list[ModbusHandle]) -> None:
+    """A poll's requests take consecutive transaction ids; near the top of the 16-bit range the
+    next poll starts again from 1, never past 65535 and never 0."""
+    cdu = make_cdu()
+    h = await start_modbus_tcp(cdu, profile="generic-cdu")
+    served.append(h)
+    for window in (1, 8):
+        drv = ModbusDriver(cfg(tcp_port(h), "generic-cdu", cdu.id, max_in_flight=window))
+        await drv.open()
+        try:
+            check_all_good(await drv.poll(), cdu, "generic-cdu")
+            assert drv._line is not None and isinstance(drv._line.client, LeanModbusTcpClient)
+            drv._line.client._next_tid = 0x10000 - len(drv.blocks) + 2  # this poll would pass 65535
+            check_all_good(await drv.poll(), cdu, "generic-cdu")
+            assert drv._line.client._next_tid == 1 + len(drv.blocks)
+        finally:
+            await drv.close()

@@ -4,19 +4,23 @@ a short read is a clear error (ValueError / DeviceError), never a wrong number."
 
 from __future__ import annotations
 
+import asyncio
 import math
+import struct
 import time
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import ModbusDevice, SnmpDevice
+from agent.drivers.base import DriverError
 from agent.drivers.modbus import ModbusDriver, WordOrder, decode_value, decoder
 from agent.drivers.modbus import load_profile as modbus_profile
 from agent.drivers.snmp import SnmpDriver
 from agent.drivers.snmp import load_profile as snmp_profile
 from agent.drivers.snmp_transport import Special
-from agent.model import Quality
+from agent.model import Quality, Reading
 from tests.fuzz.conftest import FUZZ
 
 SNMP_PROFILES = ["apc-rpdu2", "raritan-pdu2"]
@@ -98,3 +102,61 @@ def test_modbus_block_decoding_is_total(profile: str, data: st.DataObject) -> No
         words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=block.count, max_size=block.count))
         for d in plan:
             assert isinstance(d.decode(words, d.offset), float), d.metric
+
+
+@FUZZ
+@given(profile=st.sampled_from(MODBUS_PROFILES), order=st.sampled_from(WORD_ORDERS), data=st.data())
+def test_block_unpack_is_decode_value(profile: str, order: WordOrder, data: st.DataObject) -> None:
+    """A Modbus TCP poll reads each block's answer in place (``unpack_block``: one struct call)
+    and scales it in its hot loop: the readings it gives are the ones the per-point decoders give
+    for the same registers (values bit for bit; NaN, Inf and out of range the same ERRORs)."""
+    cfg = ModbusDevice.model_validate(
+        {"id": "dev-1", "kind": "modbus", "host": "127.0.0.1", "profile": profile, "word_order": order}
+    )
+    driver = ModbusDriver(cfg)
+    assert driver._batched
+    words = [
+        data.draw(st.lists(st.integers(0, 0xFFFF), min_size=b.count, max_size=b.count)) for b in driver.blocks
+    ]
+    # Answers as a device puts them on the wire, read by each request's own unpack.
+    raws: list[tuple[Any, ...]] = []
+    for block, request, ws in zip(driver.blocks, driver._requests, words, strict=True):
+        if block.table in ("coil", "discrete"):
+            wire = sum(1 << k for k, w in enumerate(ws) if w & 1).to_bytes((block.count + 7) // 8, "little")
+            ws[:] = [w & 1 for w in ws]
+        else:
+            wire = struct.pack(f">{block.count}H", *ws)
+        assert request.unpack is not None
+        raws.append(request.unpack(b"\x00" * 9 + wire, 9))
+
+    async def exchange(requests: list[Any]) -> tuple[list[Any], None]:
+        assert len(requests) == len(raws)
+        return list(raws), None  # every block answered in full
+
+    async def read_blocks() -> list[list[int] | DriverError]:
+        return list(words)
+
+    driver._exchange = exchange  # type: ignore[method-assign]
+    driver._read_blocks = read_blocks  # type: ignore[method-assign]
+    fast = asyncio.run(driver.poll())  # all good: built in C (_Flat); else point by point
+    flat, driver._flat = driver._flat, None
+    by_point = asyncio.run(driver.poll())  # point by point whatever the values
+    driver._batched = False  # the per-point decoders' path (RTU, paced TCP)
+    slow = asyncio.run(driver.poll())
+    assert flat is not None  # every shipped profile's scales are exact for the C path
+
+    def strip(r: Reading) -> tuple[Any, ...]:
+        return (r.device, r.metric, r.value, r.unit, r.quality, r.error, type(r.value))
+
+    assert [strip(r) for r in fast] == [strip(r) for r in slow] == [strip(r) for r in by_point]
+    for r, want in zip(
+        fast,
+        [
+            decode_value(p, ws[p.address - b.address :][: p.width], order)
+            for b, ws in zip(driver.blocks, words, strict=True)
+            for p in b.points
+        ],
+        strict=True,
+    ):
+        if r.quality is Quality.GOOD:
+            assert r.value == want and type(r.value) is float, (r, want)
