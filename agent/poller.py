@@ -81,6 +81,7 @@ class PollStats:
     failures: int = 0
     missed_deadlines: int = 0
     driver_restarts: int = 0
+    bookkeeping_errors: int = 0  # the poller's own work after a poll raised (a bug; polling goes on)
     last_duration_s: float | None = None
     histogram: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS_S))  # for /metrics
 
@@ -125,6 +126,7 @@ class Poller:
         self._wake: asyncio.Future[None] | None = None  # the wait for the next deadline
         self._opened = False
         self._last_readings: list[Reading] = []
+        self._last_bookkeeping_error: str | None = None
         self._cadence_known = False
         self.up: bool | None = None  # None until the first cycle's outcome
         self._down_since: float | None = None
@@ -213,7 +215,14 @@ class Poller:
         realign = True
         try:
             while True:
-                ok = await self._cycle()
+                try:
+                    ok = await self._cycle()
+                except Exception as err:
+                    # Our own bookkeeping after the driver (store, sub-devices, the driver's
+                    # metric_every/device_info callbacks) raised: a bug, but the loop must live on.
+                    # The device's data then ages to stale, and the interlocks fail safe on it.
+                    ok = False
+                    self._bookkeeping_failed(err)
                 raise_if_cancelling()
                 self.first_cycle.set()
                 now = loop.time()
@@ -238,6 +247,17 @@ class Poller:
                     deadline, realign = loop.time(), True
         finally:
             await self._close()
+
+    def _bookkeeping_failed(self, err: Exception) -> None:
+        """Count every failure; log one with its traceback per distinct error, not one a cycle."""
+        self.stats.bookkeeping_errors += 1
+        what = f"{type(err).__name__}: {err}"
+        if what == self._last_bookkeeping_error:
+            return
+        self._last_bookkeeping_error = what
+        # Logging itself can fail (out of descriptors): keep polling.
+        with contextlib.suppress(Exception):
+            log.error("poll bookkeeping failed", device=self.cfg.id, error=what, exc_info=err)
 
     async def _cycle(self) -> bool:
         # acquire/release rather than ``async with``: no __aenter__/__aexit__ coroutines per cycle

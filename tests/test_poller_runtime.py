@@ -247,3 +247,42 @@ def test_pdus_share_a_phase_unless_told_otherwise() -> None:
     assert phase(id="pdu-1") == phase(id="pdu-2") == phase_offset("pdus", 1.0)
     assert phase(id="pdu-1", poll_phase="") == phase_offset("pdu-1", 1.0)
     assert phase(id="pdu-1", poll_phase="row-b") == phase(id="pdu-9", poll_phase="row-b")
+
+
+class BadCadenceDriver:
+    """A driver that answers, but whose ``metric_every`` (called by the poller after the poll,
+    outside the driver's own error handling) raises, as a driver bug would."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.polls = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def poll(self) -> list[Reading]:
+        self.polls += 1
+        return [Reading(self.device_id, "cpu_pct", 1.0, "%")]
+
+    def metric_every(self, metric: str) -> int:
+        raise RuntimeError(f"no cadence for {metric}")
+
+
+async def test_a_bug_in_the_bookkeeping_after_a_poll_does_not_end_the_loop() -> None:
+    store = StateStore()
+    driver = BadCadenceDriver("buggy")
+    poller = Poller(HostDevice(id="buggy", kind="host", poll_interval_s=0.05), driver, store)
+    task = asyncio.create_task(poller.run())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(_until(lambda: poller.stats.bookkeeping_errors >= 3), 30)
+        assert not task.done()  # the device's loop lives on, and keeps polling
+        assert driver.polls >= 3
+        failed = [e for e in logs if e["event"].startswith("poll bookkeeping failed")]
+        assert len(failed) == 1 and "no cadence for cpu_pct" in failed[0]["error"]  # once, not per cycle
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
