@@ -98,13 +98,27 @@ class StateStore:
             return
         latest = self._latest
         by_device = self._by_device
+        # One pass: the devices in the batch and those with a power_w reading (what _derive
+        # needs) are noted on the way. A batch comes grouped by device (a node's: 4-8 GPUs and
+        # itself, ~50 readings), so the device's dict is looked up once per run of its readings.
+        devices: set[str] = set()
+        powered: set[str] = set()
+        device: str | None = None
+        dev: dict[str, Reading] = {}
         for r in readings:
-            latest[(r.device, r.metric)] = r  # not r.key: a property call per reading
-            dev = by_device.get(r.device)
-            if dev is None:
-                dev = by_device[r.device] = {}
-            dev[r.metric] = r
-        derived = self._derive(readings)
+            metric = r.metric
+            if r.device != device:
+                device = r.device
+                devices.add(device)
+                got = by_device.get(device)
+                if got is None:
+                    got = by_device[device] = {}
+                dev = got
+            latest[(device, metric)] = r  # not r.key: a property call per reading
+            dev[metric] = r
+            if metric == "power_w":
+                powered.add(device)
+        derived = self._derive(devices, powered) if powered else []
         batch = [*readings, *derived] if derived else readings
         for r in derived:
             latest[r.key] = r
@@ -115,13 +129,12 @@ class StateStore:
             except Exception:  # a subscriber bug must not stop the data flowing
                 log.exception("state subscriber failed", subscriber=getattr(sub, "__qualname__", repr(sub)))
 
-    def _derive(self, readings: Sequence[Reading]) -> list[Reading]:
+    def _derive(self, devices: set[str], gpu_devices: set[str]) -> list[Reading]:
+        """The pod's power and the loops' GPU heat load, for a batch with power readings
+        (``gpu_devices``: the devices with power_w; ``devices``: every device in the batch)."""
         out: list[Reading] = []
-        touched_power = any(r.metric == "power_w" for r in readings)
-        if not touched_power:
-            return out
         now_m, now_w = time.monotonic(), time.time()
-        if self._pod_power_devices and any(r.device in self._pod_power_devices for r in readings):
+        if self._pod_power_devices and not devices.isdisjoint(self._pod_power_devices):
             total, bad = self._sum_power(self._pod_power_devices)
             out.append(
                 Reading(
@@ -135,7 +148,6 @@ class StateStore:
                     error=f"no power from {', '.join(sorted(bad))}" if bad else None,
                 )
             )
-        gpu_devices = {r.device for r in readings if r.metric == "power_w"}
         for loop, gpus in self._loop_gpus.items():
             if now_m - self._loop_sum_at.get(loop, -LOOP_SUM_MIN_S) < LOOP_SUM_MIN_S:
                 continue
