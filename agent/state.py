@@ -125,23 +125,39 @@ class StateStore:
             return
         latest = self._latest
         by_device = self._by_device
-        # In C (itemgetter, zip, dict.update): this runs for every reading of every poll. A batch
-        # is usually one device's (a PDU, a CDU); a driver of sub-devices (NVML's GPUs) goes by
-        # reading.
-        latest.update(zip(map(_key_of, readings), readings, strict=True))
         first = readings[0].device
         if len(set(map(_device_of, readings))) == 1:
+            # One device's batch (a PDU, a CDU: most of them), stored in C (itemgetter, zip,
+            # dict.update): this runs for every reading of every poll.
+            latest.update(zip(map(_key_of, readings), readings, strict=True))
             dev = by_device.get(first)
             if dev is None:
                 dev = by_device[first] = {}
             dev.update(zip(map(_metric_of, readings), readings, strict=True))
+            devices = {first}
+            powered = devices if "power_w" in map(_metric_of, readings) else set()
         else:
+            # Sub-devices (a node's or NVML's GPUs, ~50 readings a node): one pass noting the
+            # batch's devices and those with a power_w reading (what _derive needs) on the way. A
+            # batch comes grouped by device, so a device's dict is looked up once per run of its
+            # readings.
+            devices, powered = set(), set()
+            device: str | None = None
+            dev = {}
             for r in readings:
-                dev = by_device.get(r.device)
-                if dev is None:
-                    dev = by_device[r.device] = {}
-                dev[r.metric] = r
-        derived = self._derive(readings)
+                metric = r.metric
+                if r.device != device:
+                    device = r.device
+                    devices.add(device)
+                    got = by_device.get(device)
+                    if got is None:
+                        got = by_device[device] = {}
+                    dev = got
+                latest[(device, metric)] = r  # not r.key: a property call per reading
+                dev[metric] = r
+                if metric == "power_w":
+                    powered.add(device)
+        derived = self._derive(readings, devices, powered) if powered else []
         batch = [*readings, *derived] if derived else readings
         for r in derived:
             latest[r.key] = r
@@ -152,14 +168,14 @@ class StateStore:
             except Exception:  # a subscriber bug must not stop the data flowing
                 log.exception("state subscriber failed", subscriber=getattr(sub, "__qualname__", repr(sub)))
 
-    def _derive(self, readings: Sequence[Reading]) -> list[Reading]:
+    def _derive(self, readings: Sequence[Reading], devices: set[str], gpu_devices: set[str]) -> list[Reading]:
+        """The pod's power and the loops' GPU heat load, for a batch with power readings
+        (``gpu_devices``: the devices with power_w; ``devices``: every device in the batch)."""
         out: list[Reading] = []
-        if "power_w" not in map(_metric_of, readings):  # in C: this runs for every batch
-            return out
         now_m, now_w = time.monotonic(), time.time()
         pod_slot = self._pod_slot
         # The pod's power is re-summed when the batch has any reading of one of its devices.
-        touched_pod = bool(pod_slot) and not pod_slot.keys().isdisjoint(map(_device_of, readings))
+        touched_pod = bool(pod_slot) and not pod_slot.keys().isdisjoint(devices)
         for r in compress(readings, map("power_w".__eq__, map(_metric_of, readings))) if touched_pod else ():
             if (slot := pod_slot.get(r.device)) is not None:
                 limit = self._stale_after.get(r.device)
@@ -190,7 +206,6 @@ class StateStore:
                     error=f"no power from {', '.join(sorted(bad))}" if bad else None,
                 )
             )
-        gpu_devices = {r.device for r in readings if r.metric == "power_w"}
         for loop, gpus in self._loop_gpus.items():
             if now_m - self._loop_sum_at.get(loop, -LOOP_SUM_MIN_S) < LOOP_SUM_MIN_S:
                 continue

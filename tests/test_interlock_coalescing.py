@@ -192,7 +192,13 @@ def test_coalesced_evaluation_gives_the_events_of_evaluating_every_batch(
     """Engine A evaluates every batch (and a full step each second); engine B does what the
     service does: urgent batches at once, a batch that would overwrite one not yet evaluated at
     once, the others within ``window``, and the full step each second. Same events, at the same
-    times; B's caps never above A's (B may only release a ramp step a little later)."""
+    times; B's caps never above A's (B may only release a ramp step a little later).
+
+    The clock's full steps fall at the same instants for both (each whole second): a sustain or
+    a hold that ends between two readings is found by the first evaluation after it ends, so two
+    engines whose clocks ran at different phases would trip at different instants for that
+    reason alone (a flow low sustained 2 s from 2.64 s, read missing at 4.73 s: a full step at
+    4.70 s trips it, one at 4.75 s does not), which says nothing about coalescing."""
     cfg = InterlockConfig.model_validate({"coalesce_s": window})
     # Time alone makes an input stale, and only a full step (each second, in both) is bound to
     # see it: here readings never age, so the comparison is exact; a bad reading is still stale.
@@ -200,28 +206,30 @@ def test_coalesced_evaluation_gives_the_events_of_evaluating_every_batch(
     a, b, pod = Engine(cfg, topo, started=0.0), Engine(cfg, topo, started=0.0), Pod()
     pod.touch(0.0)
     ev_a, ev_b = _events(a.step(pod.snapshot(), 0.0, WALL0)), _events(b.step(pod.snapshot(), 0.0, WALL0))
-    last_full_a = last_full_b = 0.0
+    next_full = 1.0
     pending: set[str] = set()
     pending_since: float | None = None
 
     def step_b(now: float, full: bool) -> None:
-        nonlocal pending, pending_since, last_full_b
+        nonlocal pending, pending_since
         changed = None if full else pending
         ev_b.extend(_events(b.step(pod.snapshot(), now, WALL0 + now, changed=changed)))
-        if full:
-            last_full_b = now
         pending, pending_since = set(), None
 
     for t, device, values in seq:
-        # B's clock: a coalesced evaluation whose window ended, a full step that fell due.
-        if pending_since is not None and pending_since + window <= t:
-            due = pending_since + window
-            step_b(due, due - last_full_b >= 1.0)
-        if t - last_full_b >= 1.0:
-            step_b(t, True)
-        if t - last_full_a >= 1.0:
-            ev_a.extend(_events(a.step(pod.snapshot(), t, WALL0 + t)))
-            last_full_a = t
+        # The clock: B's coalesced evaluation whose window ended first, then the full steps due.
+        while True:
+            due = pending_since + window if pending_since is not None else math.inf
+            if due <= t and due < next_full:
+                step_b(due, False)
+            elif next_full <= t:
+                if due <= next_full:
+                    step_b(due, False)
+                step_b(next_full, True)
+                ev_a.extend(_events(a.step(pod.snapshot(), next_full, WALL0 + next_full)))
+                next_full += 1.0
+            else:
+                break
         # Every GPU's constraints and the GPUs' draw stay fresh (the NVML poll's slow metrics).
         for g in GPUS:
             for m in ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w", "power_w"):

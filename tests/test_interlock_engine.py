@@ -648,7 +648,9 @@ def test_a_partial_step_gives_the_caps_of_a_full_step(
     steps: list[dict[str, Any]], data: st.DataObject
 ) -> None:
     """The service evaluates only the devices with new readings; on the same inputs (and the same
-    engine memory) that gives the very caps a full evaluation gives for every GPU it evaluates."""
+    engine memory) that gives the very caps a full evaluation gives for every GPU it evaluates,
+    but for a release: a partial step lowers at once and leaves the ramp's rises to the clock's
+    full step, so where the full step raises a cap the partial one keeps the cap it had."""
     import copy
 
     for eng, _d, _ in drive(steps):
@@ -663,7 +665,11 @@ def test_a_partial_step_gives_the_caps_of_a_full_step(
         b = part.step(snap, t, WALL0 + t, changed=pod_changed)
         assert b.evaluated is not None
         for gpu, cap in b.evaluated.items():
-            assert cap == a.caps[gpu], (gpu, pod_changed)
+            prev = eng.last_caps.get(gpu)
+            if prev is not None and a.caps[gpu] > prev:
+                assert cap == prev, (gpu, pod_changed)  # a release: the clock's to make
+            else:
+                assert cap == a.caps[gpu], (gpu, pod_changed)
 
 
 _LAST_SNAPSHOT: list[Any] = [{}, 0.0]

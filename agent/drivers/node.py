@@ -455,17 +455,17 @@ def _gpu_readings(dev: str, readings: dict[str, Any], now_m: float, now_w: float
         value, quality, error, age = item
         q = qualities.get(quality) if type(quality) is str else None
         t = type(age)
-        if (
-            q is None
-            or not ((t is float and 0 <= age < _INF) or (t is int and 0 <= age < _MAX_INT))
-            or type(metric) is not str
-        ):
+        # (metric is a str: a JSON object's keys always are.)
+        if q is None or not ((t is float and 0 <= age < _INF) or (t is int and 0 <= age < _MAX_INT)):
             continue  # age: a finite number >= 0 (NaN fails both comparisons)
         if value is not None:
             t = type(value)
-            if (t is float and -_INF < value < _INF) or (t is int and -_MAX_INT < value < _MAX_INT):
+            if t is float:  # the usual case: kept as is
+                if not -_INF < value < _INF:  # NaN, Inf
+                    value, q, error = None, _ERROR, "bad value from node"
+            elif t is int and -_MAX_INT < value < _MAX_INT:
                 value = float(value)
-            else:  # a string, a bool, NaN, Inf or a 400-digit integer: missing, never a number
+            else:  # a string, a bool, or a 400-digit integer: missing, never a number
                 value, q, error = None, _ERROR, "bad value from node"
         elif q is _GOOD:
             q = _ERROR

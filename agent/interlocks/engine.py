@@ -113,7 +113,7 @@ class _LazyLimits(dict[str, "GpuLimits | None"]):
         self[gpu] = value
         return value
 
-    def get(self, gpu: str, default: object = None) -> GpuLimits | None:  # type: ignore[override]
+    def get(self, gpu: str, default: object = None) -> GpuLimits | None:
         return self[gpu]
 
 
@@ -125,8 +125,13 @@ class Engine:
         *,
         started: float,
         initial_limits: Mapping[str, float] | None = None,
+        incremental: bool = True,
     ) -> None:
         self.config = config
+        # False: every step walks every GPU in scope (no skipping of unchanged idle GPUs, the
+        # combine over every GPU from a scan of the instances). The property tests hold the
+        # incremental engine to exactly what this exhaustive one decides.
+        self.incremental = incremental
         self.topology = topology
         self.started = started
         self.instances: dict[tuple[str, str], Instance] = {}
@@ -135,7 +140,7 @@ class Engine:
         self._covering: dict[str, list[Instance]] = {}
         self._of_device: dict[str, list[Instance]] = {}
         self._gpu_pos: dict[str, int] = {g: i for i, g in enumerate(topology.gpus)}
-        self._protects: dict[str, list[str]] | None = None  # GPU -> the stale-rule inputs guarding it
+        self._other_inputs: set[str] | None = None  # the stale-rule inputs that are not a GPU's own
         self.gpu_mem: dict[str, GpuMemory] = {g: GpuMemory() for g in topology.gpus}
         # Reconcile after a restart: a GPU already below its default keeps that cap until the ramp
         # (or a still-justified interlock) decides otherwise.
@@ -155,6 +160,20 @@ class Engine:
         self._rising: dict[str, bool] = {}  # CDU -> its supply still rises under caps
         self._extra_events: list[Event] = []
         self._now_wall = 0.0
+        # The caps ledger: every instance's caps in force (its caps while tripped), kept per GPU, so
+        # the combine reads a GPU's interlock caps without scanning instances, and a step knows the
+        # GPUs whose caps moved (``_dirty``). Synced from the instances a step touched (_touched).
+        self._held: dict[tuple[str, str], dict[str, float]] = {}
+        self._gpu_caps: dict[str, dict[tuple[str, str], float]] = {}
+        self._touched: list[Instance] = []
+        self._dirty: set[str] = set(topology.gpus)  # GPUs whose combined cap must be recomputed
+        self._ramping: set[str] = set()  # GPUs under their desired cap: the clock releases them
+        self._combined_limits: dict[str, GpuLimits] = {}  # the constraints each GPU was combined on
+        self._last_external: dict[str, float] = {}
+        self._last_suppressed: set[tuple[str, str]] = set()
+        self._seen_temp: dict[str, Reading | None] = {}  # GPU -> the temp reading its rules last saw
+        self._gpu_tripped: set[str] = set()  # GPUs with gpu_overtemp / gpu_runaway tripped
+        self._supply_high: list[Instance] = []  # the coolant_supply_high instances (setpoint actions)
 
     def reconfigure(self, config: InterlockConfig, topology: Topology) -> None:
         """New thresholds and topology (a config reload). Instances and GPU memory stay: a trip in
@@ -165,10 +184,13 @@ class Engine:
             self.gpu_mem.setdefault(gpu, GpuMemory())
         self._inputs = None
         self._input_pos = None
-        self._protects = None
+        self._other_inputs = None
         self._gpu_pos = {g: i for i, g in enumerate(topology.gpus)}
+        # New thresholds or GPUs: every GPU's rules and combined cap are looked at again.
+        self._dirty.update(topology.gpus)
+        self._seen_temp.clear()
         # A trip in progress now protects its device's new group; the indexes follow.
-        self._covering, self._of_device = {}, {}
+        self._covering, self._of_device, self._supply_high = {}, {}, []
         stale_groups = {dev: gpus for dev, _, gpus in self._stale_inputs()}
         for inst in self.instances.values():
             inst.gpus = self._group(inst.interlock, inst.device, inst.gpus, stale_groups)
@@ -191,6 +213,8 @@ class Engine:
 
     def _index(self, inst: Instance) -> None:
         self._of_device.setdefault(inst.device, []).append(inst)
+        if inst.interlock == "coolant_supply_high":
+            self._supply_high.append(inst)
         for g in {*inst.gpus, *inst.caps}:
             self._covering.setdefault(g, []).append(inst)
 
@@ -271,7 +295,16 @@ class Engine:
         """One evaluation. ``changed``: the devices with new readings since the last step; the rules
         of other devices are left as they were (a cheap step for one PDU's poll in a 576-GPU pod).
         None evaluates everything: the caller does that at least every second, for hold times,
-        ramps and staleness, which move with time alone."""
+        ramps and staleness, which move with time alone.
+
+        Either way the step recomputes the combined cap of only the GPUs whose inputs to it moved
+        (an instance's caps, the GPU's constraints, its external cap, an override), and on a full
+        step also of the GPUs still ramping up; the rules of a GPU whose temperature reading is
+        the one its rules last saw, with nothing tripped, are not run again (they would decide
+        nothing: same reading, same history; ageing only makes it missing, which decides nothing
+        for an idle GPU either). A partial step lowers caps at once but never raises one: the
+        release ramp is the clock's, on the full step. ``incremental=False`` does the same
+        without skipping anything: the property tests compare the two."""
         cfg = self.config
         events: list[Event] = []
         actions: list[Action] = []
@@ -280,16 +313,14 @@ class Engine:
         topo = self.topology
         gpus: Sequence[str] = topo.gpus
         loops, pdus = topo.loops, topo.pdus
-        affected: set[str] | None = None
+        full = changed is None
+        ch: set[str] = set()
         if changed is not None:
             ch = set(changed)
             pos = self._gpu_pos
             gpus = sorted((g for g in ch if g in pos), key=pos.__getitem__)
             loops = {c: g for c, g in topo.loops.items() if c in ch}
             pdus = {p: g for p, g in topo.pdus.items() if p in ch}
-            affected = set(gpus)
-            for group in (*loops.values(), *pdus.values()):
-                affected.update(group)
         self._transitions = []
         self._extra_events = []
         self._now_wall = now_wall
@@ -297,20 +328,23 @@ class Engine:
             self._gpu_rules(snap, now, limits, gpus)
             self._loop_rules(snap, now, acked, loops)
             self._escalation_rule(snap, now, limits, loops, suppressed)
-            self._alarm_rule(snap, now, None if changed is None else set(changed))
+            self._alarm_rule(snap, now, None if full else ch)
             self._pdu_rule(snap, now, limits, pdus)
-            self._stale_rule(
-                snap, now, None if changed is None else self._stale_scope(set(changed), affected)
-            )
-        for ev in self._extra_events:
-            events.append(ev)
-            if affected is not None:
-                affected.update(ev.detail.get("gpus", ()))
+            if full:
+                self._stale_rule(snap, now, None)
+            else:
+                self._partial_stale(snap, now, ch)
+        self._sync_ledger()
+        if suppressed != self._last_suppressed:  # an override began or ended: its caps count again
+            for key in suppressed ^ self._last_suppressed:
+                self._dirty.update(self._held.get(key, ()))
+            self._last_suppressed = suppressed
+        external = external_caps or {}
+        self._external_moved(external)
+        events.extend(self._extra_events)
 
         # Transitions -> events (and shed actions), then caps.
         for inst in self._transitions:
-            if affected is not None:
-                affected.update(inst.gpus)
             was = inst.detail.pop("_transition", None)
             if was == "trip":
                 inst.trip_event = self._event_id(now_wall)
@@ -332,11 +366,92 @@ class Engine:
             self._shed(snap, now, now_wall, suppressed, acked, events, actions)
         self._setpoint_actions(now_wall, actions)
 
-        if external_caps and affected is not None:
-            affected.update(g for g, (w, _) in external_caps.items() if self.last_caps.get(g) != w)
-        evaluated = self._combine(now, limits, suppressed, external_caps or {}, affected)
+        evaluated = self._combine(now, limits, suppressed, external, full, gpus)
         self.last_caps.update(evaluated)
+        if full:  # every GPU's cap is what a recomputation would give: report them all
+            last = self.last_caps
+            evaluated = {g: last[g] for g in topo.gpus if g in last}
         return Decision(caps=dict(self.last_caps), events=events, actions=actions, evaluated=evaluated)
+
+    # ------------------------------------------------------------------ the caps ledger
+    def _sync_ledger(self) -> None:
+        """Bring the ledger up to the instances this step touched: a GPU whose caps in force
+        changed (a trip, a tightening, a clear, a rung) is marked for the combine."""
+        touched, self._touched = self._touched, []
+        held, per_gpu, dirty = self._held, self._gpu_caps, self._dirty
+        for inst in touched:
+            key = (inst.interlock, inst.device)
+            caps = inst.caps if inst.tripped_since is not None else {}
+            old = held.get(key, {})
+            if old == caps:
+                continue
+            for g in old.keys() | caps.keys():
+                w = caps.get(g)
+                if w is not None and w == old.get(g):
+                    continue
+                dirty.add(g)
+                if w is None:
+                    mine = per_gpu.get(g)
+                    if mine is not None:
+                        mine.pop(key, None)
+                else:
+                    per_gpu.setdefault(g, {})[key] = w
+            if caps:
+                held[key] = dict(caps)
+            else:
+                held.pop(key, None)
+
+    def held_caps(
+        self, gpus: Collection[str], suppressed: set[tuple[str, str]]
+    ) -> dict[str, list[tuple[float, str]]]:
+        """``caps_by_gpu`` for some GPUs, from the ledger (for tests and views)."""
+        out: dict[str, list[tuple[float, str]]] = {}
+        for g in gpus:
+            for key, w in self._gpu_caps.get(g, {}).items():
+                if key not in suppressed:
+                    out.setdefault(g, []).append((w, key[0]))
+        return out
+
+    def _external_moved(self, external: Mapping[str, tuple[float, str]]) -> None:
+        """Mark the GPUs whose external cap (the fleet budget...) appeared, moved or went."""
+        last, dirty = self._last_external, self._dirty
+        if not external and not last:
+            return
+        now_ext = {g: w for g, (w, _) in external.items()}
+        if now_ext == last:
+            return
+        for g in now_ext.keys() | last.keys():
+            if now_ext.get(g) != last.get(g):
+                dirty.add(g)
+        self._last_external = now_ext
+
+    def _partial_stale(self, snap: Snapshot, now: float, changed: set[str]) -> None:
+        """A partial step's stale checks: the changed inputs, every input that is not a GPU's own
+        (a few dozen CDUs and PDUs: the checks a full step would make of them, cheap), and the
+        own input of every GPU whose cap the step recomputes, so that cap is the one a full step
+        at this instant would give. A stale trip of a CDU or PDU marks its GPUs: their own
+        inputs are checked in a second pass (a GPU's own input protects that GPU only, so it
+        ends there), and the trips come out in the order a single pass would give."""
+        self._sync_ledger()
+        inputs = self._stale_inputs()
+        if self._input_pos is None:
+            self._input_pos = {device: i for i, (device, _, _) in enumerate(inputs)}
+        gpu_pos = self._gpu_pos
+        scope = changed | self._non_gpu_inputs()
+        scope.update(g for g in self._dirty if g in gpu_pos)
+        first = len(self._transitions)
+        self._stale_rule(snap, now, scope)
+        self._sync_ledger()
+        more = {g for g in self._dirty if g in gpu_pos and g not in scope}
+        if more:
+            self._stale_rule(snap, now, more)
+            pos = self._input_pos
+            self._transitions[first:] = sorted(self._transitions[first:], key=lambda i: pos[i.device])
+
+    def _non_gpu_inputs(self) -> set[str]:
+        if self._other_inputs is None:
+            self._other_inputs = set(self.topology.loops) | set(self.topology.pdus)
+        return self._other_inputs
 
     def _trip_event(self, inst: Instance, now_wall: float, suppressed: set[tuple[str, str]]) -> Event:
         critical = inst.interlock in ("coolant_leak", "coolant_flow_low", "shed", "cooling_alarm")
@@ -386,6 +501,7 @@ class Engine:
         if inst.tripped_since is None and not (cond or trip_now):
             inst.cond_since = None  # idle, and stays so: nothing else to decide
             return
+        self._touched.append(inst)  # its caps in force may change: the ledger looks
         if callable(caps):
             caps = caps()
         if not inst.tripped:
@@ -440,8 +556,17 @@ class Engine:
         self, snap: Snapshot, now: float, limits: Mapping[str, GpuLimits | None], gpus: Sequence[str]
     ) -> None:
         ot, ra = self.config.gpu_overtemp, self.config.gpu_runaway
+        seen, tripped, skip = self._seen_temp, self._gpu_tripped, self.incremental
         for gpu in gpus:
             r = snap.get((gpu, "temp_c"))
+            if skip and gpu not in tripped and gpu in seen:
+                # Nothing tripped and the very reading its rules last saw: they would decide the
+                # same (nothing), as the rate's history moves only with a new reading; ageing
+                # only makes the reading missing, which decides nothing for an idle GPU.
+                prev = seen[gpu]
+                if prev is r or prev == r:
+                    continue
+            seen[gpu] = r
             temp = self._fresh(snap, gpu, "temp_c", now)
             mem = self.gpu_mem[gpu]
             if temp is not None and r is not None and (not mem.temps or mem.temps[-1][0] < r.ts_mono):
@@ -481,6 +606,11 @@ class Engine:
                         caps={gpu: cap} if cap is not None else None,
                         detail=partial(_runaway_detail, ra, temp, rate),
                     )
+            a, b = self.instances.get(("gpu_overtemp", gpu)), self.instances.get(("gpu_runaway", gpu))
+            if (a is not None and a.tripped) or (b is not None and b.tripped):
+                tripped.add(gpu)
+            else:
+                tripped.discard(gpu)
 
     @staticmethod
     def _rate(temps: deque[tuple[float, float]], window_s: float) -> float | None:
@@ -619,6 +749,8 @@ class Engine:
                 gpus=gpus,
                 limits=limits,
             )
+            if outcome is not None or inst.tripped_since is not None:
+                self._touched.append(inst)
             if outcome == "climb":
                 inst.trip_event = self._event_id(self._now_wall)
                 self._extra_events.append(
@@ -773,22 +905,6 @@ class Engine:
             out.append((pdu, ("phase1_current_a", "phase2_current_a", "phase3_current_a"), gpus))
         self._inputs = out
         return out
-
-    def _stale_scope(self, changed: set[str], affected: set[str] | None) -> set[str]:
-        """A partial step's stale checks: the changed inputs and every input protecting a GPU the
-        step re-evaluates (its caps must be those a full step would give)."""
-        if not affected:
-            return changed
-        if self._protects is None:
-            protects: dict[str, list[str]] = {}
-            for dev, _, gpus in self._stale_inputs():
-                for g in gpus:
-                    protects.setdefault(g, []).append(dev)
-            self._protects = protects
-        scope = set(changed)
-        for g in affected:
-            scope.update(self._protects.get(g, ()))
-        return scope
 
     def _stale_rule(self, snap: Snapshot, now: float, changed: set[str] | None) -> None:
         st = self.config.sensor_stale
@@ -1026,9 +1142,8 @@ class Engine:
         sp = self.config.coolant_supply_high.setpoint_on_trip_c
         if sp is None:
             return
-        for (name, cdu), inst in self.instances.items():
-            if name != "coolant_supply_high":
-                continue
+        for inst in self._supply_high:  # not a walk over every instance, every step
+            cdu = inst.device
             if inst.tripped and not inst.setpoint_lowered:
                 actions.append(
                     Action("cdu_setpoint", cdu, sp, "coolant_supply_high tripped", inst.trip_event or "")
@@ -1066,28 +1181,71 @@ class Engine:
     def _combine(
         self,
         now: float,
-        limits: Mapping[str, GpuLimits | None],
+        limits: _LazyLimits,
         suppressed: set[tuple[str, str]],
         external: Mapping[str, tuple[float, str]],
-        affected: set[str] | None = None,
+        full: bool,
+        changed_gpus: Sequence[str],
     ) -> dict[str, float]:
-        gpus: Sequence[str]
-        if affected is None:
-            gpus, by_gpu = self.topology.gpus, self.caps_by_gpu(suppressed)
-        else:  # a partial step: only the instances that may cap the GPUs it evaluates
-            pos = self._gpu_pos
-            gpus = sorted((g for g in affected if g in pos), key=pos.__getitem__)
-            by_gpu = self.caps_of(gpus, suppressed)
+        """Each GPU's cap: the lowest of its interlock caps, its external cap and its default,
+        clamped to its constraints; lowered at once, raised only by the ramp (on a full step).
+
+        Incremental: only the GPUs whose combined cap may have moved are recomputed: those the
+        ledger, an override or an external cap marked, those whose constraints changed (every
+        GPU's are looked at on a full step, the changed GPUs' on a partial one, and those a rule
+        read this step), and on a full step those still ramping up. Any other GPU's recomputation
+        would give its last cap again, with nothing to update."""
+        pos = self._gpu_pos
+        by_gpu: dict[str, list[tuple[float, str]]] | None = None
+        if not self.incremental:
+            gpus: Sequence[str] = self.topology.gpus
+            by_gpu = self.caps_by_gpu(suppressed)
+        else:
+            todo = self._dirty
+            combined, memo = self._combined_limits, self._limits_memo
+            get = limits._snap.get
+            m0, m1, m2 = _LIMIT_METRICS
+            for g in self.topology.gpus if full else changed_gpus:
+                known = memo.get(g)
+                if (
+                    known is None
+                    or known[0][0] is not get((g, m0))
+                    or known[0][1] is not get((g, m1))
+                    or known[0][2] is not get((g, m2))
+                ) and limits[g] != combined.get(g):
+                    todo.add(g)
+            for g, lim in limits.items():  # the constraints a rule read this step
+                last = combined.get(g)
+                if lim is not last and lim != last:  # (the memo gives the same object back)
+                    todo.add(g)
+            if full:
+                todo |= self._ramping
+            gpus = sorted((g for g in todo if g in pos), key=pos.__getitem__)
+        self._dirty = set()
+        held = self._gpu_caps
+        ramping = self._ramping
         step_pct = self.config.release_step_pct
+        interval = self.config.release_interval_s
         out: dict[str, float] = {}
         for gpu in gpus:
-            lim = limits.get(gpu)
+            lim = limits[gpu]
             mem = self.gpu_mem[gpu]
             if lim is None:
                 continue  # constraints unknown (GPU never read): nothing safe to ask for
+            self._combined_limits[gpu] = lim
             desired = lim.default_w
-            for w, _ in by_gpu.get(gpu, ()):
-                desired = min(desired, w)
+            if by_gpu is not None:
+                for w, _ in by_gpu.get(gpu, ()):
+                    desired = min(desired, w)
+            else:
+                mine = held.get(gpu)
+                if mine:
+                    if suppressed:
+                        for key, w in mine.items():
+                            if key not in suppressed and w < desired:
+                                desired = w
+                    else:
+                        desired = min(desired, *mine.values())
             if gpu in external:
                 desired = min(desired, external[gpu][0])
             desired = max(lim.min_w, min(lim.max_w, desired))
@@ -1096,10 +1254,14 @@ class Engine:
             if desired < applied:
                 applied = desired  # lower at once
                 mem.last_raise = now
-            elif desired > applied and now - mem.last_raise >= self.config.release_interval_s:
+            elif desired > applied and full and now - mem.last_raise >= interval:
                 applied = min(desired, applied + lim.default_w * step_pct / 100.0)  # ramped release
                 mem.last_raise = now
             mem.applied_w = applied
+            if applied < desired:
+                ramping.add(gpu)
+            else:
+                ramping.discard(gpu)
             out[gpu] = applied
         return out
 

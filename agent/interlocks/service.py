@@ -62,6 +62,8 @@ INPUT_METRICS = frozenset(
         "power_w",
     }
 )
+# A GPU's NVML constraints: not inputs of a trip, but the engine's caps are computed from them.
+LIMIT_METRICS = frozenset({"min_power_limit_w", "max_power_limit_w", "default_power_limit_w"})
 CAP_TOLERANCE_W = 1.0  # NVML limits are whole mW; anything under a watt is the same limit
 CapSource = Callable[[], Mapping[str, tuple[float, str]]]  # GPU -> (cap W, why): the fleet budget...
 
@@ -209,15 +211,24 @@ class InterlockService:
 
     def _on_batch(self, batch: Sequence[Reading]) -> None:
         # Cheap: runs inside StateStore.update for every batch; the engine re-evaluates only the
-        # devices with new inputs (and everything at least once a second).
-        changed = {r.device for r in batch if r.metric in INPUT_METRICS}
+        # devices with new inputs or constraints (and everything at least once a second). One
+        # pass over the batch; the history and the urgency look at its interlock inputs only
+        # (a node's answer: ~8 of its ~50 readings).
+        changed: set[str] = set()
+        inputs: list[Reading] = []
+        for r in batch:
+            if r.metric in INPUT_METRICS:
+                changed.add(r.device)
+                inputs.append(r)
+            elif r.metric in LIMIT_METRICS:
+                changed.add(r.device)  # the engine's step must look at a GPU whose limits moved
         if not changed:
             return
         # A batch that would overwrite readings no evaluation has seen yet goes at once: every
         # reading is evaluated (a GPU's temperature history, for gpu_runaway's rate, is whole).
         overwrites = not self._changed.isdisjoint(changed)
         if self.engine is not None:
-            self.engine.observe(batch)
+            self.engine.observe(inputs)
         self._changed |= changed
         if self._wake.is_set():
             return
@@ -225,7 +236,7 @@ class InterlockService:
         if (
             engine is None
             or overwrites
-            or must_evaluate_now(batch, INPUT_METRICS, self.config, engine.topology, engine.busy)
+            or must_evaluate_now(inputs, INPUT_METRICS, self.config, engine.topology, engine.busy)
         ):
             self._trigger_mono = batch[0].ts_mono  # latency is measured from the urgent batch
             self._wake.set()
