@@ -11,7 +11,9 @@ Usage: .venv/bin/python bench/controller_nodes.py [--nodes 1 8 16] [--rounds 3] 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import CpuWindow
+from bench.pod_full import histogram_quantile, metrics, per_device
 from hwsim.agentconf import NodeLayout, render_agent_config, render_node_config
 from hwsim.podspec import POD_DIR
 from tests import conftest, node_helpers
@@ -88,13 +91,37 @@ def pod_file(tmp: Path, nodes: int, cooling: str = "scaled") -> Path:
     return path
 
 
+def window_quantile(before: str, after: str, family: str, device: str, q: float) -> float | None:
+    """The q-quantile of one device's histogram over the window between two scrapes (the buckets'
+    increase, as Prometheus' histogram_quantile over a rate)."""
+    bucket = rf'^{family}_bucket\{{device="{re.escape(device)}",le="([^"]+)"\}} ([0-9.e+]+)$'
+    b0 = {m.group(1): float(m.group(2)) for m in re.finditer(bucket, before, re.M)}
+    increase = "\n".join(
+        f'{family}_bucket{{device="{device}",le="{le}"}} {float(n) - b0.get(le, 0.0)}'
+        for le, n in (m.groups() for m in re.finditer(bucket, after, re.M))
+    )
+    return histogram_quantile(increase, family, q, device)
+
+
+def poll_figures(before: str, after: str) -> tuple[int, float]:
+    """Missed deadlines of every device over the window, and the worst device's poll p99 (s)."""
+    m0 = per_device(before, "podagent_poll_missed_deadlines_total")
+    m1 = per_device(after, "podagent_poll_missed_deadlines_total")
+    missed = sum(m1.values()) - sum(m0.values())
+    p99 = [
+        window_quantile(before, after, "podagent_poll_duration_seconds", d, 0.99)
+        for d in per_device(after, "podagent_device_polls_total")
+    ]
+    return missed, max((x for x in p99 if x is not None), default=math.nan)
+
+
 def one_round(
     nodes: int,
     seconds: float,
     profile: Path | None = None,
     keep_log: Path | None = None,
     cooling: str = "scaled",
-) -> tuple[float, float]:
+) -> tuple[float, float, int, float]:
     with tempfile.TemporaryDirectory(prefix="ctlbench") as d:
         tmp = Path(d)
         pod = start_pod(tmp / "pod", str(pod_file(tmp, nodes, cooling)))
@@ -135,11 +162,13 @@ def one_round(
                         layout.ports[node.server] = free_port()
                         procs[i] = start(node.server)
             cfg = tmp / "ctl.toml"
+            prom = free_port()
             cfg.write_text(
                 render_agent_config(
                     pod.manifest,
                     state_dir=str(tmp / "state"),
-                    extra='[prometheus]\nenabled = false\n[logging]\nformat = "json"\nlevel = "warning"\n',
+                    extra=f'[prometheus]\nlisten = "127.0.0.1:{prom}"\n'
+                    '[logging]\nformat = "json"\nlevel = "warning"\n',
                     nodes=layout,
                 )
             )
@@ -156,12 +185,15 @@ def one_round(
             proc = psutil.Process(ctl.pid)
             time.sleep(START_S)  # start, first polls, interlocks armed
             assert ctl.poll() is None, (tmp / "ctl.log").read_text()
+            before = metrics(prom)  # scraped outside the window: the scrape is not the pod's cost
             window = CpuWindow({"ctl": ctl.pid}, tree=False).start()  # the scheduler's ns
             t0, rss = time.monotonic(), 0
             while time.monotonic() - t0 < seconds:
                 time.sleep(1.0)
                 rss = max(rss, proc.memory_info().rss)
-            return window.stop().pct("ctl"), rss / 2**20
+            cpu = window.stop().pct("ctl")
+            missed, p99 = poll_figures(before, metrics(prom))
+            return cpu, rss / 2**20, missed, p99
         finally:
             if ctl is not None:
                 ctl.terminate()
@@ -218,12 +250,15 @@ def main() -> None:
         load0 = os.getloadavg()[0]
         runs = [one_round(n, args.seconds, cooling=args.cooling) for _ in range(args.rounds)]
         cpus, rsss = [r[0] for r in runs], [r[1] for r in runs]
+        missed, p99 = [r[2] for r in runs], [r[3] for r in runs]
         med_cpu.append(statistics.median(cpus))
         med_rss.append(statistics.median(rsss))
         print(
             f"controller, {n:3d} nodes x 4 GPUs, 1 Hz: CPU median {med_cpu[-1]:.1f}% of a core "
             f"({min(cpus):.1f}-{max(cpus):.1f}), RSS median {med_rss[-1]:.1f} MiB "
-            f"({min(rsss):.1f}-{max(rsss):.1f}); {len(runs)} round(s) of {args.seconds:g} s; "
+            f"({min(rsss):.1f}-{max(rsss):.1f}); missed deadlines {sum(missed)} (all devices, every "
+            f"round); worst device's poll p99 {1000 * max(p99):.0f} ms; "
+            f"{len(runs)} round(s) of {args.seconds:g} s; "
             f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}",
             flush=True,
         )
