@@ -157,6 +157,14 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
 
             # A budget with a ramp: the budget in force walks from the pod's draw to the target at
             # the rate asked, never past it.
+            # The released caps ramp up on the interlocks' full steps (once a second): the draw
+            # climbs back over a few seconds.
+            await until(
+                agent,
+                lambda: (agent.store.value("pod", "power_w") or 0.0) > 4000.0,
+                timeout=20.0,
+                what="the pod's draw back over 4 kW after the expiry",
+            )
             draw = agent.store.value("pod", "power_w")
             assert draw is not None and draw > 4000.0
             target = draw - 3000.0

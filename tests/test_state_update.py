@@ -41,7 +41,13 @@ def test_power_readings_derive_the_pod_power_and_the_loop_heat_load() -> None:
     assert [x.metric for x in seen[-1]][-1] == "power_w" and seen[-1][-1].device == POD_DEVICE
     s.update([r("gpu0", "power_w", 300.0), r("gpu1", "temp_c", 40.0), r("gpu1", "power_w", 200.0)])
     assert s.value("cdu-1", "gpu_heat_load_kw") == 0.5
-    # A pod-power device's other readings with some power in the batch re-sum the pod's power.
-    s._latest[("pdu-b", "power_w")] = r("pdu-b", "power_w", 700.0)
-    s.update([r("pdu-b", "current_a", 3.0), r("gpu0", "power_w", 310.0)])
+    s.update([r("pdu-b", "power_w", 700.0)])
     assert s.value(POD_DEVICE, "power_w") == 1700.0
+    # A pod-power device's other readings with some power in the batch re-sum the pod's power:
+    # the batch the subscribers get carries a new pod reading.
+    s.update([r("pdu-b", "current_a", 3.0), r("gpu0", "power_w", 310.0)])
+    pod = [x for x in seen[-1] if x.device == POD_DEVICE]
+    assert len(pod) == 1 and pod[0].metric == "power_w" and pod[0].value == 1700.0
+    # Without any reading of a pod-power device, nothing re-sums it.
+    s.update([r("gpu1", "power_w", 210.0)])
+    assert not [x for x in seen[-1] if x.device == POD_DEVICE]
