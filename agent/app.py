@@ -15,7 +15,7 @@ import structlog
 
 from agent import __version__
 from agent.actuators import Actuators, pod_actuators
-from agent.aio import tasks_with_lost_cancel
+from agent.aio import loop_name, tasks_with_lost_cancel
 from agent.audit import AuditLog
 from agent.budget import FleetBudget
 from agent.config import AgentConfig, ConfigError, ConfigProblem, load_config
@@ -326,6 +326,7 @@ class Agent:
             site=self.config.pod.site,
             pod=self.config.pod.id,
             devices=len(self.config.device),
+            event_loop=loop_name(asyncio.get_running_loop()),
         )
         try:
             async with asyncio.TaskGroup() as tg:

@@ -68,6 +68,7 @@ def run(path: Path) -> int:
         return EX_CONFIG
     import asyncio
 
+    from agent.aio import loop_factory
     from agent.app import Agent
     from agent.logs import configure_logging
 
@@ -82,8 +83,8 @@ def run(path: Path) -> int:
         service = factory(config)
         if service is not None:
             agent.add_service(service)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run_frozen(agent))
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(_run_frozen(agent))
     return 0
 
 
