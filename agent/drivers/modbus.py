@@ -819,7 +819,10 @@ class ModbusDriver:
             assert line is not None
         client = line.client
         assert isinstance(client, LeanModbusTcpClient)
-        async with line.lock:
+        # acquire/release rather than ``async with``: no __aenter__/__aexit__ coroutines per poll.
+        lock = line.lock
+        await lock.acquire()
+        try:
             connected = client.connected
             if not connected:  # a timeout only then: the common case arms no timer here
                 try:
@@ -831,6 +834,8 @@ class ModbusDriver:
                 return [None] * len(requests), ConnectionError(f"cannot connect ({line.key})")
             self.requests_sent += len(requests)
             return await client.exchange(requests, window=self.max_in_flight, timeout_s=self.cfg.timeout_s)
+        finally:
+            lock.release()
 
     def _values_of(self, i: int, answer: Got) -> tuple[Any, ...] | DriverError:
         """A block's raw values from an answer the client did not read in place: an exception or

@@ -326,7 +326,10 @@ class LeanModbusTcpClient:
                 request = requests[i]
                 # The common case, checked in place: the full answer to what was asked (length,
                 # unit, function and byte count as asked), its values read off the received bytes.
-                if data[pos + 4 : pos + 9] == request.head:
+                # (``startswith``: no slice copied. A request without ``unpack`` has head b"",
+                # which every answer would start with: it takes the checked path.)
+                head = request.head
+                if head and data.startswith(head, pos + 4):
                     assert request.unpack is not None  # head is b"" without it
                     answers[i] = request.unpack(data, pos + 9)
                 else:
