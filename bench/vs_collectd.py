@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/vs_collectd.py [--protocol snmp|modbus|both] [--pod full] [--seconds 30]
                                           [--rounds 3] [--quick] [--baseline CHECKOUT]
-                                          [--in-flight 8] [--profile DIR]
+                                          [--in-flight 8] [--profile DIR] [--burners 2]
 
 One hwsim pod; podagent (``podagent run``, only the devices compared: no NVML, host, interlocks,
 MQTT, Prometheus or control socket) and collectd (``collectd -f``, only the plugin compared and
@@ -25,9 +25,13 @@ SNMP value on the same day), so ``--baseline CHECKOUT`` also runs the podagent o
 (``git worktree add /tmp/base <commit>``) in the same run, on the same devices: "podagent /
 baseline" is then a before/after ratio that the load cannot tilt.
 
-``--in-flight N`` is the ``max_in_flight`` podagent's Modbus devices get (hwsim's server queues
-requests; 1 is the agent's default, for devices that do not); ``--profile DIR`` runs podagent
-under cProfile on the CPU-time clock and writes ``DIR/<protocol>.pstats``.
+``--burners N`` keeps N busy loops running through the measured windows (``make test-loaded``
+runs the suite beside 2): each process's CPU per wake-up depends on whether the cores were idle,
+collectd's (~120 wake-ups a second for 48 registers) most of all.
+
+``--in-flight N`` is the ``max_in_flight`` podagent's Modbus devices (and the baseline's) get
+(hwsim's server queues requests; 1 is the agent's default, for devices that do not);
+``--profile DIR`` runs podagent under cProfile on the CPU-time clock and writes ``DIR/<protocol>.pstats``.
 """
 
 from __future__ import annotations
@@ -247,10 +251,13 @@ def compare(
     d.mkdir()
     conf, sock = collectd_conf(d, plugin)
     cfg = d / "podagent.toml"
+
     # hwsim's Modbus server answers every request it has read, in order: podagent may send a
-    # poll's requests back to back (the baseline's config stays as its code knows it).
-    mine = agent_config(manifest, snmp, modbus, d / "state")
-    cfg.write_text(mine.replace('kind = "modbus"', f'kind = "modbus"\nmax_in_flight = {args.in_flight}'))
+    # poll's requests back to back (the baseline too: max_in_flight is older than the benches).
+    def in_flight(text: str) -> str:
+        return text.replace('kind = "modbus"', f'kind = "modbus"\nmax_in_flight = {args.in_flight}')
+
+    cfg.write_text(in_flight(agent_config(manifest, snmp, modbus, d / "state")))
     cd_log, ag_log = d / "collectd.log", d / "agent.log"
     collectd = subprocess.Popen(
         ["collectd", "-f", "-C", str(conf)], stdout=cd_log.open("wb"), stderr=subprocess.STDOUT
@@ -265,7 +272,7 @@ def compare(
     baseline: subprocess.Popen[bytes] | None = None
     if args.baseline:
         base_cfg = d / "baseline.toml"
-        base_cfg.write_text(agent_config(manifest, snmp, modbus, d / "state-baseline"))
+        base_cfg.write_text(in_flight(agent_config(manifest, snmp, modbus, d / "state-baseline")))
         baseline = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(base_cfg)],
             cwd=args.baseline,
@@ -275,6 +282,7 @@ def compare(
         )
         pids["baseline"] = baseline.pid
     rows: list[dict[str, float]] = []
+    burners: list[subprocess.Popen[bytes]] = []
     try:
         wait_for(sock, collectd, "collectd", cd_log)
         time.sleep(3 if args.quick else 12)  # past start-up: imports, MIB loading, a full outlet cadence
@@ -282,6 +290,9 @@ def compare(
             raise SystemExit(f"podagent exited:\n{ag_log.read_text()[-3000:]}")
         cd_rate = values_per_s(sock, entries, protocol)
         ag_rate = cd_rate if protocol == "snmp" else agent_points_per_s(entries)
+        burners.extend(subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(args.burners))
+        if burners:
+            time.sleep(5)  # the pollers settle into the busy machine's timing
         for _ in range(harness.rounds_of(args)):
             w = harness.CpuWindow(pids).start()
             time.sleep(args.seconds)
@@ -307,6 +318,9 @@ def compare(
                 row["ratio podagent / baseline"] = ag_us / base_us if base_us else math.nan
             rows.append(row)
     finally:
+        for b in burners:
+            b.kill()
+            b.wait()
         for p in (agent, collectd, *([baseline] if baseline else [])):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -334,6 +348,12 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, help="a checkout whose podagent runs alongside, same devices")
     ap.add_argument("--in-flight", type=int, default=8, help="podagent's Modbus max_in_flight")
     ap.add_argument("--profile", type=Path, help="run podagent under cProfile, stats written here")
+    ap.add_argument(
+        "--burners",
+        type=int,
+        default=0,
+        help="CPU burners (busy Python loops) running through the measured windows, as on CI's machine",
+    )
     harness.add_args(ap)
     args = ap.parse_args()
     if args.quick:
