@@ -63,6 +63,11 @@ def podagent_page(parser: argparse.ArgumentParser) -> str:
     for child in sub.choices.values():
         usage = child.format_usage().removeprefix("usage: ").strip()
         page += f'.SS "{_esc(usage)}"\n{_esc(child.description or "")}\n' + _argparse_options(child)
+    page += (
+        ".SH ENVIRONMENT\n.TP\nPODAGENT_EVENT_LOOP\n"
+        "uvloop (the default) or asyncio: the event loop podagent run runs on. asyncio is Python's own "
+        "loop, for a suspected loop bug; the start\\-up log line says which loop runs.\n"
+    )
     return page + _FOOTER + ".BR podctl (1),\n.BR systemctl (1)\n"
 
 

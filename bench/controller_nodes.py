@@ -38,7 +38,7 @@ PROFILE_WINDOW = """
 import asyncio, cProfile, sys, time
 out, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 sys.argv = ["podagent", *sys.argv[4:]]
-prof, real_run = cProfile.Profile(time.process_time), asyncio.run  # CPU, not wall: a busy machine
+prof, real_run = cProfile.Profile(time.process_time), asyncio.Runner.run  # CPU, not wall: a busy machine
 def stop():
     prof.disable()
     prof.dump_stats(out)
@@ -47,7 +47,7 @@ async def profiled(main):
     loop.call_later(start, prof.enable)
     loop.call_later(start + seconds, stop)
     return await main
-asyncio.run = lambda main, **kw: real_run(profiled(main), **kw)
+asyncio.Runner.run = lambda self, main, **kw: real_run(self, profiled(main), **kw)  # agent/cli.py run()
 from agent.cli import main
 sys.exit(main())
 """

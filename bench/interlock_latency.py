@@ -45,6 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: `tests` and `hwsim` from the checkout
 
+from agent.aio import loop_factory  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.interlocks.service import InterlockService, Timing  # noqa: E402
 from bench import harness  # noqa: E402
@@ -287,7 +288,9 @@ def main() -> None:
     for n in range(harness.rounds_of(args)):
         with tempfile.TemporaryDirectory(prefix="il-") as tmp:
             c0 = time.process_time()
-            watched, timings, steps, unexpected = asyncio.run(run(args, Path(tmp)))
+            # On the daemon's own event loop (uvloop unless PODAGENT_EVENT_LOOP=asyncio).
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                watched, timings, steps, unexpected = runner.run(run(args, Path(tmp)))
             cpu = time.process_time() - c0
         if args.dump:
             raw = {**watched, "timings": [vars(t) for t in timings], "steps": steps}

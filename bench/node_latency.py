@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.aio import loop_factory  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.interlocks.service import InterlockService  # noqa: E402
 from hwsim.agentconf import NodeLayout, render_agent_config, render_node_config  # noqa: E402
@@ -179,8 +180,12 @@ def main() -> None:
     for mode in args.modes:
         p99s: dict[str, list[float]] = {}
         for r in range(args.rounds):
-            with tempfile.TemporaryDirectory(prefix="nodelat-") as tmp:
-                rows = asyncio.run(one_round(mode, args, Path(tmp), args.seed + r))
+            # The controller on the daemon's own event loop (uvloop unless PODAGENT_EVENT_LOOP=asyncio).
+            with (
+                tempfile.TemporaryDirectory(prefix="nodelat-") as tmp,
+                asyncio.Runner(loop_factory=loop_factory()) as runner,
+            ):
+                rows = runner.run(one_round(mode, args, Path(tmp), args.seed + r))
             for name, values in rows.items():
                 if values:
                     p99s.setdefault(name, []).append(values[0] if name == "complete" else pct(values, 99))
