@@ -36,8 +36,8 @@ def tasks_with_lost_cancel(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task
 
 # The event loop the daemons run on: uvloop (libuv, its loop, timers and transports in C) unless
 # PODAGENT_EVENT_LOOP=asyncio. Measured on the Modbus bench (4 TCP units, 1 Hz): the agent's CPU
-# 16-27% lower, as its polls are mostly fixed costs per wake-up (the loop's own Python:
-# _run_once, TimerHandle heap comparisons, the selector transports), not per register.
+# 10-19% lower (README, 2026-12-07), as its polls are mostly fixed costs per wake-up (the loop's own
+# Python: _run_once, TimerHandle heap comparisons, the selector transports), not per register.
 EVENT_LOOP_ENV = "PODAGENT_EVENT_LOOP"
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Three waves of four: the first two each have two benches that start a whole pod and two lighter
-# ones; the third the node-agent and live grid benches (small pods) and the in-process engine one.
+# Waves of four, in this order: the first two each have two benches that start a whole pod and two
+# lighter ones; then the node-agent, engine and live grid benches (small pods); then the controller
+# against nodes, the node decode and the wake-up cost (no pod, a few seconds).
 BENCHES = [
     "pod_full",
     "mqtt_outage",
@@ -32,6 +33,7 @@ BENCHES = [
     "grid_ramp_live",
     "controller_nodes",
     "node_decode",
+    "wake_cost",
 ]
 NEEDS = {"mqtt_outage": "mosquitto", "snmp_cost": "snmpget", "pod_full": "socat", "vs_collectd": "collectd"}
 
