@@ -39,6 +39,9 @@ def tasks_with_lost_cancel(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task
 # 10-19% lower (README, 2026-12-07), as its polls are mostly fixed costs per wake-up (the loop's own
 # Python: _run_once, TimerHandle heap comparisons, the selector transports), not per register.
 EVENT_LOOP_ENV = "PODAGENT_EVENT_LOOP"
+# uvloop's loop.time() counts whole milliseconds and its timers fire on them: a loop that waits
+# "until loop.time() >= t" treats t as reached within this, or waits again for a float remainder.
+CLOCK_SLACK_S = 0.001
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

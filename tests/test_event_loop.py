@@ -5,6 +5,7 @@ Unix socket and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ import uvloop
 
 from agent.aio import EVENT_LOOP_ENV, loop_factory, loop_name
 from agent.config import load_config
+from agent.publish.mqtt import MqttService
 from tests.conftest import SimPod
+from tests.test_podctl_support import host_only_config
 
 
 def test_uvloop_by_default_asyncio_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,3 +97,29 @@ def test_the_daemon_polls_every_device_and_serves_podctl(
         rc = proc.wait(60)
     assert rc == 0, log.read_text()[-3000:]
     assert any(json.loads(line)["event"] == "podagent stopping" for line in log.read_text().splitlines())
+
+
+def test_the_mqtt_flush_waits_once_per_period_on_uvloops_millisecond_clock(tmp_path: Path) -> None:
+    """uvloop's clock counts whole ms: a flush loop that waited for a float remainder of 1e-16
+    woke again and again within the same ms (extra partial flushes, every few periods)."""
+    config = load_config(
+        host_only_config(
+            tmp_path, extra='[mqtt]\nenabled = true\nbrokers = ["127.0.0.1:1"]\ntelemetry_period_s = 0.1\n'
+        )
+    )
+    service = MqttService(config)
+    flushes: list[bool] = []
+    service._flush = lambda *, telemetry: flushes.append(telemetry)  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.ensure_future(service._flush_loop())
+        while len(flushes) < 30:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
+    # No event was emitted: every wake of the loop is its period's full (telemetry) flush.
+    assert flushes and all(flushes), flushes

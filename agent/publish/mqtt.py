@@ -35,7 +35,7 @@ import structlog
 from aiomqtt import Client, MqttCodeError, MqttError, ProtocolVersion, Will
 
 from agent import __version__
-from agent.aio import raise_if_cancelling
+from agent.aio import CLOCK_SLACK_S, raise_if_cancelling
 from agent.config import AgentConfig
 from agent.events import Event, Severity
 from agent.model import Quality, Reading
@@ -309,7 +309,7 @@ class MqttService:
         while True:
             raise_if_cancelling()
             remaining = next_t - loop.time()
-            if remaining > 0 and not self._event_wake.is_set():
+            if remaining > CLOCK_SLACK_S and not self._event_wake.is_set():
                 # asyncio.wait, not timeout(): it can never turn our own cancellation into a
                 # suppressed TimeoutError (a 3.11 race), so the agent always stops.
                 waiter = asyncio.ensure_future(self._event_wake.wait())
@@ -319,7 +319,9 @@ class MqttService:
                     waiter.cancel()
             self._event_wake.clear()
             now = loop.time()
-            full = now >= next_t
+            # Due within the loop clock's resolution counts as due: uvloop's clock counts whole ms,
+            # and a float remainder of 1e-16 would otherwise be waited for again, and again.
+            full = now >= next_t - CLOCK_SLACK_S
             if full:
                 next_t = max(next_t + period, now + period / 10)
             try:
