@@ -179,9 +179,14 @@ async def test_fleet_budget_step_is_honoured_and_expires_back_to_the_site_limit(
                 draws.append(agent.store.value("pod", "power_w") or draw)
             # It starts from the draw the service read at its step, a newer meter reading than
             # ours (the pod's draw still rises while the last budget's caps are released): not
-            # from the site limit (9.7 kW).
-            assert all(target < w < max(draws) * 1.05 for _, w in seen), (draws, seen)
-            assert all(b[1] < a[1] for a, b in itertools.pairwise(seen)), seen  # falling
+            # from the site limit (9.7 kW). The workload's draw swings by kilowatts: where it dips
+            # to the target, the walk is there at once and stays (never below the target).
+            assert all(target <= w < max(draws) * 1.05 for _, w in seen), (draws, seen)
+            assert all(b[1] <= a[1] for a, b in itertools.pairwise(seen)), seen  # never rising
+            assert seen[0][1] > target or min(draws[1:]) < target + rate * config.power.control_period_s, (
+                draws,
+                seen,
+            )
             (t0, w0), (t1, w1) = seen[0], seen[-1]
             assert (w0 - w1) <= rate * (t1 - t0) + rate * config.power.control_period_s + 1.0
             assert agent.summary()["power"]["budget"]["fleet_target_w"] == round(target, 1)
