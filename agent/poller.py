@@ -276,7 +276,6 @@ class Poller:
 
     async def _cycle_locked(self) -> bool:
         loop = asyncio.get_running_loop()
-        start = loop.time()
         # The duration on the monotonic clock: uvloop's loop.time() counts whole milliseconds.
         started = time.monotonic()
         error: str | None = None
@@ -288,7 +287,7 @@ class Poller:
         assert task is not None
         cancelling = task.cancelling()
         self._overran = False
-        guard = loop.call_at(start + self.budget_s, self._overrun, task)
+        guard = loop.call_later(self.budget_s, self._overrun, task)
         expired = False
         try:
             try:

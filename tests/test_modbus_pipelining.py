@@ -243,8 +243,8 @@ async def test_busy_is_device_error_and_silent_is_one_timeout(served: list[Modbu
 
 async def test_an_empty_batch_asks_nothing_and_waits_for_nothing() -> None:
     client = LeanModbusTcpClient("127.0.0.1", 9)  # never connected: nothing may go out
-    batch = await client.read_batch([], device_id=1, window=4, timeout_s=30.0)
-    assert batch.answers == [] and batch.error is None
+    answers, error = await client.exchange([], window=4, timeout_s=30.0)
+    assert answers == [] and error is None
 
 
 async def test_repeated_answers_are_no_ones_and_spare_bytes_of_a_bit_read_are_read(

@@ -79,23 +79,6 @@ def _answer(pdu: bytes, asked_function: int, asked: int) -> Answer:
     return Answer()
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
-    """One read request of a batch: function code (1-4), first address, how many."""
-
-    function: int
-    address: int
-    count: int
-
-
-@dataclass(slots=True)
-class Batch:
-    """What a batch got: an answer per request (None: none came), and why it ended early."""
-
-    answers: list[Answer | None]
-    error: Exception | None = None  # TimeoutError, ConnectionError or ModbusAnswerError
-
-
 # A full answer's values, read in place from its data (the buffer, the data's offset): what a
 # driver decodes a block with, decided once per block (``Request.unpack``).
 Unpack = Callable[[bytes, int], tuple[Any, ...]]
@@ -228,14 +211,6 @@ class LeanModbusTcpClient:
             self._exchange.end(err)
 
     # -- exchanges
-
-    async def read_batch(self, reads: list[Read], *, device_id: int, window: int, timeout_s: float) -> Batch:
-        """All ``reads``, at most ``window`` outstanding, each answer an ``Answer`` (see
-        ``exchange`` for how it ends)."""
-        requests = [read_request(device_id, r.function, r.address, r.count) for r in reads]
-        answers, error = await self.exchange(requests, window=window, timeout_s=timeout_s)
-        # Requests without ``unpack`` are answered with an Answer (or None), never values.
-        return Batch([a if isinstance(a, Answer) else None for a in answers], error)
 
     async def exchange(
         self, requests: Sequence[Request], *, window: int, timeout_s: float | None
@@ -387,11 +362,9 @@ class LeanModbusTcpClient:
 
 __all__ = [
     "Answer",
-    "Batch",
     "Got",
     "LeanModbusTcpClient",
     "ModbusAnswerError",
-    "Read",
     "Request",
     "Unpack",
     "read_request",

@@ -80,7 +80,8 @@ def _stale_detail(
     }
 
 
-_LIMIT_METRICS = ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
+# A GPU's NVML constraints (min, max, default), in GpuLimits' order.
+LIMIT_METRICS = ("min_power_limit_w", "max_power_limit_w", "default_power_limit_w")
 _LimitsMemo = dict[str, tuple[tuple["Reading | None", ...], "GpuLimits | None"]]
 
 
@@ -98,7 +99,7 @@ class _LazyLimits(dict[str, "GpuLimits | None"]):
 
     def __missing__(self, gpu: str) -> GpuLimits | None:
         get = self._snap.get
-        key = (get((gpu, _LIMIT_METRICS[0])), get((gpu, _LIMIT_METRICS[1])), get((gpu, _LIMIT_METRICS[2])))
+        key = (get((gpu, LIMIT_METRICS[0])), get((gpu, LIMIT_METRICS[1])), get((gpu, LIMIT_METRICS[2])))
         known = self._memo.get(gpu)
         if known is not None and known[0][0] is key[0] and known[0][1] is key[1] and known[0][2] is key[2]:
             value = known[1]
@@ -272,7 +273,7 @@ class Engine:
 
     @staticmethod
     def _limits(readings: tuple[Reading | None, ...]) -> GpuLimits | None:
-        """GpuLimits from the (min, max, default) readings (``_LIMIT_METRICS``); None if any is missing."""
+        """GpuLimits from the (min, max, default) readings (``LIMIT_METRICS``); None if any is missing."""
         lo, hi, default = (
             None if r is None or r.value is None or not math.isfinite(r.value) else r.value for r in readings
         )
@@ -1204,7 +1205,7 @@ class Engine:
             todo = self._dirty
             combined, memo = self._combined_limits, self._limits_memo
             get = limits._snap.get
-            m0, m1, m2 = _LIMIT_METRICS
+            m0, m1, m2 = LIMIT_METRICS
             for g in self.topology.gpus if full else changed_gpus:
                 known = memo.get(g)
                 if (

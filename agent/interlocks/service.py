@@ -31,6 +31,7 @@ from agent.config import AgentConfig
 from agent.events import Event, EventBus, Severity
 from agent.histogram import EVALUATION_BUCKETS_S, Histogram
 from agent.interlocks.config import FORCE_ONLY, INTERLOCKS, InterlockConfig
+from agent.interlocks.engine import LIMIT_METRICS as ENGINE_LIMIT_METRICS
 from agent.interlocks.engine import Action, Engine, Override, Topology
 from agent.interlocks.urgency import must_evaluate_now
 from agent.inventory import Inventory
@@ -63,7 +64,7 @@ INPUT_METRICS = frozenset(
     }
 )
 # A GPU's NVML constraints: not inputs of a trip, but the engine's caps are computed from them.
-LIMIT_METRICS = frozenset({"min_power_limit_w", "max_power_limit_w", "default_power_limit_w"})
+LIMIT_METRICS = frozenset(ENGINE_LIMIT_METRICS)
 CAP_TOLERANCE_W = 1.0  # NVML limits are whole mW; anything under a watt is the same limit
 CapSource = Callable[[], Mapping[str, tuple[float, str]]]  # GPU -> (cap W, why): the fleet budget...
 
